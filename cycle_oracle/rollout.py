@@ -88,7 +88,7 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
         )
         if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=served_lora_rank(max_lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.enable_lora = enable_lora
@@ -145,19 +145,27 @@ class RolloutEngine:
 
     def load_merged_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named full tensors (merged decoder weights) into the running engine."""
+        # vLLM's in-place reload re-runs the post-load weight processing (on CPU: oneDNN
+        # repacking), so updated weights are served through the same fast kernels.
         items = list(named_tensors.items())
-
-        def _load(worker, weights=items):
-            worker.model_runner.model.load_weights(iter(weights))
-            return True
-
-        self.llm.collective_rpc(_load)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
 
     def set_adapter(self, adapter_dir: str) -> None:
         """Adapter mode: serve the PEFT adapter in `adapter_dir` (hot-swapped in place)."""
         if not self.enable_lora:
             raise RuntimeError("set_adapter needs an engine built with enable_lora=True (weight_sync: adapter)")
         self.adapter_path = adapter_dir
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def served_lora_rank(r: int) -> int:
+    """vLLM only accepts a few max_lora_rank values: the smallest one that holds rank r."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def _is_cpu_platform() -> bool:

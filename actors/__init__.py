@@ -1,0 +1,1 @@
+"""Thin Ray actors: each owns one library object from `cycle_oracle` and exposes a few methods."""

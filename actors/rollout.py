@@ -1,0 +1,87 @@
+"""RolloutActor: a vLLM engine (cycle_oracle.rollout.RolloutEngine) behind Ray.
+
+Each actor also keeps a CPU copy of the decoder (HF + PEFT LoRA) for two jobs only: building
+prompt embeddings with the shared injection function, and merging a received adapter into full
+weights for the LoRA-free engine (`weight_sync: merged`, the CPU default).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ray
+import torch
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, actor_index: int = 0):
+        from cycle_oracle.config import RecipeConfig
+        from cycle_oracle.rollout import configure_cpu_environment
+
+        self.cfg = RecipeConfig.model_validate(config)
+        ro = self.cfg.rollout
+        torch.set_num_threads(ro.threads)
+        configure_cpu_environment(ro.threads, ro.thread_binding, ro.kv_cache_gb)
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+        from cycle_oracle.injection import description_prompt
+        from cycle_oracle.models import attach_lora, load_causal_lm, load_tokenizer
+        from cycle_oracle.rollout import RolloutEngine
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.decoder = attach_lora(load_causal_lm(model_path, self.cfg.model.dtype), self.cfg.decoder_lora)
+        self.layer = layer
+        self.norm = injection_norm
+        self.prompt = description_prompt(self.tokenizer, layer, self.cfg.injection, self.cfg.description_instruction)
+        self.engine = RolloutEngine(
+            model_path,
+            seed=self.cfg.seed + actor_index,
+            max_model_len=ro.max_model_len,
+            max_num_seqs=ro.max_num_seqs,
+            prefix_caching=ro.prefix_caching,
+            enable_lora=ro.weight_sync == "adapter",
+            max_lora_rank=self.cfg.decoder_lora.r,
+            dtype=self.cfg.model.dtype,
+        )
+        self.version = 0
+        self.adapter_dir = tempfile.mkdtemp(prefix="cycle-oracle-adapter-")
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "version": self.version, "node": ray.get_runtime_context().get_node_id()}
+
+    def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
+        from cycle_oracle.injection import decoder_inputs
+
+        n = vectors.shape[0]
+        return decoder_inputs(
+            self.decoder.get_input_embeddings(),
+            [self.prompt.input_ids] * n,
+            [self.prompt.placeholder_positions] * n,
+            vectors,
+            self.norm,
+            self.cfg.injection.mode,
+        )
+
+    def sample(self, vectors: torch.Tensor, seeds: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int):
+        """[B, d] activations -> ([B][n] Sample, served weight version)."""
+        from cycle_oracle.rollout import SamplingRequest
+
+        embeds = self.prompt_embeds(vectors)
+        requests = [SamplingRequest(embeds[i], seeds[i], n) for i in range(len(seeds))]
+        samples = self.engine.sample(requests, temperature, top_p, max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
+        return samples, self.version
+
+    def sync(self, adapter: dict[str, torch.Tensor], version: int) -> int:
+        """Serve the policy with this LoRA adapter state (merged into the weights, or hot-swapped)."""
+        from cycle_oracle.models import load_adapter_state, merged_lora_weights
+
+        load_adapter_state(self.decoder, adapter)
+        if self.cfg.rollout.weight_sync == "merged":
+            self.engine.load_merged_weights(merged_lora_weights(self.decoder))
+        else:
+            self.decoder.save_pretrained(self.adapter_dir)  # node-local folder, same id, load_inplace
+            self.engine.set_adapter(self.adapter_dir)
+        self.version = version
+        return version
