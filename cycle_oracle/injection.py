@@ -149,3 +149,11 @@ def decoder_inputs(
 def description_prompt(tokenizer, layer: int, settings, instruction: str) -> DecoderPrompt:
     """The one description prompt GRPO, warmup and the evals share."""
     return build_decoder_prompt(tokenizer, layer, instruction, settings.num_placeholders, settings.placeholder)
+
+
+def reference_prompt(tokenizer) -> DecoderPrompt:
+    """The bare assistant header (no oracle prompt, no placeholder): the context under which the
+    `base` KL reference scores the generated text alone."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True)
+    header = text.split(_MARK, 1)[1]
+    return DecoderPrompt(tuple(tokenizer.encode(header, add_special_tokens=False)), (), 0)

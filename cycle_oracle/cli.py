@@ -1,0 +1,183 @@
+"""`cycle-oracle` command line: run recipes, extract activations, describe texts, evaluate, bench.
+
+Recipes run on Ray (local by default, `--address auto` for an existing cluster); this module only
+parses arguments and hands over to the recipe drivers in `recipes/` (imported lazily, so the
+library itself never imports Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from cycle_oracle.config import ConfigError, load_recipe
+
+RECIPE_DRIVERS = {
+    "describe": "recipes.describe",
+    "warmup": "recipes.warmup",
+    "grpo": "recipes.grpo",
+    "warmup_then_grpo": "recipes.warmup_then_grpo",
+    "eval": "recipes.evaluate",
+}
+
+
+def _default_out(recipe: str) -> str:
+    return str(Path("runs") / f"{Path(recipe).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def _load(args):
+    overrides = list(args.set or [])
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        from actors.cluster import check_plan_fits, placement_plan
+
+        plan = placement_plan(cfg)
+        print(f"recipe {args.recipe}: kind={cfg.kind}, model={cfg.model.name}, layer={cfg.model.layer}")
+        for item in plan:
+            print(f"  {item['role']}[{item['index']}]: {item['bundle']} threads={item['threads']}")
+        shape = cfg.ray.cluster_shape
+        if shape:
+            problems = check_plan_fits(plan, shape)
+            print(f"  against the declared cluster {shape}: " + ("fits" if not problems else "; ".join(problems)))
+            return 1 if problems else 0
+        return 0
+    out = args.out or _default_out(args.recipe)
+    try:
+        module = importlib.import_module(RECIPE_DRIVERS[cfg.kind])
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("recipes."):
+            print(f"recipe kind {cfg.kind!r} is not built yet ({err.name} missing)", file=sys.stderr)
+            return 2
+        raise
+    results = module.run(cfg, out, resume=args.resume)
+    summary = results.get("summary") if isinstance(results, dict) else None
+    print(f"done: results in {out}")
+    if summary:
+        print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from cycle_oracle.activations import Document, extract, write_store
+    from cycle_oracle.corpus import load_documents
+    from cycle_oracle.config import DataSource
+    from cycle_oracle.models import load_causal_lm, load_tokenizer, resolve_layer, resolve_model_path, num_layers
+
+    path = resolve_model_path(args.model)
+    tok, model = load_tokenizer(path), load_causal_lm(path)
+    layer = resolve_layer(float(args.layer) if "." in args.layer else int(args.layer), num_layers(model))
+    if args.texts:
+        docs = [Document(f"text:{i}", t) for i, t in enumerate(Path(args.texts).read_text().splitlines()) if t.strip()]
+    else:
+        docs = load_documents(DataSource(kind="text_files", paths=args.corpus) if args.corpus else DataSource(kind="embedded"))
+    positions = args.positions if args.positions in ("all", "last") else [int(x) for x in args.positions.split(",")]
+    store = write_store(args.out, extract(model, tok, docs, layer, positions, batch_size=args.batch_size, max_tokens=args.max_tokens), args.model, layer)
+    print(f"wrote {len(store)} activations (layer {layer}, d={store.meta['d_model']}) to {args.out}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    try:
+        from cycle_oracle.evals.viewer import describe_texts_to_html
+    except ImportError:
+        print("`describe --html` (the per-token viewer) is not built yet", file=sys.stderr)
+        return 2
+    texts = [args.text] if args.text else Path(args.file).read_text().splitlines()
+    describe_texts_to_html(args.checkpoint, [t for t in texts if t.strip()], args.html, model=args.model, layer=args.layer)
+    print(f"wrote {args.html}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    try:
+        module = importlib.import_module("recipes.evaluate")
+    except ModuleNotFoundError:
+        print("`eval` is not built yet", file=sys.stderr)
+        return 2
+    return module.main(args)
+
+
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    if not script.is_file():
+        print("`bench` is not built yet (scripts/bench.py)", file=sys.stderr)
+        return 2
+    import runpy
+
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cycle-oracle",
+        description="Train and evaluate a cycle-consistent activation oracle: an LLM that describes its own activations.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe (YAML) on Ray", description="Validate a recipe and run it: warmup, grpo, warmup_then_grpo, describe or eval. Writes config.yaml, metrics.jsonl, checkpoints/ and results.json into --out.")
+    r.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    r.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. --set grpo.steps=20 (repeatable)")
+    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    r.add_argument("--address", help="join an existing Ray cluster (e.g. auto) instead of starting a local one")
+    r.add_argument("--dry-run", action="store_true", help="validate the recipe and print its placement plan, start nothing")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("extract", help="extract activations to shards", description="Read residual-stream activations (layer L = after L blocks, no final norm) and write safetensors shards + metadata + corpus mean.")
+    e.add_argument("--model", default="smollm2-135m-instruct", help="HF folder, hub name or embedded name")
+    e.add_argument("--layer", default="0.5", help="block count (int) or depth fraction (float in (0,1))")
+    e.add_argument("--texts", help="a text file, one document per line")
+    e.add_argument("--corpus", nargs="*", help="text files split into paragraph documents")
+    e.add_argument("--positions", default="all", help="all | last | comma-separated token indices")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tokens", type=int, default=128)
+    e.add_argument("--out", required=True, help="output folder for the activation store")
+    e.set_defaults(func=cmd_extract)
+
+    d = sub.add_parser("describe", help="describe every token of a text; writes an HTML viewer", description="Describe each token's activation with a checkpoint's decoder and write a self-contained HTML page (hover/click a token to see its description, reconstruction cosine and the encoder's pooling weights).")
+    d.add_argument("--checkpoint", help="run folder or checkpoint folder (omit for the untrained decoder)")
+    d.add_argument("--model", default=None, help="model name when no checkpoint is given")
+    d.add_argument("--layer", default=None, help="read layer when no checkpoint is given")
+    g = d.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="the text to describe")
+    g.add_argument("--file", help="a file of texts, one per line")
+    d.add_argument("--html", required=True, help="output HTML file")
+    d.set_defaults(func=cmd_describe)
+
+    v = sub.add_parser("eval", help="run evals (retrieval, probes, arithmetic, controls) on a checkpoint", description="Evaluate a checkpoint (or the untrained decoder) and write results.json, report.md and plots.")
+    v.add_argument("recipe", nargs="?", default=None, help="an eval recipe YAML (kind: eval)")
+    v.add_argument("--checkpoint", help="run folder or checkpoint folder (omit for the untrained decoder)")
+    v.add_argument("--out", help="eval run folder")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE")
+    v.add_argument("--data-dir", help="folder with the eval data files")
+    v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON out)", description="Measure rollout, scoring, learner and end-to-end GRPO step throughput against the machine's matmul limit.")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

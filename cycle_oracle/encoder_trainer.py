@@ -1,0 +1,107 @@
+"""The encoder role: reconstruct activations from descriptions, score them (the cycle reward) and
+co-train by regression. One trainer holds the encoder state and its optimizer.
+
+Reward for sample j of activation v (`grpo.reward_space`):
+    raw:      r_j = cos(v_hat_j, v)
+    centred:  r_j = cos(v_hat_j - mu, v - mu)        (mu = corpus mean at the read layer)
+A truncated or empty description gets `truncation_penalty`; the default "mean_baseline" is what
+predicting the corpus mean scores: cos(mu, v) in raw space, 0 in centred space (so one
+truncation does not swamp its group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruction_loss, reconstruction_metrics
+from cycle_oracle.models import load_causal_lm, load_tokenizer
+
+
+def penalty_value(penalty, space: str, v: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Reward given to an unusable description of each activation in v [N, d] -> [N]."""
+    if penalty == "mean_baseline":
+        if space == "raw":
+            return cosine(mean[None, :].expand_as(v), v)
+        return torch.zeros(v.shape[0])
+    return torch.full((v.shape[0],), float(penalty))
+
+
+def cycle_rewards(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, space: str) -> torch.Tensor:
+    """[N, d], [N, d] -> [N] cosine rewards in raw or centred space (see module docstring)."""
+    if space == "raw":
+        return cosine(v_hat, v)
+    if space == "centred":
+        return centred_cosine(v_hat, v, mean)
+    raise ValueError(f"reward space {space!r}; expected 'raw' or 'centred'")
+
+
+class EncoderTrainer:
+    def __init__(self, model_path: str, cfg, layer: int, mean: torch.Tensor):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(model_path)
+        self.encoder = ActivationEncoder(load_causal_lm(model_path, cfg.model.dtype), layer, cfg.encoder.lora)
+        self.mean = mean.float()
+        self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=cfg.encoder.lr)
+        self.updates = 0
+
+    def _inputs(self, texts: Sequence[str]):
+        e = self.cfg.encoder
+        return encoder_inputs(self.tokenizer, texts, e.prefix, e.max_description_tokens)
+
+    @torch.no_grad()
+    def reconstruct(self, texts: Sequence[str], batch_size: int = 32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """texts -> (v_hat [N, d], pooling weights per text over its tokens)."""
+        self.encoder.eval()
+        outs, weights = [], []
+        for i in range(0, len(texts), batch_size):
+            ids, attn, pool = self._inputs(texts[i : i + batch_size])
+            v_hat, w = self.encoder(ids, attn, pool)
+            outs.append(v_hat)
+            weights.extend(w[j][attn[j].bool()] for j in range(len(w)))
+        return torch.cat(outs), weights
+
+    def score(self, texts: Sequence[str], vectors: torch.Tensor, usable: Sequence[bool]) -> tuple[torch.Tensor, dict]:
+        """Cycle rewards [N] for descriptions of `vectors` [N, d]; unusable ones get the penalty."""
+        g = self.cfg.grpo
+        usable_t = torch.tensor(list(usable), dtype=torch.bool)
+        rewards = penalty_value(g.truncation_penalty, g.reward_space, vectors, self.mean)
+        metrics = {}
+        if usable_t.any():
+            idx = usable_t.nonzero().squeeze(1)
+            v_hat, _ = self.reconstruct([texts[i] for i in idx.tolist()])
+            rewards[idx] = cycle_rewards(v_hat, vectors[idx], self.mean, g.reward_space)
+            metrics = reconstruction_metrics(v_hat, vectors[idx], self.mean)
+        return rewards, metrics
+
+    def train_step(self, texts: Sequence[str], vectors: torch.Tensor, batch_size: int = 16) -> dict:
+        """One optimizer step of regression v_hat -> v over all (text, vector) pairs."""
+        self.encoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        n = len(texts)
+        for i in range(0, n, batch_size):
+            ids, attn, pool = self._inputs(texts[i : i + batch_size])
+            v_hat, _ = self.encoder(ids, attn, pool)
+            loss = reconstruction_loss(self.cfg.encoder.loss, v_hat, vectors[i : i + batch_size].float())
+            (loss * len(ids) / n).backward()
+            total += float(loss) * len(ids)
+        torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        return {"encoder_loss": total / n}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas."""
+        tensors = {k: v.detach().clone() for k, v in self.encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
+        return tensors, {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], optim: dict | None = None) -> None:
+        missing = set(tensors) - set(self.encoder.state_dict())
+        if missing:
+            raise ValueError(f"encoder state has unknown keys {sorted(missing)[:3]}")
+        self.encoder.load_state_dict(tensors, strict=False)
+        if optim is not None:
+            self.optimizer.load_state_dict(optim["optimizer"])
+            self.updates = int(optim["updates"])

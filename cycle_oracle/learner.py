@@ -1,0 +1,250 @@
+"""The decoder learner: a PEFT LoRA decoder trained with DeepSpeed (no Ray here; `actors/learner.py`
+runs one of these per rank).
+
+- `sft_step`: warmup. Activations are read from the same model with the adapter disabled (the
+  frozen target), injected, and the loss is cross-entropy on answer tokens only.
+- `grpo_step`: GRPO on a rollout batch. The learner recomputes the old-policy log-probs itself
+  (before any update), uses vLLM's sampling log-probs only for truncated importance sampling
+  and the logged train/inference mismatch, and adds the KL to the reference (see grpo.py).
+DeepSpeed owns the optimizer, LR schedule, gradient clipping, accumulation and the
+data-parallel all-reduce (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cycle_oracle.activations import pad_right, read_residual
+from cycle_oracle.decoder import DecoderBatch, build_batch, completion_logits, completion_mask, unflatten
+from cycle_oracle.grpo import grpo_policy_loss, masked_mean, token_entropy, token_logprobs, truncated_importance_weights
+from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
+from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class SftExample:
+    """One supervised warmup example: the target reads context_ids, the activation at `position`
+    is injected into the decoder prompt built from `question`, and `answer` is learned."""
+
+    task: str
+    context_ids: list[int]
+    position: int
+    question: str
+    answer: str
+
+
+@dataclass
+class PolicySample:
+    """One rollout sample as the learner needs it."""
+
+    vector: torch.Tensor  # [d] the activation
+    token_ids: list[int]  # generated tokens
+    sampler_logprobs: list[float]  # vLLM's processed logprobs of token_ids
+    advantage: float
+
+
+def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1) -> dict:
+    """DeepSpeed config from the recipe's optimiser settings (CPU-safe: torch Adam, fp32)."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    if optim.decay == "cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
+    elif optim.decay == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": 0.0}}
+    else:
+        scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": 0.0}}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum or optim.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": optim.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "weight_decay": optim.weight_decay, "torch_adam": True}},
+        "scheduler": scheduler,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> None:
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    deepspeed.init_distributed(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+
+
+class DecoderLearner:
+    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, grad_accum: int | None = None, reference_adapter: dict | None = None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.layer = layer
+        self.norm = injection_norm
+        self.tokenizer = load_tokenizer(model_path)
+        model = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg.optim, total_steps, grad_accum),
+        )
+        self.model = self.engine.module
+        self.reference = None
+        if reference_adapter is not None:  # kl_reference: warmup -> a frozen copy with that adapter
+            ref = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+            load_adapter_state(ref, reference_adapter)
+            self.reference = ref.merge_and_unload().eval()
+        self.description_prompt = build_decoder_prompt(self.tokenizer, layer, cfg.description_instruction, cfg.injection.num_placeholders, cfg.injection.placeholder)
+        self.reference_prompt = reference_prompt(self.tokenizer)
+        self.optimizer_steps = 0
+
+    # ---- activations --------------------------------------------------------------------
+    @torch.no_grad()
+    def read_activations(self, contexts: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
+        """The frozen target's layer-L activations (adapter disabled). -> [B, d]"""
+        ids, mask = pad_right(contexts, self.tokenizer.pad_token_id)
+        with self.model.disable_adapter():
+            hidden = read_residual(self.model, ids, mask, self.layer)
+        return hidden[torch.arange(len(positions)), torch.tensor(list(positions))]
+
+    # ---- warmup -------------------------------------------------------------------------
+    def _sft_batch(self, examples: Sequence[SftExample]) -> tuple[DecoderBatch, torch.Tensor]:
+        from cycle_oracle.injection import answer_ids
+
+        prompts = [build_decoder_prompt(self.tokenizer, self.layer, e.question, self.cfg.injection.num_placeholders, self.cfg.injection.placeholder) for e in examples]
+        answers = [answer_ids(self.tokenizer, e.answer) for e in examples]
+        vectors = self.read_activations([e.context_ids for e in examples], [e.position for e in examples])
+        return build_batch(prompts, answers, self.tokenizer.pad_token_id), vectors
+
+    def sft_micro_step(self, examples: Sequence[SftExample]) -> dict:
+        """Forward + backward on one micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        from cycle_oracle.decoder import sft_loss
+
+        self.engine.train()
+        batch, vectors = self._sft_batch(examples)
+        loss = sft_loss(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self.optimizer_steps += 1
+        return {"loss": float(loss), "tokens": batch.num_targets, "lr": self.lr()}
+
+    @torch.no_grad()
+    def answer_nll(self, examples: Sequence[SftExample], vector_override: str | None = None) -> list[float]:
+        """Mean answer-token NLL per example; vector_override: None | "shuffled" | "zero" (controls)."""
+        self.engine.eval()
+        batch, vectors = self._sft_batch(examples)
+        if vector_override == "shuffled":
+            vectors = vectors.roll(1, dims=0)
+        elif vector_override == "zero":
+            vectors = torch.zeros_like(vectors)
+        logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
+        nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
+        mask = completion_mask(batch)
+        return (nll.sum(1) / mask.sum(1)).tolist()
+
+    # ---- GRPO ---------------------------------------------------------------------------
+    def _policy_batch(self, samples: Sequence[PolicySample], prompt: DecoderPrompt) -> DecoderBatch:
+        return build_batch([prompt] * len(samples), [s.token_ids for s in samples], self.tokenizer.pad_token_id)
+
+    def policy_logprobs(self, samples: Sequence[PolicySample], temperature: float, grad: bool = False, with_entropy: bool = False):
+        batch = self._policy_batch(samples, self.description_prompt)
+        vectors = torch.stack([s.vector for s in samples])
+        with torch.set_grad_enabled(grad):
+            logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+            targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
+            logp = unflatten(token_logprobs(logits[None], targets[None], temperature)[0], batch)
+            entropy = unflatten(token_entropy(logits[None].detach(), temperature)[0], batch) if with_entropy else None
+        return logp, completion_mask(batch), entropy
+
+    @torch.no_grad()
+    def reference_logprobs(self, samples: Sequence[PolicySample], temperature: float) -> torch.Tensor:
+        vectors = torch.stack([s.vector for s in samples])
+        if self.reference is not None:  # warmup adapter, same prompt and activation
+            batch = self._policy_batch(samples, self.description_prompt)
+            logits = completion_logits(self.reference, batch, vectors, self.norm, self.cfg.injection.mode)
+        else:  # bare base model on the generated text only: no oracle prompt, no activation
+            batch = self._policy_batch(samples, self.reference_prompt)
+            with self.model.disable_adapter():
+                logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
+        return unflatten(token_logprobs(logits[None], targets[None], temperature)[0], batch)
+
+    def grpo_step(self, samples: Sequence[PolicySample], temperature: float) -> dict:
+        """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch."""
+        g = self.cfg.grpo
+        self.engine.eval()
+        old_logp, mask, _ = self.policy_logprobs(samples, temperature)
+        sampler = torch.zeros_like(old_logp)
+        for i, s in enumerate(samples):
+            sampler[i, : len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
+        weights, is_stats = truncated_importance_weights(old_logp, sampler, mask, g.importance_cap)
+        ref_logp = self.reference_logprobs(samples, temperature) if g.kl_coef > 0 else None
+        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        self.engine.train()
+        metrics: dict[str, float] = {}
+        n = len(samples)
+        order = torch.arange(n)
+        steps = 0
+        for _epoch in range(g.epochs_per_rollout):
+            for chunk in order.chunk(g.minibatches_per_epoch):
+                idx = chunk.tolist()
+                sub = [samples[i] for i in idx]
+                logp, sub_mask, entropy = self.policy_logprobs(sub, temperature, grad=True, with_entropy=True)
+                loss, m = grpo_policy_loss(
+                    logp, old_logp[idx][:, : logp.shape[1]], advantages[idx], sub_mask,
+                    clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
+                    importance_weights=weights[idx][:, : logp.shape[1]],
+                    ref_logp=None if ref_logp is None else ref_logp[idx][:, : logp.shape[1]],
+                    kl_coef=g.kl_coef if g.kl_placement == "loss" else 0.0,
+                    kl_estimator=g.kl_estimator, kl_placement=g.kl_placement,
+                )
+                self.engine.backward(loss)
+                self.engine.step()
+                self.optimizer_steps += 1
+                steps += 1
+                m["entropy"] = float(masked_mean(entropy, sub_mask))
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v)
+        out = {k: v / steps for k, v in metrics.items()}
+        out.update({f"importance_{k}": float(v) for k, v in is_stats.items()})
+        out["lr"] = self.lr()
+        out["tokens"] = float(mask.sum())
+        return out
+
+    # ---- state --------------------------------------------------------------------------
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def save_state(self) -> dict[str, bytes]:
+        """DeepSpeed checkpoint (adapter + optimizer + scheduler) as {relative path: bytes}, so the
+        driver can store it without a shared file system."""
+        tmp = Path(tempfile.mkdtemp(prefix="cycle-oracle-ds-"))
+        try:
+            self.engine.save_checkpoint(str(tmp), tag="state", client_state={"optimizer_steps": self.optimizer_steps})
+            return {str(p.relative_to(tmp)): p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_state(self, files: dict[str, bytes]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="cycle-oracle-ds-"))
+        try:
+            for rel, data in files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            _, client = self.engine.load_checkpoint(str(tmp), tag="state")
+            self.optimizer_steps = int((client or {}).get("optimizer_steps", 0))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, state)

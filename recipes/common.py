@@ -1,0 +1,89 @@
+"""Set-up every recipe driver shares: the run folder, the resolved model and layer, extraction of
+corpus activations (in a Ray task, so the driver holds no model), and the injection norm."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from actors.cluster import init_ray, remote_get
+from cycle_oracle.checkpoint import atomic_write_text
+from cycle_oracle.config import RecipeConfig, dump_recipe
+from cycle_oracle.metrics import MetricsLogger
+
+
+@dataclass
+class Run:
+    cfg: RecipeConfig
+    out: Path
+    model_path: str
+    layer: int
+    n_layers: int
+    metrics: MetricsLogger
+
+    def write_results(self, name: str, results: dict) -> Path:
+        path = self.out / name
+        atomic_write_text(path, json.dumps(results, indent=2, default=float))
+        return path
+
+
+def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
+    from cycle_oracle.models import resolve_layer, resolve_model_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_recipe(cfg))
+    model_path = str(resolve_model_path(cfg.model.name))
+    n_layers = int(json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"])
+    layer = resolve_layer(cfg.model.layer, n_layers)
+    init_ray(cfg)
+    metrics = MetricsLogger(out, cfg.logging, cfg.model_dump(mode="json"), run_name=f"{out.name}-{stage}")
+    print(f"[{stage}] model {cfg.model.name} ({n_layers} blocks), read layer {layer}, run folder {out}")
+    return Run(cfg, out, model_path, layer, n_layers, metrics)
+
+
+@ray.remote
+def extraction_task(model_path: str, config: dict, layer: int, documents: list, threads: int):
+    """Read corpus activations with the frozen target -> (batches, embedding norm)."""
+    from cycle_oracle.activations import extract
+    from cycle_oracle.injection import mean_embedding_norm
+    from cycle_oracle.models import load_causal_lm, load_tokenizer
+
+    cfg = RecipeConfig.model_validate(config)
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, cfg.model.dtype)
+    e = cfg.extraction
+    batches = list(extract(model, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
+    return batches, mean_embedding_norm(model.get_input_embeddings())
+
+
+def extract_store(run: Run, documents, subdir: str = "activations"):
+    """Extract activations for `documents` into `<run>/<subdir>` (reused if already there)."""
+    from cycle_oracle.activations import ActivationStore, write_store
+
+    root = run.out / subdir
+    if (root / "meta.json").is_file():
+        store = ActivationStore(root)
+        return store, float(json.loads((root / "embedding_norm.json").read_text())["embedding_norm"])
+    t0 = time.time()
+    batches, emb_norm = remote_get(
+        extraction_task.options(num_cpus=run.cfg.learner.num_cpus).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, run.cfg.learner.threads),
+        run.cfg.ray.get_timeout_s, "activation extraction",
+    )
+    store = write_store(root, batches, run.cfg.model.name, run.layer, run.cfg.extraction.shard_size)
+    atomic_write_text(root / "embedding_norm.json", json.dumps({"embedding_norm": emb_norm}))
+    print(f"[extract] {len(store)} activations from {len(documents)} documents in {time.time() - t0:.0f}s -> {root}")
+    return store, emb_norm
+
+
+def injection_norm(cfg: RecipeConfig, embedding_norm: float, layer_mean_norm: float) -> float:
+    from cycle_oracle.injection import target_norm
+
+    return target_norm(cfg.injection, embedding_norm, layer_mean_norm)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (local Ray, SmolLM2-135M-Instruct, CPU budget):
+# set up the venv if needed, then run the recipe. Extra arguments go to `cycle-oracle run`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+recipe="${CYCLE_ORACLE_RECIPE:-recipes/describe_untrained.yaml}"
+exec "$root/.venv/bin/cycle-oracle" run "$recipe" --out "${CYCLE_ORACLE_OUT:-runs/main}" "$@"
