@@ -2,11 +2,12 @@
 
 Layout: `<run>/checkpoints/step-000042/` holding
 - `*.safetensors`    tensors (adapters, encoder head, ...), one file per group;
-- `*.pt`             optimizer / scheduler / RNG state, saved with torch.save and read back with
-                     `torch.load(weights_only=True)` (no arbitrary pickles);
+- `*.pt`             optimizer / RNG state (torch.save), and `<role>-rank<r>/` folders holding
+                     each DeepSpeed rank's own checkpoint files (optimizer, scheduler);
 - `state.json`       step, data position, weight version, config, anything JSON;
 - `MANIFEST.json`    sha256 of every file, written last. A folder whose manifest does not match
-                     is refused, so pickled state is only ever read from files this run wrote.
+                     is refused, so pickled state is only ever read from files this run wrote
+                     (checked before any unpickling).
 A checkpoint is built in `.step-000042.tmp/` and renamed into place; `latest` is then replaced
 atomically. A crash at any point leaves the previous checkpoint intact.
 """
@@ -55,6 +56,7 @@ def save_checkpoint(
     tensors: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
     objects: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` atomically; keep the newest `keep` checkpoints."""
@@ -68,8 +70,12 @@ def save_checkpoint(
         save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(tmp / f"{group}.safetensors"))
     for group, obj in (objects or {}).items():
         torch.save(obj, tmp / f"{group}.pt")
+    for rel, data in (files or {}).items():  # e.g. each DeepSpeed rank's own checkpoint files
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-    manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    manifest = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -106,8 +112,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     """-> (tensor groups, state.json, objects). Verifies the manifest first."""
     path = Path(path)
     manifest = verify_checkpoint(path)
-    tensors = {n[: -len(".safetensors")]: load_file(str(path / n)) for n in manifest if n.endswith(".safetensors")}
-    objects = {n[: -len(".pt")]: torch.load(path / n, weights_only=True) for n in manifest if n.endswith(".pt")}
+    top = [n for n in manifest if "/" not in n]
+    tensors = {n[: -len(".safetensors")]: load_file(str(path / n)) for n in top if n.endswith(".safetensors")}
+    objects = {n[: -len(".pt")]: torch.load(path / n, weights_only=True) for n in top if n.endswith(".pt")}
     state = json.loads((path / "state.json").read_text())
     return tensors, state, objects
 
@@ -136,3 +143,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+
+
+def read_files(path: str | Path, prefix: str) -> dict[str, bytes]:
+    """The raw files under `<checkpoint>/<prefix>/` (manifest-verified), keyed by path below it."""
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    return {n[len(prefix) + 1 :]: (path / n).read_bytes() for n in manifest if n.startswith(prefix + "/")}

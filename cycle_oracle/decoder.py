@@ -107,9 +107,3 @@ def unflatten(flat: torch.Tensor, batch: DecoderBatch) -> torch.Tensor:
     out[mask] = flat
     return out
 
-
-def sft_loss(model: nn.Module, batch: DecoderBatch, vectors: torch.Tensor, norm: float, mode: str = "replace") -> torch.Tensor:
-    """Cross-entropy on answer tokens only: L = -(1/|A|) sum_{t in A} log p(x_t | x_<t, v)."""
-    logits = completion_logits(model, batch, vectors, norm, mode)
-    targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
-    return nn.functional.cross_entropy(logits, targets)

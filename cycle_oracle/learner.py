@@ -52,13 +52,17 @@ class PolicySample:
 
 def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1) -> dict:
     """DeepSpeed config from the recipe's optimiser settings (CPU-safe: torch Adam, fp32)."""
-    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    # DeepSpeed's schedulers need >= 1 warmup step; "no warmup" = a warmup that starts at the peak.
+    warmup = max(1, min(optim.warmup_steps, max(total_steps - 1, 1)))
+    start = 0.0 if optim.warmup_steps > 0 else 1.0
     if optim.decay == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
+        params = {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_min_ratio": start, "cos_min_ratio": 0.1}
+        scheduler = {"type": "WarmupCosineLR", "params": params}
     elif optim.decay == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": 0.0}}
+        params = {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": start * optim.lr}
+        scheduler = {"type": "WarmupDecayLR", "params": params}
     else:
-        scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": 0.0}}
+        scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_max_lr": optim.lr, "warmup_min_lr": start * optim.lr}}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum or optim.grad_accum,
@@ -120,34 +124,44 @@ class DecoderLearner:
         vectors = self.read_activations([e.context_ids for e in examples], [e.position for e in examples])
         return build_batch(prompts, answers, self.tokenizer.pad_token_id), vectors
 
-    def sft_micro_step(self, examples: Sequence[SftExample]) -> dict:
-        """Forward + backward on one micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
-        from cycle_oracle.decoder import sft_loss
-
-        self.engine.train()
+    def _answer_token_losses(self, examples: Sequence[SftExample], vector_override: str | None = None):
+        """Per-example mean answer NLL [B] and argmax accuracy [B] (teacher-forced), with the graph."""
         batch, vectors = self._sft_batch(examples)
-        loss = sft_loss(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+        if vector_override == "shuffled":  # control: another example's activation
+            vectors = vectors.roll(1, dims=0)
+        elif vector_override == "zero":  # control: no activation at all
+            vectors = torch.zeros_like(vectors)
+        logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
+        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
+        nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
+        correct = unflatten((logits.argmax(-1) == targets).float(), batch)
+        mask = completion_mask(batch)
+        return nll, correct, mask
+
+    def sft_micro_step(self, examples: Sequence[SftExample]) -> dict:
+        """Forward + backward on one micro-batch; DeepSpeed steps the optimizer at accumulation
+        boundaries. Loss = mean NLL over all answer tokens of the micro-batch; also per task."""
+        self.engine.train()
+        nll, _, mask = self._answer_token_losses(examples)
+        loss = (nll * mask).sum() / mask.sum()
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         if boundary:
             self.optimizer_steps += 1
-        return {"loss": float(loss), "tokens": batch.num_targets, "lr": self.lr()}
+        out = {"loss": float(loss), "tokens": float(mask.sum()), "lr": self.lr()}
+        for task in sorted({e.task for e in examples}):
+            rows = torch.tensor([e.task == task for e in examples])
+            out[f"loss/{task}"] = float((nll[rows] * mask[rows]).sum() / mask[rows].sum())
+            out[f"tokens/{task}"] = float(mask[rows].sum())
+        return out
 
     @torch.no_grad()
-    def answer_nll(self, examples: Sequence[SftExample], vector_override: str | None = None) -> list[float]:
-        """Mean answer-token NLL per example; vector_override: None | "shuffled" | "zero" (controls)."""
+    def answer_scores(self, examples: Sequence[SftExample], vector_override: str | None = None) -> dict[str, list[float]]:
+        """Held-out scoring: per-example mean answer NLL and token accuracy (real / shuffled / zero)."""
         self.engine.eval()
-        batch, vectors = self._sft_batch(examples)
-        if vector_override == "shuffled":
-            vectors = vectors.roll(1, dims=0)
-        elif vector_override == "zero":
-            vectors = torch.zeros_like(vectors)
-        logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
-        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
-        nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
-        mask = completion_mask(batch)
-        return (nll.sum(1) / mask.sum(1)).tolist()
+        nll, correct, mask = self._answer_token_losses(examples, vector_override)
+        return {"nll": ((nll * mask).sum(1) / mask.sum(1)).tolist(), "token_accuracy": ((correct * mask).sum(1) / mask.sum(1)).tolist()}
 
     # ---- GRPO ---------------------------------------------------------------------------
     def _policy_batch(self, samples: Sequence[PolicySample], prompt: DecoderPrompt) -> DecoderBatch:
@@ -175,6 +189,13 @@ class DecoderLearner:
                 logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
         targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
         return unflatten(token_logprobs(logits[None], targets[None], temperature)[0], batch)
+
+    @torch.no_grad()
+    def sequence_kl(self, samples: Sequence[PolicySample], temperature: float) -> list[float]:
+        """sum_t k1_t = sum_t (log pi - log pi_ref) per sample (the "reward" KL placement)."""
+        logp, mask, _ = self.policy_logprobs(samples, temperature)
+        ref = self.reference_logprobs(samples, temperature)
+        return ((logp - ref[:, : logp.shape[1]]) * mask).sum(1).tolist()
 
     def grpo_step(self, samples: Sequence[PolicySample], temperature: float) -> dict:
         """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch."""

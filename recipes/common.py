@@ -4,6 +4,7 @@ corpus activations (in a Ray task, so the driver holds no model), and the inject
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,3 +88,10 @@ def injection_norm(cfg: RecipeConfig, embedding_norm: float, layer_mean_norm: fl
     from cycle_oracle.injection import target_norm
 
     return target_norm(cfg.injection, embedding_norm, layer_mean_norm)
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    """Stop the run on NaN/inf (before anything is checkpointed, so the last good one stays)."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite values at step {step}: {bad}; stopping with the last good checkpoint intact")

@@ -1,0 +1,263 @@
+"""`kind: warmup` — supervised warmup of the decoder, then the encoder warm start.
+
+    setup:   build the warmup data (Ray task; cached), extract corpus activations, start N
+             DeepSpeed learners, a rollout actor and the encoder actor
+    loop:    each optimizer step = grad_accum micro-batches per rank; each example's activation is
+             read by the learner from the frozen target (adapter disabled) at a seeded position
+    then:    held-out evaluation against shuffled / zero activations; encoder warm start on
+             (description sampled from the warm decoder via vLLM, activation) pairs
+    cleanup: final checkpoint, results.json
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import ray
+import torch
+from rich.progress import Progress
+
+from actors.cluster import remote_get
+from actors.encoder import EncoderActor
+from actors.learner import LearnerGroup
+from actors.rollout import RolloutActor
+from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_files, save_checkpoint
+from cycle_oracle.corpus import load_documents
+from cycle_oracle.encoder import reconstruction_metrics
+from cycle_oracle.learner import SftExample
+from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
+
+
+@ray.remote
+def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None):
+    from cycle_oracle.config import RecipeConfig
+    from cycle_oracle.data.build import build_warmup_data
+    from cycle_oracle.data.embedded import hf_generate_fn
+    from cycle_oracle.models import load_causal_lm, load_tokenizer
+
+    cfg = RecipeConfig.model_validate(config)
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, cfg.model.dtype)
+    return build_warmup_data(
+        cfg.warmup, tok, hf_generate_fn(model, tok, batch_size=16), cfg.description_instruction,
+        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=cfg.model.name,
+    )
+
+
+def to_example(item, rng: random.Random) -> SftExample:
+    return SftExample(item.task, list(item.context_ids), rng.choice(item.read_positions), item.question, item.answer)
+
+
+def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, n_candidates: int = 5) -> dict:
+    """Rank the true answer among other behaviours' answers by NLL, real vs shuffled activation."""
+    if len(heldout_items) < n_candidates:
+        return {}
+    hits = {"real": 0, "shuffled": 0}
+    items = heldout_items[: min(len(heldout_items), 24)]
+    vector_sources = items[1:] + items[:1]  # shuffled control: another item's context
+    for item, other in zip(items, vector_sources):
+        wrong = [x.answer for x in heldout_items if x.source_id != item.source_id and x.answer != item.answer]
+        cands = [item.answer] + rng.sample(wrong, min(n_candidates - 1, len(wrong)))
+        pos = rng.choice(item.read_positions)
+        for mode, ctx in (("real", item), ("shuffled", other)):
+            ctx_pos = pos if ctx is item else rng.choice(ctx.read_positions)
+            exs = [SftExample("latentqa", list(ctx.context_ids), ctx_pos, item.question, c) for c in cands]
+            nll = group.on_rank0("answer_scores", exs)["nll"]
+            hits[mode] += int(min(range(len(cands)), key=lambda i: nll[i]) == 0)
+    n = len(items)
+    return {"ranking_top1_real": hits["real"] / n, "ranking_top1_shuffled": hits["shuffled"] / n, "ranking_candidates": n_candidates, "ranking_items": n}
+
+
+def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
+    """Answer NLL and token accuracy per task with the real, a shuffled and a zero activation."""
+    rng = random.Random(seed)
+    out: dict[str, dict] = {}
+    for task, items in sorted(heldout.items()):
+        if not items:
+            continue
+        chosen = rng.sample(items, min(cfg.warmup.eval_items, len(items)))
+        examples = [to_example(it, rng) for it in chosen]
+        res = {}
+        for mode in (None, "shuffled", "zero"):
+            scores = {"nll": [], "token_accuracy": []}
+            for i in range(0, len(examples), 8):
+                s = group.on_rank0("answer_scores", examples[i : i + 8], mode)
+                for k in scores:
+                    scores[k].extend(s[k])
+            name = mode or "real"
+            res[f"nll_{name}"] = sum(scores["nll"]) / len(scores["nll"])
+            res[f"token_accuracy_{name}"] = sum(scores["token_accuracy"]) / len(scores["token_accuracy"])
+        res["items"] = len(examples)
+        if task == "latentqa":
+            res.update(latentqa_ranking(group, items, rng))
+        out[task] = res
+    return out
+
+
+def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
+    """Train the encoder on descriptions sampled from the warm decoder; report before/after."""
+    train_rows, held_rows = store.split_by_document(cfg.warmup.heldout_fraction, seed)
+    rng = random.Random(seed)
+    train_rows = rng.sample(train_rows, min(cfg.warmup.encoder_samples, len(train_rows)))
+    held_rows = rng.sample(held_rows, min(cfg.warmup.eval_items, len(held_rows)))
+    t = cfg.ray.get_timeout_s
+    max_new = cfg.sampling.max_new_tokens
+
+    def describe(rows, greedy: bool, n: int, step: int):
+        vectors = store.activations[rows]
+        from cycle_oracle.rollout import request_seed
+
+        seeds = [request_seed(seed, step, r) for r in rows]
+        temp = 0.0 if greedy else cfg.sampling.temperature
+        samples, _ = remote_get(rollout.sample.remote(vectors, seeds, n, temp, 1.0, max_new), t, "encoder warm-start descriptions")
+        texts, vecs = [], []
+        for row, group in zip(rows, samples):
+            for s in group:
+                if s.text.strip():
+                    texts.append(s.text)
+                    vecs.append(store.activations[row])
+        return texts, (torch.stack(vecs) if vecs else torch.zeros(0, store.activations.shape[1]))
+
+    held_texts, held_vecs = describe(held_rows, True, 1, -1)
+
+    def measure() -> dict:
+        if not held_texts:
+            return {}
+        v_hat, _ = remote_get(encoder.call.remote("reconstruct", held_texts), t, "encoder reconstruct")
+        return reconstruction_metrics(v_hat, held_vecs, store.mean)
+
+    before = measure()
+    greedy_texts, greedy_vecs = describe(train_rows, True, 1, -2)
+    sampled_texts, sampled_vecs = describe(train_rows, False, 2, -3)
+    texts = greedy_texts + sampled_texts
+    vecs = torch.cat([greedy_vecs, sampled_vecs])
+    losses = []
+    batch = 16
+    for step in range(cfg.warmup.encoder_steps):
+        idx = rng.sample(range(len(texts)), min(batch, len(texts)))
+        m = remote_get(encoder.call.remote("train_step", [texts[i] for i in idx], vecs[idx]), t, "encoder train step")
+        losses.append(m["encoder_loss"])
+        run.metrics.log("encoder_warmstart", step, m)
+    after = measure()
+    return {"heldout_before": before, "heldout_after": after, "train_pairs": len(texts), "heldout_pairs": len(held_texts),
+            "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
+
+
+def run(cfg, out, resume: bool = False) -> dict:
+    run = start_run(cfg, out, "warmup")
+    t = cfg.ray.get_timeout_s
+    train, heldout, data_report = remote_get(
+        build_data_task.options(num_cpus=cfg.learner.num_cpus).remote(run.model_path, cfg.model_dump(mode="json"), cfg.learner.threads, None),
+        t, "building the warmup data",
+    )
+    print(f"[warmup] data: {data_report}")
+    store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+    norm = injection_norm(cfg, emb_norm, store.mean_norm)
+
+    from cycle_oracle.data.mixture import WarmupMixture
+
+    mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
+    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps,
+                         [dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)] * cfg.learner.num_actors)
+    rng = random.Random(cfg.seed)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(run.out)) is not None:
+        _, state, objects = load_checkpoint(ckpt)
+        if state["world_size"] != group.world_size:
+            raise RuntimeError(
+                f"checkpoint {ckpt} was written by {state['world_size']} learner(s) but this run has {group.world_size}: "
+                f"DeepSpeed's partitioned optimizer state cannot be re-split here; resume with learner.num_actors={state['world_size']}"
+            )
+        group.on_all("load_state", [(read_files(ckpt, f"learner-rank{r}"),) for r in range(group.world_size)], "learner resume")
+        mixture.load_state_dict(state["mixture"])
+        rng.setstate(_tuple_state(state["rng"]))
+        start = state["step"]
+        print(f"[warmup] resumed from {ckpt} at step {start}")
+
+    ga, mbs = cfg.optim.grad_accum, cfg.optim.micro_batch_size
+    seen = start * ga * mbs * group.world_size
+    with Progress() as progress:
+        bar = progress.add_task("warmup", total=cfg.warmup.steps, completed=start)
+        for step in range(start, cfg.warmup.steps):
+            t0 = time.time()
+            agg: dict[str, float] = {}
+            tokens = 0.0
+            for _micro in range(ga):
+                examples = [to_example(it, rng) for it in mixture.sample(mbs * group.world_size)]
+                results = group.on_all("sft_micro_step", group.shard(examples), "warmup micro-step")
+                for r in results:
+                    tokens += r["tokens"]
+                    for k, v in r.items():
+                        if k.startswith("loss"):
+                            agg.setdefault(k, []).append(v)
+                seen += len(examples)
+            metrics = {k: sum(v) / len(v) for k, v in agg.items()}
+            metrics.update(lr=results[0]["lr"], tokens_per_s=tokens / (time.time() - t0), examples_seen=seen)
+            check_finite(metrics, step)
+            run.metrics.log("warmup", step + 1, metrics)
+            progress.update(bar, advance=1, description=f"warmup loss {metrics['loss']:.3f}")
+            every = cfg.logging.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.warmup.steps:
+                _save(run, group, step + 1, mixture, rng, None)
+
+    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer}
+    results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
+    adapter = group.on_rank0("adapter")
+    rollout = RolloutActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0)
+    encoder = EncoderActor.options(num_cpus=cfg.encoder_role.num_cpus, num_gpus=cfg.encoder_role.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, store.mean)
+    remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
+    results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)
+    enc_tensors, _enc_opt = remote_get(encoder.call.remote("state"), t, "encoder state")
+    _save(run, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
+    results["summary"] = _summary(results)
+    run.write_results("results.json", results)
+    run.metrics.log("warmup_eval", cfg.warmup.steps, _flatten(results["heldout"]))
+    run.metrics.close()
+    group.shutdown()
+    for a in (rollout, encoder):
+        ray.kill(a)
+    return results
+
+
+def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random, encoder_tensors, adapter=None) -> None:
+    files = {}
+    for r, rank_files in enumerate(group.on_all("save_state", what="learner checkpoint")):
+        files.update({f"learner-rank{r}/{k}": v for k, v in rank_files.items()})
+    tensors = {"decoder_adapter": adapter if adapter is not None else group.on_rank0("adapter")}
+    if encoder_tensors is not None:
+        tensors["encoder"] = encoder_tensors
+    state = {"world_size": group.world_size, "mixture": mixture.state_dict(), "rng": list(_jsonable(rng.getstate())),
+             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0}
+    save_checkpoint(run.out, step, tensors, state, files=files)
+
+
+def _jsonable(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple_state(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _summary(results: dict) -> dict:
+    s = {}
+    for task, r in results.get("heldout", {}).items():
+        s[f"{task}_nll_real_vs_shuffled"] = [round(r["nll_real"], 3), round(r["nll_shuffled"], 3)]
+    enc = results.get("encoder_warm_start", {})
+    for when in ("before", "after"):
+        m = enc.get(f"heldout_{when}") or {}
+        if m:
+            s[f"encoder_{when}"] = {k: round(v, 3) for k, v in m.items()}
+    return s

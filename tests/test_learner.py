@@ -1,0 +1,74 @@
+"""The DeepSpeed decoder learner on the tiny model (real DeepSpeed ZeRO-2 on CPU with gloo, one rank)."""
+
+import pytest
+import torch
+
+from cycle_oracle.config import RecipeConfig
+from cycle_oracle.learner import DecoderLearner, PolicySample, SftExample, init_distributed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return RecipeConfig(
+        kind="warmup", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
+        optim={"lr": 1e-2, "warmup_steps": 0, "decay": "constant", "grad_accum": 1, "zero_stage": 2},
+        grpo={"kl_coef": 0.1},
+    )
+
+
+@pytest.fixture(scope="module")
+def dist():
+    import torch.distributed as td
+
+    from actors.cluster import free_port
+
+    init_distributed(0, 1, "127.0.0.1", free_port(), "gloo")
+    yield
+    td.destroy_process_group()
+
+
+def _examples(tok):
+    ctx = tok.encode("The quick brown fox jumps over the lazy dog.")
+    return [SftExample("token_prediction", ctx, 5, "What comes next?", "jumps over"),
+            SftExample("latentqa", ctx, 7, "How will the assistant speak?", "Like a pirate")]
+
+
+def test_sft_learns_and_resume_reproduces_next_loss(dist, cfg, tiny_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    ex = _examples(tiny_tokenizer)
+    losses = [learner.sft_micro_step(ex)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0], losses
+    saved = learner.save_state()
+    adapter = learner.adapter()
+    nxt = learner.sft_micro_step(ex)
+
+    torch.manual_seed(123)  # a different init: only the checkpoint can make the losses agree
+    fresh = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    fresh.load_state(saved)
+    for k, v in adapter.items():
+        torch.testing.assert_close(fresh.adapter()[k], v)
+    again = fresh.sft_micro_step(ex)
+    assert abs(again["loss"] - nxt["loss"]) < 1e-5, (again, nxt)
+    assert fresh.optimizer_steps == learner.optimizer_steps
+
+
+def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=10)
+    v = torch.randn(128)
+    good = tiny_tokenizer.encode(" good answer", add_special_tokens=False)
+    bad = tiny_tokenizer.encode(" bad reply", add_special_tokens=False)
+    samples = [PolicySample(v, good, [0.0] * len(good), 1.0), PolicySample(v, bad, [0.0] * len(bad), -1.0)]
+    before, _, _ = learner.policy_logprobs(samples, 1.0)
+    for s, lp in zip(samples, before):
+        s.sampler_logprobs = lp[: len(s.token_ids)].tolist()
+    m = learner.grpo_step(samples, 1.0)
+    after, mask, _ = learner.policy_logprobs(samples, 1.0)
+    assert m["clip_fraction"] == 0.0  # one epoch: ratio 1, clipping inert
+    assert abs(m["importance_logp_mismatch"]) < 1e-5
+    assert float((after[0] - before[0]).sum()) > 0 > float((after[1] - before[1]).sum())
+    kl = learner.sequence_kl(samples, 1.0)
+    assert len(kl) == 2 and all(x == x for x in kl)
