@@ -155,6 +155,10 @@ class GrpoSettings(Strict):
     kl_placement: Literal["loss", "reward"] = "loss"
     reward_space: Literal["raw", "centred"] = "centred"
     truncation_penalty: float | Literal["mean_baseline"] = "mean_baseline"
+    """Reward of an empty or (if penalize_truncated) truncated description; "mean_baseline" = what
+    predicting the corpus mean scores (cos(mu, v) raw, 0 centred)."""
+    penalize_truncated: bool = True
+    """False: truncated descriptions are scored like finished ones (smoke tests on random models)."""
     train_encoder: bool = True
     overlap_rollout: bool = False
     sync_check: bool = True

@@ -29,6 +29,7 @@ from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_fil
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.grpo import group_advantages
 from cycle_oracle.learner import PolicySample
+from cycle_oracle.models import load_tokenizer
 from cycle_oracle.rollout import request_seed
 from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
 
@@ -42,9 +43,10 @@ def step_rows(train_rows: list[int], seed: int, step: int, batch: int) -> list[i
 
 def text_diversity(texts: list[str]) -> dict:
     """distinct-1/2 over all descriptions and the share starting with the most common 4 words."""
-    from cycle_oracle.evals.controls import diversity
+    from cycle_oracle.evals.controls import text_controls
 
-    return diversity(texts)
+    c = text_controls(texts)
+    return {k: float(c[k]) for k in ("distinct_1", "distinct_2", "same_start_share") if c[k] is not None}
 
 
 class Roles:
@@ -68,7 +70,8 @@ class Roles:
                                      [bundle_options(self.pg, self.plan, "learner", r) for r in range(cfg.learner.num_actors)],
                                      grad_accum=1, reference_adapter=ref)
         self.rollouts = [
-            RolloutActor.options(**bundle_options(self.pg, self.plan, "rollout", i), max_restarts=3, max_task_retries=0)
+            RolloutActor.options(**bundle_options(self.pg, self.plan, "rollout", i), max_restarts=3, max_task_retries=0,
+                                 name=f"{run.out.name}-rollout-{i}")
             .remote(run.model_path, config, run.layer, norm, i)
             for i in range(cfg.rollout.num_actors)
         ]
@@ -176,7 +179,7 @@ def grpo_step(roles: Roles, rows: list[int], step: int, samples_by_row, versions
     vectors = roles.store.activations[rows]
     flat = [(b, s) for b, grp in enumerate(samples_by_row) for s in grp]
     texts = [s.text for _, s in flat]
-    usable = [bool(s.text.strip()) and not s.truncated for _, s in flat]
+    usable = [bool(s.text.strip()) and not (s.truncated and g.penalize_truncated) for _, s in flat]
     flat_vectors = vectors[[b for b, _ in flat]]
 
     t0 = time.time()
@@ -230,7 +233,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     g = cfg.grpo
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
     norm = injection_norm(cfg, emb_norm, store.mean_norm)
-    train_rows, held_rows = store.split_by_document(cfg.warmup.heldout_fraction, cfg.seed)
+    train_rows, _held = store.split_by_document(cfg.warmup.heldout_fraction, cfg.seed)
 
     init_tensors = None
     if cfg.init_from:
@@ -286,12 +289,28 @@ def run(cfg, out, resume: bool = False) -> dict:
                 save_grpo_checkpoint(roles, step + 1)
 
     results = {"kind": "grpo", "layer": run.layer, "injection_norm": norm, "steps": g.steps, "weight_version": roles.version}
-    results["retrieval"] = final_retrieval(roles, held_rows)
-    results["summary"] = {"retrieval": {k: results["retrieval"].get(k) for k in ("pool_size", "top1", "top5", "chance_top1", "cosine", "centred_cosine", "fve", "mean_baseline_cosine")}}
+    results["retrieval"] = final_retrieval(roles)
+    if init_tensors:  # same final encoder, same pool: the warmup decoder's descriptions for comparison
+        roles.sync(init_tensors["decoder_adapter"])
+        results["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
+    results["summary"] = retrieval_summary(results)
     run.write_results("results.json", results)
     run.metrics.close()
     roles.shutdown()
     return results
+
+
+def retrieval_summary(results: dict) -> dict:
+    out = {}
+    for key, label in (("retrieval", "grpo_decoder"), ("retrieval_warmup_decoder", "warmup_decoder")):
+        r = results.get(key)
+        if not r:
+            continue
+        for cond, m in r["conditions"].items():
+            out[f"{label}/{cond}"] = {k: round(float(m[k]), 4) for k in ("top1", "top5", "cosine", "centred_cosine", "fve") if k in m}
+        out["pool_size"] = r["n"]
+        out["chance_top1"] = r["chance"]["top1"]
+    return out
 
 
 def save_grpo_checkpoint(roles: Roles, step: int) -> None:
@@ -306,11 +325,13 @@ def save_grpo_checkpoint(roles: Roles, step: int) -> None:
                     state, objects={"encoder_optim": enc_optim}, files=files)
 
 
-def final_retrieval(roles: Roles, held_rows: list[int]) -> dict:
-    """Retrieval on held-out documents with the trained decoder (vLLM, greedy) and encoder."""
-    from cycle_oracle.evals.retrieval import run_retrieval
+def final_retrieval(roles: Roles, controls=("shuffled", "zero", "context_only")) -> dict:
+    """Retrieval on held-out documents with the served decoder (vLLM, greedy) and the encoder."""
+    from cycle_oracle.evals.retrieval import evaluate_retrieval
 
-    return run_retrieval(actor_oracle(roles), roles.store, held_rows, roles.cfg.eval.pool_size, roles.cfg.seed)
+    cfg = roles.cfg
+    return evaluate_retrieval(actor_oracle(roles), roles.store, cfg.eval.pool_size, cfg.seed,
+                              heldout_fraction=cfg.warmup.heldout_fraction, split_seed=cfg.seed, controls=controls)
 
 
 def actor_oracle(roles: Roles):
@@ -332,5 +353,7 @@ def actor_oracle(roles: Roles):
         v_hat, _ = remote_get(roles.encoder.call.remote("reconstruct", safe), roles.timeout, "encode")
         return v_hat
 
-    return Oracle(describe=describe, encode=encode)
+    tokenizer = load_tokenizer(roles.run.model_path)
+    return Oracle(describe=describe, encode=encode, encode_with_weights=None, ask_yes_no=None, read=None,
+                  detokenize=lambda ids: tokenizer.decode(ids))
 
