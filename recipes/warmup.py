@@ -33,7 +33,7 @@ from recipes.common import check_finite, Run, extract_store, injection_norm, sta
 def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None):
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.data.embedded import hf_generate_fn
+    from cycle_oracle.data.generation import hf_generate_fn
     from cycle_oracle.models import load_causal_lm, load_tokenizer
 
     cfg = RecipeConfig.model_validate(config)
@@ -42,7 +42,7 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     model = load_causal_lm(model_path, cfg.model.dtype)
     return build_warmup_data(
         cfg.warmup, tok, hf_generate_fn(model, tok, batch_size=16), cfg.description_instruction,
-        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=cfg.model.name,
+        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=cfg.model.name, max_context_tokens=cfg.model.max_context_tokens,
     )
 
 
