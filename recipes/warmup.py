@@ -120,7 +120,7 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
                     vecs.append(store.activations[row])
         return texts, (torch.stack(vecs) if vecs else torch.zeros(0, store.activations.shape[1]))
 
-    held_texts, held_vecs = describe(held_rows, True, 1, -1)
+    held_texts, held_vecs = describe(held_rows, False, 1, -1)  # sampled, as GRPO scores them
 
     def measure() -> dict:
         if not held_texts:

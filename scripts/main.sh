@@ -5,5 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-recipe="${CYCLE_ORACLE_RECIPE:-recipes/describe_untrained.yaml}"
+recipe="${CYCLE_ORACLE_RECIPE:-recipes/warmup_then_grpo.yaml}"
 exec "$root/.venv/bin/cycle-oracle" run "$recipe" --out "${CYCLE_ORACLE_OUT:-runs/main}" "$@"

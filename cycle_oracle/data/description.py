@@ -1,0 +1,151 @@
+"""The description task: the one description prompt GRPO uses, with targets written offline.
+
+For a seeded position p in a corpus document, the TARGET model is shown the window around p (the
+`window` tokens before p and p itself) and asked "Here is a passage: ... In one sentence, describe
+what this passage is about." Its first sentence becomes the answer. The decoder is then trained to
+produce that answer from the activation at p under the config's description instruction (the
+same prompt GRPO samples from), so GRPO starts from fluent, on-format descriptions.
+
+Risk (see docs/DATA.md): the target wrote the answer while *reading the text*, so the decoder is
+taught to restate context, not to read what the activation carries; the held-out eval compares
+real vs shuffled vs zero activations to measure how much it actually uses v.
+
+Generated descriptions are cached as JSONL keyed by the model, seed, sizes, the tokenizer and the
+documents themselves.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cycle_oracle.data.generation import (
+    GenerateFn,
+    cache_file,
+    read_jsonl,
+    resolve_model_id,
+    run_generation,
+    text_digest,
+    tokenizer_fingerprint,
+    write_jsonl,
+)
+from cycle_oracle.data.items import TextDocument, WarmupItem, log
+from cycle_oracle.data.token_prediction import content_span, tokenize_text
+
+DESCRIPTION_VERSION = 1
+PROMPT_TEMPLATE = "Here is a passage:\n\n{passage}\n\nIn one sentence, describe what this passage is about."
+_SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
+
+
+def clean_description(text: str, max_chars: int = 300) -> str:
+    """First sentence of the model's reply, whitespace collapsed, capped; "" when nothing usable."""
+    text = " ".join(text.replace("*", " ").split())
+    m = _SENTENCE.match(text)
+    first = m.group(1) if m else text
+    if len(first) > max_chars:
+        cut = first[:max_chars].rsplit(" ", 1)[0]
+        first = cut.rstrip(",;:") + "..."
+    return first.strip() if any(c.isalpha() for c in first) else ""
+
+
+def description_prompt_text(passage: str) -> str:
+    return PROMPT_TEMPLATE.format(passage=passage.strip())
+
+
+def choose_positions(
+    documents: Sequence[TextDocument],
+    tokenizer,
+    seed: int,
+    items_per_document: int,
+    max_tokens: int,
+    min_position: int,
+) -> list[tuple[TextDocument, list[int], int]]:
+    """(document, its tokens, p) for seeded positions p >= min_position tokens into the content."""
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for doc in documents:
+        ids = tokenize_text(tokenizer, doc.text, max_tokens)
+        span = content_span(ids, special)
+        if span is None or span[1] - span[0] < min_position:
+            continue
+        lo, hi = span
+        rng = random.Random(f"describe:{seed}:{doc.doc_id}")
+        candidates = list(range(lo + min_position, hi + 1))
+        for p in sorted(rng.sample(candidates, min(items_per_document, len(candidates)))):
+            out.append((doc, ids, p))
+    return out
+
+
+def build_description_items(
+    documents: Sequence[TextDocument],
+    tokenizer,
+    generate_fn: GenerateFn,
+    instruction: str,
+    seed: int = 0,
+    items_per_document: int = 1,
+    window: int = 24,
+    max_tokens: int = 128,
+    min_position: int = 8,
+    max_new_tokens: int = 48,
+    model_id: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[list[WarmupItem], dict]:
+    """`description` items: question = `instruction`, answer = the target's one-sentence description
+    of the window [p - window, p]; context_ids = the document up to p, read_positions = (p,)."""
+    if not instruction or not instruction.strip():
+        raise ValueError("the description instruction is empty")
+    chosen = choose_positions(documents, tokenizer, seed, items_per_document, max_tokens, min_position)
+    special = set(tokenizer.all_special_ids)
+    windows = []
+    for doc, ids, p in chosen:
+        lo = content_span(ids, special)[0]
+        windows.append(tokenizer.decode(ids[max(lo, p - window) : p + 1]).strip())
+    mid = resolve_model_id(generate_fn, tokenizer, model_id)
+    payload = {
+        "kind": "description",
+        "version": DESCRIPTION_VERSION,
+        "model_id": mid,
+        "seed": seed,
+        "items_per_document": items_per_document,
+        "window": window,
+        "max_tokens": max_tokens,
+        "min_position": min_position,
+        "max_new_tokens": max_new_tokens,
+        "prompt": PROMPT_TEMPLATE,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "documents": text_digest(*(f"{d.doc_id}\0{d.text}" for d in documents)),
+    }
+    path = cache_file(cache_dir, "description", payload)
+    info: dict
+    if path.is_file():
+        rows = read_jsonl(path)
+        info = {"cache": str(path), "cached": True, "generated": 0, "seconds": 0.0}
+    else:
+        chats = [[{"role": "user", "content": description_prompt_text(w)}] for w in windows]
+        t0 = time.time()
+        raw = run_generation(generate_fn, chats, max_new_tokens, "description targets", progress)
+        seconds = time.time() - t0
+        rows = [
+            {"doc_id": doc.doc_id, "position": p, "window": w, "raw": r, "description": clean_description(r)}
+            for (doc, _ids, p), w, r in zip(chosen, windows, raw)
+        ]
+        write_jsonl(path, rows, {**payload, "records": len(rows), "seconds": round(seconds, 1)})
+        info = {"cache": str(path), "cached": False, "generated": len(rows), "seconds": round(seconds, 1)}
+    if len(rows) != len(chosen):
+        raise RuntimeError(f"description cache {path} has {len(rows)} rows for {len(chosen)} positions; delete it to rebuild")
+    items, empty = [], 0
+    for (doc, ids, p), row in zip(chosen, rows):
+        if row["doc_id"] != doc.doc_id or row["position"] != p:
+            raise RuntimeError(f"description cache {path} does not match the documents; delete it to rebuild")
+        if not row["description"]:
+            empty += 1
+            continue
+        items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, row["description"]))
+    if empty:
+        log.info("description: %d empty description(s) skipped", empty)
+    info.update(positions=len(chosen), empty_descriptions=empty, items=len(items))
+    return items, info

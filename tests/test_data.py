@@ -1,0 +1,395 @@
+"""Warmup data package: LatentQA masking and loading, splits, malformed rows, token prediction,
+description targets, the embedded builder and its cache, the mixture, and HF generation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION, DataSource, WarmupSettings
+from cycle_oracle.data.items import MalformedDataError, TextDocument, WarmupItem
+
+
+class FakeGenerate:
+    """A pure function of the chat (stands in for the target model) that counts its calls."""
+
+    model_id = "fake-model"
+    batch_size = 16
+
+    def __init__(self):
+        self.calls = 0
+        self.chats = []
+
+    def __call__(self, chats, max_new_tokens):
+        self.calls += 1
+        self.chats.extend(chats)
+        out = []
+        for chat in chats:
+            h = hashlib.sha256(json.dumps(chat, sort_keys=True).encode()).hexdigest()
+            out.append(f"Reply {h[:6]} about {h[6:12]}. A second sentence {h[12:18]}.")
+        return out
+
+
+def im_start_positions(tok, ids):
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    return [i for i, t in enumerate(ids) if t == start]
+
+
+def decode_runs(tok, ids, positions):
+    """Decode each maximal run of consecutive positions separately."""
+    runs, cur = [], []
+    for p in sorted(positions):
+        if cur and p != cur[-1] + 1:
+            runs.append(cur)
+            cur = []
+        cur.append(p)
+    if cur:
+        runs.append(cur)
+    return [tok.decode([ids[p] for p in r]) for r in runs]
+
+
+# ---------------------------------------------------------------- LatentQA
+
+
+def test_latentqa_public_masking_never_reads_the_control(shared_data, tiny_tokenizer):
+    from cycle_oracle.data.latentqa import load_latentqa
+
+    folder = shared_data / "latentqa" / "eval"
+    rows = {r["label"]: r for r in json.loads((folder / "system.json").read_text())}
+    qa = json.loads((folder / "qa.json").read_text())
+    result = load_latentqa(folder, tiny_tokenizer)
+    assert result.malformed == 0
+    assert set(result.labels) == set(rows)
+    assert len(result.items) == sum(len(qa[label]) for label in rows)  # stimulus.json duplicates are dropped
+    seen = set()
+    for item in result.items:
+        if (item.source_id, item.context_ids) in seen:
+            continue
+        seen.add((item.source_id, item.context_ids))
+        row = rows[item.source_id]
+        starts = im_start_positions(tiny_tokenizer, item.context_ids)
+        assert len(starts) == 2  # system turn, user turn: no default system prompt slipped in
+        assert min(item.read_positions) > starts[1]
+        control_part = tiny_tokenizer.decode(item.context_ids[: starts[1]])
+        assert row["system"].strip() in control_part
+        read_text = "".join(decode_runs(tiny_tokenizer, item.context_ids, item.read_positions))
+        assert read_text == row["stimulus_user"].strip()
+        assert (item.question, item.answer) in {tuple(p) for p in qa[item.source_id]}
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_latentqa_completion_is_read_and_control_turns_masked(tmp_path, tiny_tokenizer):
+    from cycle_oracle.data.latentqa import load_latentqa
+
+    rows = [
+        {"control_user": "Speak only about volcanoes from now on.", "control_thought": "ok", "control_model": "Understood, volcanoes it is.",
+         "stimulus_user": "What is your favourite food?", "stimulus_model": "Lava cake, because it reminds me of eruptions.", "label": "goal-volcano"},
+        {"control_user": "Pretend to be a sleepy owl.", "control_model": "Hoo, fine.", "stimulus_user": "How was your day?",
+         "stimulus_model": "Very long, I was awake all night.", "label": "persona-owl"},
+    ]
+    _write(tmp_path / "stimulus_completion.json", rows)
+    _write(tmp_path / "control.json", [{"control_user": "Be an owl.", "label": "persona-owl"}])
+    _write(tmp_path / "qa.json", {"goal-volcano": [["What is the topic?", "Volcanoes."]], "persona-owl": [["Who is it?", "A sleepy owl."]]})
+    by_label = {r["label"]: r for r in rows}
+    # "turns": upstream's layout (control as a user turn + the model's acknowledgement); SmolLM2's
+    # template then adds its default system turn in front, which is masked too
+    for control_as, n_starts in (("system", 3), ("turns", 5)):
+        result = load_latentqa(tmp_path, tiny_tokenizer, control_as=control_as,
+                               files=("stimulus_completion.json", "control.json"))
+        assert len(result.items) == 2 and result.malformed == 0
+        assert result.stats["control_only_rows"] == 1  # control.json has nothing readable under the masking
+        for item in result.items:
+            row = by_label[item.source_id]
+            starts = im_start_positions(tiny_tokenizer, item.context_ids)
+            assert len(starts) == n_starts
+            stimulus_turn = starts[-2]
+            assert min(item.read_positions) > stimulus_turn
+            hidden = tiny_tokenizer.decode(item.context_ids[:stimulus_turn])
+            assert row["control_user"] in hidden
+            runs = decode_runs(tiny_tokenizer, item.context_ids, item.read_positions)
+            assert runs == [row["stimulus_user"], row["stimulus_model"]]
+            assert row["control_user"] not in "".join(runs)
+
+
+def test_latentqa_malformed_rows_counted_or_raised(tmp_path, tiny_tokenizer):
+    from cycle_oracle.data.latentqa import load_latentqa
+
+    rows = [
+        {"system": "Talk like a pirate.", "stimulus_user": "Hello there?", "label": "persona-pirate"},
+        {"system": "Be terse.", "label": "tone-terse"},  # row 1: no stimulus
+        "not a row",  # row 2
+        {"system": "Be kind.", "stimulus_user": "Help me.", "label": "tone-kind"},
+        {"system": "", "stimulus_user": "Hm?", "label": "tone-empty"},  # row 4: empty control
+    ]
+    _write(tmp_path / "system.json", rows)
+    _write(tmp_path / "qa.json", {
+        "persona-pirate": [["How will it speak?", "Like a pirate."], ["broken"]],  # pair 1 malformed
+        "tone-kind": [["What tone?", "Kind."]],
+    })
+    result = load_latentqa(tmp_path, tiny_tokenizer, strict=False)
+    assert result.malformed == 4
+    assert sorted(it.source_id for it in result.items) == ["persona-pirate", "tone-kind"]
+    joined = "\n".join(result.problems)
+    for where in ("system.json row 1", "system.json row 2", "system.json row 4", "qa.json label 'persona-pirate' pair 1"):
+        assert where in joined, where
+    with pytest.raises(MalformedDataError, match=r"qa\.json label 'persona-pirate' pair 1"):
+        load_latentqa(tmp_path, tiny_tokenizer, strict=True)
+    _write(tmp_path / "qa.json", {"persona-pirate": [["How will it speak?", "Like a pirate."]], "tone-kind": [["What tone?", "Kind."]]})
+    with pytest.raises(MalformedDataError, match=r"system\.json row 1"):
+        load_latentqa(tmp_path, tiny_tokenizer, strict=True)
+
+    from cycle_oracle.data.build import build_warmup_data
+
+    settings = WarmupSettings(mixture={"latentqa": 1.0}, latentqa=DataSource(kind="latentqa", paths=[str(tmp_path)]), strict=False)
+    _, _, report = build_warmup_data(settings, tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
+    assert report["malformed_rows"] == 3
+    with pytest.raises(MalformedDataError, match=r"system\.json row 1"):
+        build_warmup_data(settings.model_copy(update={"strict": True}), tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
+
+
+# ---------------------------------------------------------------- splits and mixture
+
+
+def _items(n_sources, per_source, task="latentqa"):
+    return [
+        WarmupItem(task, f"src{s}", (1, 2, 3, s), (3,), f"q{s}.{j}", f"a{s}.{j}")
+        for s in range(n_sources)
+        for j in range(per_source)
+    ]
+
+
+def test_split_by_source_is_disjoint_complete_and_seeded():
+    from cycle_oracle.data.mixture import split_by_source
+
+    items = _items(50, 3)
+    train, held = split_by_source(items, 0.2, seed=3)
+    tr, he = {i.source_id for i in train}, {i.source_id for i in held}
+    assert tr.isdisjoint(he)
+    assert tr | he == {i.source_id for i in items}
+    assert len(he) == 10 and len(train) + len(held) == len(items)
+    assert split_by_source(items, 0.2, seed=3) == (train, held)
+    assert {i.source_id for i in split_by_source(items, 0.2, seed=4)[1]} != he
+
+
+def test_mixture_deterministic_resumable_and_weighted():
+    from cycle_oracle.data.mixture import WarmupMixture
+
+    sources = {"latentqa": _items(10, 3), "token_prediction": _items(7, 2, "token_prediction"), "description": _items(5, 1, "description")}
+    weights = {"latentqa": 0.6, "token_prediction": 0.3, "description": 0.1}
+    a = WarmupMixture(sources, weights, seed=1)
+    first = a.sample(50)
+    state = json.loads(json.dumps(a.state_dict()))  # must survive JSON
+    assert all(isinstance(v, int) for v in state["drawn"].values()) and isinstance(state["position"], int)
+    rest = a.sample(40)
+    b = WarmupMixture(sources, weights, seed=1)
+    b.load_state_dict(state)
+    assert b.sample(40) == rest
+    assert WarmupMixture(sources, weights, seed=1).sample(90) == first + rest
+    assert WarmupMixture(sources, weights, seed=2).sample(90) != first + rest
+
+    big = WarmupMixture(sources, weights, seed=0)
+    draws = big.sample(4000)
+    counts = Counter(it.task for it in draws)
+    assert counts == Counter(big.counts())
+    for task, w in weights.items():
+        assert abs(counts[task] / 4000 - w) < 0.03, (task, counts)
+    # every item of a pool comes once per epoch
+    lqa = [it for it in draws if it.task == "latentqa"][:30]
+    assert len(set(lqa)) == 30
+    # a mixture over other data refuses the state; tasks without items or weight are left out
+    with pytest.raises(ValueError, match="sizes"):
+        WarmupMixture({**sources, "description": _items(6, 1, "description")}, weights, seed=1).load_state_dict(state)
+    only = WarmupMixture({**sources, "description": []}, weights, seed=0)
+    assert only.tasks == ["latentqa", "token_prediction"]
+
+
+# ---------------------------------------------------------------- token prediction
+
+WIKI_LIKE = """ = First Article =
+
+ The first article begins with a paragraph that is long enough to be used as a document for token prediction , with many words .
+
+ = = A Section = =
+
+ A second paragraph of the first article talks about rivers , mountains and the long history of a small town by the sea .
+
+ = Second Article =
+
+ The second article is about a completely different subject : the migration of birds across continents in the autumn months .
+"""
+
+
+def test_split_documents_by_article(tmp_path):
+    from cycle_oracle.data.token_prediction import load_text_files
+
+    path = tmp_path / "wiki.raw"
+    path.write_text(WIKI_LIKE)
+    docs = load_text_files([path])
+    assert [d.source_id for d in docs] == ["wiki:0", "wiki:0", "wiki:1"]
+    assert not any("=" in d.text for d in docs)
+    assert docs[2].text.startswith("The second article")
+
+
+def test_token_prediction_answers_are_the_true_tokens(tmp_path, tiny_tokenizer):
+    from cycle_oracle.data.token_prediction import load_text_files, token_prediction_items
+
+    path = tmp_path / "wiki.raw"
+    path.write_text(WIKI_LIKE)
+    docs = load_text_files([path])
+    items, stats = token_prediction_items(docs, tiny_tokenizer, seed=0, items_per_document=6, max_tokens=64)
+    assert stats["items"] == len(items) >= 12
+    texts = {d.source_id: [] for d in docs}
+    for d in docs:
+        texts[d.source_id].append(tiny_tokenizer(d.text)["input_ids"][:64])
+    directions = Counter()
+    for it in items:
+        m = re.fullmatch(r"What (?:is|are) the (previous|next) (?:(\d+) )?tokens?\?", it.question)
+        assert m, it.question
+        direction, k = m.group(1), int(m.group(2) or 1)
+        directions[direction] += 1
+        assert 1 <= k <= 16
+        p = len(it.context_ids) - 1
+        assert it.read_positions == (p,) and p >= 8
+        doc = next(t for t in texts[it.source_id] if tuple(t[: p + 1]) == it.context_ids)
+        truth = doc[p + 1 : p + 1 + k] if direction == "next" else doc[p - k : p]
+        assert len(truth) == k
+        assert it.answer == tiny_tokenizer.decode(truth).strip()
+    assert directions["previous"] > 0 and directions["next"] > 0
+
+
+def test_datasets_corpus_from_local_files(tmp_path):
+    from cycle_oracle.data.token_prediction import load_datasets_corpus
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Document number {i} talks about topic {i}."}) + "\n" for i in range(5)))
+    docs = load_datasets_corpus(None, [str(path)])
+    assert [d.text for d in docs] == [f"Document number {i} talks about topic {i}." for i in range(5)]
+    with pytest.raises(FileNotFoundError, match="could not load the datasets corpus"):
+        load_datasets_corpus(None, [str(tmp_path / "missing.jsonl")])
+
+
+# ---------------------------------------------------------------- description
+
+
+def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer):
+    from cycle_oracle.data.description import build_description_items
+
+    docs = [TextDocument(f"d{i}", f"Paragraph {i} is about the {w} and how people in the valley live next to it every day of the year.")
+            for i, w in enumerate(["river", "forest", "mountain", "lake"])]
+    gen = FakeGenerate()
+    instruction = "Describe this."
+    items, info = build_description_items(docs, tiny_tokenizer, gen, instruction, seed=0, items_per_document=2,
+                                          window=6, cache_dir=tmp_path, progress=False)
+    assert len(items) == 8 and gen.calls == 1 and not info["cached"]
+    prompts = [c[0]["content"] for c in gen.chats]
+    for it in items:
+        assert it.question == instruction and it.task == "description"
+        p = it.read_positions[0]
+        assert p == len(it.context_ids) - 1 and p >= 8
+        ids = tiny_tokenizer(next(d.text for d in docs if d.doc_id == it.source_id))["input_ids"]
+        assert tuple(ids[: p + 1]) == it.context_ids
+        window = tiny_tokenizer.decode(ids[p - 6 : p + 1]).strip()
+        prompt = f"Here is a passage:\n\n{window}\n\nIn one sentence, describe what this passage is about."
+        assert prompt in prompts
+        reply = gen([[{"role": "user", "content": prompt}]], 1)[0]
+        assert it.answer == reply.split(". ")[0] + "."  # first sentence only
+    calls = gen.calls
+    again, info2 = build_description_items(docs, tiny_tokenizer, gen, instruction, seed=0, items_per_document=2,
+                                           window=6, cache_dir=tmp_path, progress=False)
+    assert gen.calls == calls and info2["cached"] and again == items
+
+
+# ---------------------------------------------------------------- embedded builder
+
+
+def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_tokenizer):
+    from cycle_oracle.data.embedded import build_embedded_latentqa, seed_prompts, stimuli
+
+    assert len(stimuli()) >= 40 and len(seed_prompts()) >= 40
+    gen = FakeGenerate()
+    res = build_embedded_latentqa(tiny_tokenizer, gen, num_behaviours=120, stimuli_per_behaviour=2, seed=0,
+                                  cache_dir=tmp_path, progress=False)
+    labels = {it.source_id for it in res.items}
+    assert len(labels) >= 100
+    assert len(gen.chats) == 240 and gen.calls > 0
+    systems = {c[0]["content"] for c in gen.chats}
+    assert all(c[0]["role"] == "system" and c[1]["role"] == "user" for c in gen.chats)
+    assert len(systems) == 120
+    kinds = Counter(label.split("-")[0] for label in labels)
+    assert set(kinds) == {"persona", "goal", "hidden"}
+    for it in res.items[:: 37]:
+        starts = im_start_positions(tiny_tokenizer, it.context_ids)
+        assert len(starts) == 3 and min(it.read_positions) > starts[1]
+        system_text = tiny_tokenizer.decode(it.context_ids[: starts[1]])
+        assert any(s in system_text for s in systems)
+        read = "".join(decode_runs(tiny_tokenizer, it.context_ids, it.read_positions))
+        assert not any(s in read for s in systems)
+        assert "Reply " in read  # the completion is read
+    qs = {it.question for it in res.items if it.source_id.startswith("persona-")}
+    assert {"How will the assistant speak?", "What will the reply be like?", "Does the assistant have an agenda?"} <= qs
+
+    calls = gen.calls
+    again = build_embedded_latentqa(tiny_tokenizer, gen, num_behaviours=120, stimuli_per_behaviour=2, seed=0,
+                                    cache_dir=tmp_path, progress=False)
+    assert gen.calls == calls and again.stats["cached"] and again.items == res.items
+    fresh = build_embedded_latentqa(tiny_tokenizer, FakeGenerate(), num_behaviours=120, seed=0, cache_dir=tmp_path / "other", progress=False)
+    assert fresh.items == res.items  # deterministic given the seed
+    other = build_embedded_latentqa(tiny_tokenizer, FakeGenerate(), num_behaviours=120, seed=1, cache_dir=tmp_path, progress=False)
+    assert {it.source_id for it in other.items} != labels
+
+
+def test_build_warmup_data_splits_and_report(tmp_path, tiny_tokenizer, shared_data):
+    from cycle_oracle.data.build import build_warmup_data
+
+    settings = WarmupSettings(
+        latentqa=DataSource(kind="latentqa", max_documents=40),
+        corpus=DataSource(kind="text_files", paths=[str(shared_data / "corpus" / "wiki.valid.raw")]),
+        num_corpus_documents=30,
+    )
+    gen = FakeGenerate()
+    train, held, report = build_warmup_data(settings, tiny_tokenizer, gen, "Describe it.", shared_data_dir=shared_data,
+                                            seed=0, cache_dir=tmp_path, progress=False)
+    json.dumps(report)
+    for task in ("latentqa", "token_prediction", "description"):
+        assert train[task] and held[task], task
+        assert {i.source_id for i in train[task]}.isdisjoint({i.source_id for i in held[task]})
+        assert report["train"][task] == len(train[task])
+    assert report["train_sources"]["latentqa"] + report["heldout_sources"]["latentqa"] == 40
+    assert {i.source_id for i in held["description"]} <= {i.source_id for i in held["token_prediction"]}
+    assert {i.source_id for i in train["description"]}.isdisjoint({i.source_id for i in held["token_prediction"]})
+    assert all(i.question == "Describe it." for i in train["description"])
+    # a task with weight 0 is not built: no generation for it
+    gen2 = FakeGenerate()
+    no_desc = settings.model_copy(update={"mixture": {"latentqa": 0.5, "token_prediction": 0.5}})
+    train2, _, _ = build_warmup_data(no_desc, tiny_tokenizer, gen2, "Describe it.", shared_data_dir=shared_data,
+                                     seed=0, cache_dir=tmp_path / "x", progress=False)
+    assert gen2.calls == 0 and not train2["description"] and train2["token_prediction"]
+
+
+# ---------------------------------------------------------------- HF generation (the real path)
+
+
+def test_hf_generate_fn_left_pads_a_batch(tiny_model, tiny_tokenizer):
+    import torch
+
+    from cycle_oracle.data.embedded import hf_generate_fn
+
+    chats = [[{"role": "user", "content": "Hi"}],
+             [{"role": "user", "content": "Tell me a long story about a dragon, a knight and a very old castle."}]]
+    texts = hf_generate_fn(tiny_model, tiny_tokenizer, batch_size=2)(chats, 4)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    for chat, text in zip(chats, texts):  # each equals the unpadded, one-at-a-time greedy reply
+        prompt = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                      pad_token_id=tiny_tokenizer.pad_token_id)
+        assert text == tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
