@@ -22,6 +22,7 @@ from cycle_oracle.config import load_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
 
 
 def _metrics(run_dir: Path, stage: str) -> dict[int, dict]:
@@ -76,7 +77,7 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     assert abs(first[3]["loss"] - again[3]["loss"]) < 1e-4, (first[3]["loss"], again[3]["loss"])
 
 
-def test_smoke_grpo_two_nodes_actor_kill_and_resume(tmp_path):
+def test_smoke_grpo_two_nodes_actor_kill_resume_and_eval(tmp_path, shared_data):
     from ray.cluster_utils import Cluster
 
     from recipes import grpo
@@ -113,9 +114,18 @@ def test_smoke_grpo_two_nodes_actor_kill_and_resume(tmp_path):
         _rewind(resumed, 2)
         (resumed / "metrics.jsonl").write_text("")
         grpo.run(cfg, resumed, resume=True)
+        # evals on the smoke checkpoint (CI's eval check), through the same recipe path as the CLI
+        from recipes import evaluate
+
+        eval_cfg = load_recipe(REPO / "recipes" / "eval_smoke.yaml", [f"init_from={out}", f"eval.data_dir={SHARED}"])
+        evaluation = evaluate.run(eval_cfg, tmp_path / "eval")
     finally:
         ray.shutdown()
         cluster.shutdown()
+    for name in ("results.json", "report.md"):
+        assert (tmp_path / "eval" / name).is_file()
+    assert list((tmp_path / "eval").glob("*.png")), "the eval report has no plots"
+    assert evaluation["summary"]
     assert "pid" in killed, "the rollout actor was never killed"
     m = _metrics(out, "grpo")
     assert set(range(1, 4)) <= set(m), "the run must finish all steps after the kill"

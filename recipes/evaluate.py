@@ -1,0 +1,62 @@
+"""`kind: eval` — evaluate a checkpoint (`init_from`, a run or checkpoint folder) or, without one,
+the untrained decoder (the floor): retrieval on held-out corpus documents, probe comparisons,
+arithmetic and the faithfulness controls. Writes results.json, report.md and PNG plots.
+
+The oracle runs in-process on HF models (the evals are small next to training); the corpus
+activations are extracted by the same Ray task the training recipes use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cycle_oracle.config import load_recipe
+from cycle_oracle.corpus import load_documents
+from recipes.common import extract_store, injection_norm, start_run
+
+DEFAULT_EVAL_RECIPE = Path(__file__).with_name("eval_cpu.yaml")
+
+
+def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
+    from cycle_oracle.evals.oracle import load_oracle
+    from cycle_oracle.evals.run import run_evals_from_settings
+
+    run = start_run(cfg, out, "eval")
+    store = None
+    if "retrieval" in cfg.eval.tasks:
+        store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+        print(f"[eval] injection norm {injection_norm(cfg, emb_norm, store.mean_norm):.3f}, store of {len(store)} activations")
+    oracle = load_oracle(cfg.init_from, model=cfg.model.name if cfg.init_from is None else None,
+                         layer=cfg.model.layer if cfg.init_from is None else None,
+                         max_new_tokens=cfg.sampling.max_new_tokens, description_instruction=cfg.description_instruction)
+    results = run_evals_from_settings(oracle, store, cfg.eval, run.out, seed=cfg.seed, data_dir=data_dir,
+                                      heldout_fraction=cfg.warmup.heldout_fraction, split_seed=cfg.seed,
+                                      probe_tasks=cfg.eval.probe_tasks, positions=cfg.eval.probe_positions,
+                                      arithmetic_per_digits=cfg.eval.arithmetic_per_digits, judge=cfg.eval.judge)
+    from cycle_oracle.evals.report import summarise
+
+    summary = summarise(results)
+    run.metrics.log("eval", 0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.metrics.close()
+    results["summary"] = summary
+    return results
+
+
+def main(args) -> int:
+    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
+    from cycle_oracle.cli import _default_out
+
+    recipe = args.recipe or str(DEFAULT_EVAL_RECIPE)
+    overrides = list(args.set or [])
+    if args.checkpoint:
+        overrides.append(f"init_from={args.checkpoint}")
+    cfg = load_recipe(recipe, overrides)
+    if cfg.kind != "eval":
+        cfg = cfg.model_copy(update={"kind": "eval"})
+    out = args.out or _default_out(recipe)
+    results = run(cfg, out, data_dir=args.data_dir)
+    import json
+
+    print(json.dumps(results.get("summary", {}), indent=2, default=float))
+    print(f"done: report in {out}/report.md")
+    return 0
