@@ -168,7 +168,7 @@ class EvalSettings(Strict):
     pool_size: int = Field(1000, ge=2)
     probe_items_per_task: int = Field(200, ge=10)
     tasks: list[str] = ["retrieval", "probes", "arithmetic"]
-    probe_tasks: list[str] = ["sst2", "gender", "ag_news", "tense", "singular_plural", "language_id"]
+    probe_tasks: list[str] = ["sst2", "gender", "ag_news_sports", "tense_past", "singular_plural", "language_english"]
     probe_positions: list[Literal["last", "mean"]] = ["last", "mean"]
     arithmetic_per_digits: int = Field(20, ge=2)
     judge: bool = False

@@ -1,0 +1,170 @@
+"""Retrieval: can the description of v pick v out of a pool of N activations?
+
+For a pool v_1..v_N (held-out documents, at most one row per document by default):
+
+    d_i = describe(v_i)  (greedy),   v_hat_i = encode(d_i),   S_ij = cos(v_hat_i, v_j)     S: [N, N]
+    rank_i = 1 + #{j != i : S_ij >= S_ii}        (ties count against the true row: a constant
+                                                   reconstruction ranks last, never first)
+    top-k = mean_i [rank_i <= k],   MRR = mean_i 1/rank_i
+    chance: top-1 = 1/N, top-5 = min(5, N)/N, MRR = H_N / N  (H_N = sum_{r<=N} 1/r)
+
+Next to it, the reconstruction metrics of `encoder.reconstruction_metrics` (cosine, centred
+cosine, FVE against predicting the corpus mean mu) and these conditions, scored against the same
+originals v_i:
+
+- `mean_floor`:   v_hat_i = mu (predict the corpus mean);
+- `shuffled`:     v_hat_i = encode(describe(v_pi(i))) for a derangement pi: a description of
+                  another activation of the pool (reuses the greedy descriptions, permuted);
+- `zero`:         v_hat_i = encode(describe(0)): the decoder with nothing injected;
+- `context_only`: v_hat_i = encode(source window of v_i, `context_tokens` tokens ending at v_i's
+                  token): the encoder reading the true text instead of a description (a ceiling
+                  for a decoder that only guesses the context).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cycle_oracle.encoder import centred_cosine, cosine, reconstruction_metrics
+from cycle_oracle.evals.controls import derangement, shuffled_gap, text_controls
+
+
+# ---- pure maths ---------------------------------------------------------------------------
+
+def similarity_matrix(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """S_ij = cos(queries_i, keys_j): [N, d], [M, d] -> [N, M]."""
+    return F.normalize(queries.float(), dim=-1, eps=1e-12) @ F.normalize(keys.float(), dim=-1, eps=1e-12).T
+
+
+def true_ranks(sim: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based rank of the true key of each query: [N, M] -> [N] long. targets[i] is the true
+    column of row i (default i). Ties with the true key count against it (pessimistic)."""
+    n = sim.shape[0]
+    targets = torch.arange(n) if targets is None else targets
+    true = sim[torch.arange(n), targets][:, None]
+    others = torch.ones_like(sim, dtype=torch.bool)
+    others[torch.arange(n), targets] = False
+    return 1 + ((sim >= true) & others).sum(1)
+
+
+def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """top-k share, MRR, median and mean rank of 1-based ranks [N]."""
+    r = ranks.float()
+    out = {f"top{k}": float((r <= k).float().mean()) for k in ks}
+    out["mrr"] = float((1.0 / r).mean())
+    out["median_rank"] = float(r.median())
+    out["mean_rank"] = float(r.mean())
+    return out
+
+
+def chance_metrics(n: int, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Expected top-k and MRR of a uniformly random ranking of n candidates."""
+    out = {f"top{k}": min(k, n) / n for k in ks}
+    out["mrr"] = sum(1.0 / r for r in range(1, n + 1)) / n
+    return out
+
+
+def score_condition(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor) -> tuple[dict, dict]:
+    """(summary metrics, per-item lists) of reconstructions v_hat [N, d] of v [N, d]."""
+    ranks = true_ranks(similarity_matrix(v_hat, v))
+    summary = reconstruction_metrics(v_hat, v, mean) | ranking_metrics(ranks)
+    per_item = {
+        "cosine": cosine(v_hat, v).tolist(),
+        "centred_cosine": centred_cosine(v_hat, v, mean).tolist(),
+        "rank": ranks.tolist(),
+    }
+    return summary, per_item
+
+
+# ---- pool ---------------------------------------------------------------------------------
+
+def select_pool(store, pool_size: int, seed: int = 0, heldout_fraction: float | None = 0.2, split_seed: int | None = None, rows_per_document: int = 1) -> list[int]:
+    """Row indices of a retrieval pool: rows of the store's held-out documents
+    (`store.split_by_document(heldout_fraction, split_seed)`; None = every document), at most
+    `rows_per_document` per document, drawn with `seed`; at most pool_size rows."""
+    if heldout_fraction is None:
+        rows = list(range(len(store)))
+    else:
+        _, rows = store.split_by_document(heldout_fraction, seed if split_seed is None else split_seed)
+    by_doc: dict[str, list[int]] = {}
+    for i in rows:
+        by_doc.setdefault(store.records[i]["doc_id"], []).append(i)
+    rng = random.Random(seed)
+    chosen = []
+    for doc in sorted(by_doc):
+        group = by_doc[doc]
+        chosen.extend(rng.sample(group, min(rows_per_document, len(group))))
+    rng.shuffle(chosen)
+    return sorted(chosen[:pool_size])
+
+
+# ---- the eval -----------------------------------------------------------------------------
+
+def evaluate_retrieval(
+    oracle,
+    store,
+    pool_size: int = 100,
+    seed: int = 0,
+    heldout_fraction: float | None = 0.2,
+    split_seed: int | None = None,
+    rows_per_document: int = 1,
+    context_tokens: int = 16,
+    controls: Sequence[str] = ("shuffled", "zero", "context_only"),
+) -> dict:
+    """Retrieval + reconstruction metrics and controls on a pool from `store` (see module docstring).
+
+    Returns {"n", "rows", "chance", "conditions": {name: summary}, "per_item": {name: lists},
+    "text_controls", "shuffled_gap", "items": [...]}.
+    """
+    rows = select_pool(store, pool_size, seed, heldout_fraction, split_seed, rows_per_document)
+    n = len(rows)
+    if n < 2:
+        raise ValueError(f"retrieval needs at least 2 activations in the pool, got {n} (store has {len(store.doc_ids())} documents)")
+    v = store.activations[rows].float()
+    mean = store.mean.float()
+    descriptions = oracle.describe(v)
+    v_hat = oracle.encode(descriptions)
+    conditions, per_item = {}, {}
+    conditions["description"], per_item["description"] = score_condition(v_hat, v, mean)
+    conditions["mean_floor"], per_item["mean_floor"] = score_condition(mean[None, :].expand_as(v), v, mean)
+    sources = [oracle.detokenize(store.context_window(i, before=context_tokens)) for i in rows] if oracle.detokenize else None
+    result: dict = {"n": n, "rows": rows, "chance": chance_metrics(n), "pool": {
+        "heldout_fraction": heldout_fraction, "seed": seed, "split_seed": seed if split_seed is None else split_seed,
+        "rows_per_document": rows_per_document, "documents": len({store.records[i]["doc_id"] for i in rows}),
+        "requested": pool_size}}
+    if "shuffled" in controls:
+        perm = derangement(n, seed)
+        conditions["shuffled"], per_item["shuffled"] = score_condition(v_hat[perm], v, mean)
+        result["shuffled_permutation"] = perm.tolist()
+        result["shuffled_gap"] = shuffled_gap(torch.tensor(per_item["description"]["cosine"]), torch.tensor(per_item["shuffled"]["cosine"]))
+        result["shuffled_gap_centred"] = shuffled_gap(torch.tensor(per_item["description"]["centred_cosine"]), torch.tensor(per_item["shuffled"]["centred_cosine"]))
+    zero_description = None
+    if "zero" in controls:
+        zero_description = oracle.describe(torch.zeros(1, v.shape[1]))[0]
+        z_hat = oracle.encode([zero_description]).expand_as(v)
+        conditions["zero"], per_item["zero"] = score_condition(z_hat, v, mean)
+        result["zero_description"] = zero_description
+    if "context_only" in controls:
+        if sources is None:
+            raise ValueError("the context_only control needs oracle.detokenize (to decode the store's context windows)")
+        conditions["context_only"], per_item["context_only"] = score_condition(oracle.encode(sources), v, mean)
+        result["context_tokens"] = context_tokens
+    result["conditions"] = conditions
+    result["per_item"] = per_item
+    result["text_controls"] = text_controls(descriptions, sources)
+    items = []
+    for k, i in enumerate(rows):
+        rec = store.records[i]
+        item = {"row": i, "doc_id": rec["doc_id"], "token_index": rec["token_index"], "token": rec["token"],
+                "description": descriptions[k], "context": sources[k] if sources else None}
+        for name in per_item:
+            if name != "mean_floor":
+                item[f"{name}_cosine"] = per_item[name]["cosine"][k]
+                item[f"{name}_rank"] = per_item[name]["rank"][k]
+        items.append(item)
+    result["items"] = items
+    return result
