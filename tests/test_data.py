@@ -307,6 +307,17 @@ def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer
     assert gen.calls == calls and info2["cached"] and again == items
 
 
+def test_clean_description_first_sentence_without_the_lead_in():
+    from cycle_oracle.data.description import clean_description
+
+    assert clean_description("This passage is about a quiet market town on a Saturday. Then more.") == "A quiet market town on a Saturday."
+    assert clean_description("The passage explores the history of printing.\nIt also...") == "The history of printing."
+    assert clean_description("This passage is about a market, with food, drinks,") == ""  # cut off: unusable
+    assert clean_description("  The heart   pumps blood! ") == "The heart pumps blood!"
+    assert clean_description("This passage is about it.") == "This passage is about it."  # too little left
+    assert clean_description("This passage is about a fox.", strip_lead_in=False) == "This passage is about a fox."
+
+
 # ---------------------------------------------------------------- embedded builder
 
 

@@ -38,17 +38,31 @@ from cycle_oracle.data.token_prediction import content_span, tokenize_text
 DESCRIPTION_VERSION = 1
 PROMPT_TEMPLATE = "Here is a passage:\n\n{passage}\n\nIn one sentence, describe what this passage is about."
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
+_LEAD_IN = re.compile(
+    r"^(?:this|the)\s+(?:passage|text|excerpt|paragraph)\s+"
+    r"(?:is\s+(?:all\s+)?about|is\s+describing|describes|explores|discusses|talks\s+about|focuses\s+on)\s+",
+    re.I,
+)
 
 
-def clean_description(text: str, max_chars: int = 300) -> str:
-    """First sentence of the model's reply, whitespace collapsed, capped; "" when nothing usable."""
+def clean_description(text: str, max_chars: int = 300, strip_lead_in: bool = True) -> str:
+    """First complete sentence of the model's reply, whitespace collapsed; "" when unusable.
+
+    A reply cut off before its first sentence ends (max_new_tokens) or longer than `max_chars` is
+    unusable. With `strip_lead_in`, the prompt-induced opener ("This passage is about ...", which
+    the 135M target writes almost every time) is removed, leaving the content ("A market town on a
+    Saturday ..."), so the warmup does not teach one fixed opening to every description.
+    """
     text = " ".join(text.replace("*", " ").split())
     m = _SENTENCE.match(text)
-    first = m.group(1) if m else text
-    if len(first) > max_chars:
-        cut = first[:max_chars].rsplit(" ", 1)[0]
-        first = cut.rstrip(",;:") + "..."
-    return first.strip() if any(c.isalpha() for c in first) else ""
+    if not m or len(m.group(1)) > max_chars:
+        return ""
+    first = m.group(1).strip()
+    if strip_lead_in:
+        rest = _LEAD_IN.sub("", first, count=1)
+        if rest != first and sum(c.isalpha() for c in rest) >= 8:
+            first = rest[:1].upper() + rest[1:]
+    return first if any(c.isalpha() for c in first) else ""
 
 
 def description_prompt_text(passage: str) -> str:
@@ -93,6 +107,7 @@ def build_description_items(
     model_id: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    strip_lead_in: bool = True,
 ) -> tuple[list[WarmupItem], dict]:
     """`description` items: question = `instruction`, answer = the target's one-sentence description
     of the window [p - window, p]; context_ids = the document up to p, read_positions = (p,)."""
@@ -129,23 +144,22 @@ def build_description_items(
         t0 = time.time()
         raw = run_generation(generate_fn, chats, max_new_tokens, "description targets", progress)
         seconds = time.time() - t0
-        rows = [
-            {"doc_id": doc.doc_id, "position": p, "window": w, "raw": r, "description": clean_description(r)}
-            for (doc, _ids, p), w, r in zip(chosen, windows, raw)
-        ]
+        rows = [{"doc_id": doc.doc_id, "position": p, "window": w, "raw": r} for (doc, _ids, p), w, r in zip(chosen, windows, raw)]
         write_jsonl(path, rows, {**payload, "records": len(rows), "seconds": round(seconds, 1)})
         info = {"cache": str(path), "cached": False, "generated": len(rows), "seconds": round(seconds, 1)}
     if len(rows) != len(chosen):
         raise RuntimeError(f"description cache {path} has {len(rows)} rows for {len(chosen)} positions; delete it to rebuild")
-    items, empty = [], 0
+    items, empty, lead_ins = [], 0, 0
     for (doc, ids, p), row in zip(chosen, rows):
         if row["doc_id"] != doc.doc_id or row["position"] != p:
             raise RuntimeError(f"description cache {path} does not match the documents; delete it to rebuild")
-        if not row["description"]:
+        answer = clean_description(row["raw"], strip_lead_in=strip_lead_in)  # cleaning is redone on load: raw is cached
+        if not answer:
             empty += 1
             continue
-        items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, row["description"]))
+        lead_ins += bool(_LEAD_IN.match(" ".join(row["raw"].split())))
+        items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, answer))
     if empty:
-        log.info("description: %d empty description(s) skipped", empty)
-    info.update(positions=len(chosen), empty_descriptions=empty, items=len(items))
+        log.info("description: %d unusable description(s) skipped (empty or cut off)", empty)
+    info.update(positions=len(chosen), unusable_descriptions=empty, lead_ins=lead_ins, items=len(items))
     return items, info
