@@ -33,6 +33,8 @@ from cycle_oracle.models import decoder_blocks, num_layers
 class Document:
     doc_id: str
     text: str
+    group: str | None = None
+    """The unit splits are made by (e.g. the article a paragraph belongs to); default: doc_id."""
 
 
 class _StopForward(Exception):
@@ -137,7 +139,7 @@ def extract(
         for b, (doc, toks) in enumerate(zip(batch, token_lists)):
             for i in readable_positions(toks, positions, skip_first, special):
                 rows.append(hidden[b, i])
-                records.append({"doc_id": doc.doc_id, "token_index": i, "token": tokenizer.decode([toks[i]])})
+                records.append({"doc_id": doc.doc_id, "group": doc.group or doc.doc_id, "token_index": i, "token": tokenizer.decode([toks[i]])})
         yield (torch.stack(rows) if rows else hidden.new_zeros((0, hidden.shape[-1]))), records, dict(
             zip([d.doc_id for d in batch], token_lists)
         )
@@ -182,13 +184,15 @@ class ActivationStore:
         return sorted({r["doc_id"] for r in self.records})
 
     def split_by_document(self, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-        """Row indices (train, heldout), split by source document, never by token."""
-        docs = self.doc_ids()
-        random.Random(seed).shuffle(docs)
-        n_held = max(1, round(len(docs) * heldout_fraction))
-        held = set(docs[:n_held])
-        train = [i for i, r in enumerate(self.records) if r["doc_id"] not in held]
-        heldout = [i for i, r in enumerate(self.records) if r["doc_id"] in held]
+        """Row indices (train, heldout), split by source document (or its group, e.g. the article
+        of a paragraph), never by token."""
+        key = lambda r: r.get("group", r["doc_id"])  # noqa: E731
+        groups = sorted({key(r) for r in self.records})
+        random.Random(seed).shuffle(groups)
+        n_held = max(1, round(len(groups) * heldout_fraction))
+        held = set(groups[:n_held])
+        train = [i for i, r in enumerate(self.records) if key(r) not in held]
+        heldout = [i for i, r in enumerate(self.records) if key(r) in held]
         return train, heldout
 
     def context_window(self, index: int, before: int = 16, after: int = 0) -> list[int]:

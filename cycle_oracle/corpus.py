@@ -17,9 +17,13 @@ _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
 
 
 def split_paragraphs(text: str, source: str, min_chars: int = 80) -> list[Document]:
+    """Paragraph documents; paragraphs under one top-level `= Title =` share a split group."""
     docs, block = [], []
+    article = 0
     for line in text.splitlines() + [""]:
         if _HEADING.match(line):
+            if line.strip().startswith("= ") and not line.strip().startswith("= ="):
+                article += 1
             continue
         if line.strip():
             block.append(line.strip())
@@ -27,7 +31,7 @@ def split_paragraphs(text: str, source: str, min_chars: int = 80) -> list[Docume
         if block:
             para = " ".join(block)
             if len(para) >= min_chars:
-                docs.append(Document(f"{source}:{len(docs)}", para))
+                docs.append(Document(f"{source}:{len(docs)}", para, group=f"{source}:article{article}"))
             block = []
     return docs
 
