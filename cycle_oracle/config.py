@@ -190,6 +190,9 @@ class RaySettings(Strict):
     """None: start a local Ray (`ray.init()`); "auto": join an existing cluster."""
     num_cpus: float | None = None
     get_timeout_s: float = Field(900.0, gt=0)
+    """Timeout of every remote wait in the training loops (a pending actor fails loudly)."""
+    setup_timeout_s: float = Field(7200.0, gt=0)
+    """Timeout of one-off set-up tasks (building warmup data, extracting a corpus)."""
     cluster_shape: dict[str, float] = {}
     """Declared resources of the target cluster for `--dry-run` placement plans (e.g. {"CPU": 64, "GPU": 8})."""
 

@@ -76,7 +76,7 @@ def extract_store(run: Run, documents, subdir: str = "activations"):
     t0 = time.time()
     batches, emb_norm = remote_get(
         extraction_task.options(num_cpus=run.cfg.learner.num_cpus).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, run.cfg.learner.threads),
-        run.cfg.ray.get_timeout_s, "activation extraction",
+        run.cfg.ray.setup_timeout_s, "activation extraction",
     )
     store = write_store(root, batches, run.cfg.model.name, run.layer, run.cfg.extraction.shard_size)
     atomic_write_text(root / "embedding_norm.json", json.dumps({"embedding_norm": emb_norm}))

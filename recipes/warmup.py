@@ -150,7 +150,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     t = cfg.ray.get_timeout_s
     train, heldout, data_report = remote_get(
         build_data_task.options(num_cpus=cfg.learner.num_cpus).remote(run.model_path, cfg.model_dump(mode="json"), cfg.learner.threads, None),
-        t, "building the warmup data",
+        cfg.ray.setup_timeout_s, "building the warmup data",
     )
     print(f"[warmup] data: {data_report}")
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
