@@ -86,7 +86,7 @@ class EncoderTrainer:
             v_hat, _ = self.encoder(ids, attn, pool)
             loss = reconstruction_loss(self.cfg.encoder.loss, v_hat, vectors[i : i + batch_size].float())
             (loss * len(ids) / n).backward()
-            total += float(loss) * len(ids)
+            total += loss.item() * len(ids)
         torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.updates += 1

@@ -149,10 +149,10 @@ class DecoderLearner:
         self.engine.step()
         if boundary:
             self.optimizer_steps += 1
-        out = {"loss": float(loss), "tokens": float(mask.sum()), "lr": self.lr()}
+        out = {"loss": loss.item(), "tokens": float(mask.sum()), "lr": self.lr()}
         for task in sorted({e.task for e in examples}):
             rows = torch.tensor([e.task == task for e in examples])
-            out[f"loss/{task}"] = float((nll[rows] * mask[rows]).sum() / mask[rows].sum())
+            out[f"loss/{task}"] = ((nll[rows] * mask[rows]).sum() / mask[rows].sum()).item()
             out[f"tokens/{task}"] = float(mask[rows].sum())
         return out
 
