@@ -68,6 +68,27 @@ class LearnerGroup:
         """Split a batch across ranks (rank r takes items r, r+N, ...)."""
         return [(items[r :: self.world_size],) for r in range(self.world_size)]
 
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Every rank's DeepSpeed checkpoint files in one folder `learner/` (rank 0 writes the module
+        states, each rank its own optimizer partition), for the driver to store."""
+        files: dict[str, bytes] = {}
+        for r, rank_files in enumerate(self.on_all("save_state", what="learner checkpoint")):
+            for name, data in rank_files.items():
+                key = f"learner/{name}"
+                if key in files and files[key] != data:
+                    raise RuntimeError(f"learner ranks disagree on checkpoint file {name} (rank {r})")
+                files[key] = data
+        return files
+
+    def restore(self, files: dict[str, bytes], world_size_in_checkpoint: int) -> None:
+        """Load a checkpoint written by `checkpoint_files` into every rank (same rank count only)."""
+        if world_size_in_checkpoint != self.world_size:
+            raise RuntimeError(
+                f"the checkpoint was written by {world_size_in_checkpoint} learner rank(s) but this run has {self.world_size}: "
+                f"DeepSpeed's partitioned optimizer state is not re-split here; resume with learner.num_actors={world_size_in_checkpoint}"
+            )
+        self.on_all("load_state", [(files,)] * self.world_size, "learner resume")
+
     def shutdown(self) -> None:
         try:
             remote_get([a.shutdown.remote() for a in self.actors], 60, "learner shutdown")

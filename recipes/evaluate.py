@@ -26,9 +26,11 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
     if "retrieval" in cfg.eval.tasks:
         store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
         print(f"[eval] injection norm {injection_norm(cfg, emb_norm, store.mean_norm):.3f}, store of {len(store)} activations")
-    oracle = load_oracle(cfg.init_from, model=cfg.model.name if cfg.init_from is None else None,
-                         layer=cfg.model.layer if cfg.init_from is None else None,
-                         max_new_tokens=cfg.sampling.max_new_tokens, description_instruction=cfg.description_instruction)
+    if cfg.init_from is None:  # the untrained floor, with this recipe's model, layer and instruction
+        oracle = load_oracle(None, model=cfg.model.name, layer=cfg.model.layer, max_new_tokens=cfg.sampling.max_new_tokens,
+                             description_instruction=cfg.description_instruction)
+    else:  # the checkpoint's own recipe defines model, layer and instruction
+        oracle = load_oracle(cfg.init_from, max_new_tokens=cfg.sampling.max_new_tokens)
     results = run_evals_from_settings(oracle, store, cfg.eval, run.out, seed=cfg.seed, data_dir=data_dir,
                                       heldout_fraction=cfg.warmup.heldout_fraction, split_seed=cfg.seed,
                                       probe_tasks=cfg.eval.probe_tasks, positions=cfg.eval.probe_positions,

@@ -81,8 +81,9 @@ class Roles:
         self.probe = None  # (vector, sample tokens, logprobs) of the last verified sync
 
     # ---- weight sync ----------------------------------------------------------------------
-    def sync(self, adapter: dict | None = None) -> dict:
-        """Push the learner's adapter to every rollout actor as a new version, then verify."""
+    def sync(self, adapter: dict | None = None, verify: bool = True) -> dict:
+        """Push an adapter (default: the learner's) to every rollout actor as a new version, then
+        verify it against the learner (skip `verify` only to serve an adapter the learner does not hold)."""
         t0 = time.time()
         adapter = adapter if adapter is not None else self.learners.on_rank0("adapter")
         self.version += 1
@@ -93,7 +94,7 @@ class Roles:
             print(f"[grpo] a rollout actor died during sync v{self.version} ({type(err).__name__}); recovering")
             self.recover_rollouts()
         out = {"time_sync": time.time() - t0, "weight_version": self.version}
-        if self.cfg.grpo.sync_check:
+        if self.cfg.grpo.sync_check and verify:
             out.update(self.with_recovery(self.verify_sync))
         return out
 
@@ -274,9 +275,7 @@ def run(cfg, out, resume: bool = False) -> dict:
             remote_get(roles.encoder.call.remote("load_state", init_tensors["encoder"]), t, "load warmup encoder")
     if resume and (ckpt := latest_checkpoint(run.out)) is not None:
         tensors, state, objects = load_checkpoint(ckpt)
-        if state["world_size"] != roles.learners.world_size:
-            raise RuntimeError(f"checkpoint {ckpt} has {state['world_size']} learner rank(s), this run {roles.learners.world_size}: resume with learner.num_actors={state['world_size']}")
-        roles.learners.on_all("load_state", [(read_files(ckpt, f"learner-rank{r}"),) for r in range(roles.learners.world_size)], "learner resume")
+        roles.learners.restore(read_files(ckpt, "learner"), state["world_size"])
         remote_get(roles.encoder.call.remote("load_state", tensors["encoder"], objects["encoder_optim"]), t, "encoder resume")
         start = state["step"]
         roles.version = state["weight_version"] - 1
@@ -313,7 +312,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     results = {"kind": "grpo", "layer": run.layer, "injection_norm": norm, "steps": g.steps, "weight_version": roles.version}
     results["retrieval"] = final_retrieval(roles)
     if init_tensors:  # same final encoder, same pool: the warmup decoder's descriptions for comparison
-        roles.sync(init_tensors["decoder_adapter"])
+        roles.sync(init_tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
         results["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
     results["summary"] = retrieval_summary(results)
     run.write_results("results.json", results)
@@ -337,9 +336,7 @@ def retrieval_summary(results: dict) -> dict:
 
 def save_grpo_checkpoint(roles: Roles, step: int) -> None:
     t = roles.timeout
-    files = {}
-    for r, rank_files in enumerate(roles.learners.on_all("save_state", what="learner checkpoint")):
-        files.update({f"learner-rank{r}/{k}": v for k, v in rank_files.items()})
+    files = roles.learners.checkpoint_files()
     enc_tensors, enc_optim = remote_get(roles.encoder.call.remote("state"), t, "encoder state")
     state = {"world_size": roles.learners.world_size, "weight_version": roles.version, "layer": roles.run.layer,
              "model": roles.cfg.model.name, "stage": "grpo"}

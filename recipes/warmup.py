@@ -165,12 +165,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     start = 0
     if resume and (ckpt := latest_checkpoint(run.out)) is not None:
         _, state, objects = load_checkpoint(ckpt)
-        if state["world_size"] != group.world_size:
-            raise RuntimeError(
-                f"checkpoint {ckpt} was written by {state['world_size']} learner(s) but this run has {group.world_size}: "
-                f"DeepSpeed's partitioned optimizer state cannot be re-split here; resume with learner.num_actors={state['world_size']}"
-            )
-        group.on_all("load_state", [(read_files(ckpt, f"learner-rank{r}"),) for r in range(group.world_size)], "learner resume")
+        group.restore(read_files(ckpt, "learner"), state["world_size"])
         mixture.load_state_dict(state["mixture"])
         rng.setstate(_tuple_state(state["rng"]))
         start = state["step"]
@@ -222,9 +217,7 @@ def run(cfg, out, resume: bool = False) -> dict:
 
 
 def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random, encoder_tensors, adapter=None) -> None:
-    files = {}
-    for r, rank_files in enumerate(group.on_all("save_state", what="learner checkpoint")):
-        files.update({f"learner-rank{r}/{k}": v for k, v in rank_files.items()})
+    files = group.checkpoint_files()
     tensors = {"decoder_adapter": adapter if adapter is not None else group.on_rank0("adapter")}
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors

@@ -69,7 +69,9 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     for name in ("config.yaml", "metrics.jsonl", "results.json"):
         assert (out / name).is_file()
     assert (out / "checkpoints" / "latest").is_file()
-    assert set(results["heldout"]) >= {"latentqa", "token_prediction", "description"}
+    built = {task for task, n in results["data"]["heldout"].items() if n}
+    assert built >= {"latentqa", "token_prediction"}  # a random model's description targets may all be unusable
+    assert set(results["heldout"]) == built
     enc = results["encoder_warm_start"]
     assert enc["heldout_before"] and enc["heldout_after"]
     first, again = _metrics(out, "warmup"), _metrics(resumed_dir, "warmup")
