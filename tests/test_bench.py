@@ -1,0 +1,139 @@
+"""scripts/bench.py: the FLOPs arithmetic (relations, not speeds), the matmul probe at a tiny size,
+the load probe and the Markdown summary of a synthetic result."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bf():
+    return _load("bench_flops")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench")
+
+
+def test_parameter_counts_match_real_models(bf, tiny_model, tiny_path):
+    shape = bf.shape_from_hf_config(json.loads((Path(tiny_path) / "config.json").read_text()), "tiny")
+    blocks = sum(p.numel() for n, p in tiny_model.named_parameters() if ".layers." in n or n.endswith("model.norm.weight"))
+    assert shape.blocks_params() == blocks
+    assert shape.total_params() == sum(p.numel() for p in tiny_model.parameters())  # tied embeddings counted once
+    # Published sizes: SmolLM2-135M (134.5M with tied embeddings) and Qwen3-8B (8.19B).
+    assert abs(bf.SMOLLM2_135M.total_params() - 134.5e6) / 134.5e6 < 0.01
+    assert abs(bf.QWEN3_8B.total_params() - 8.19e9) / 8.19e9 < 0.01
+    assert bf.QWEN3_8B.head_params == 4096 * 151936
+
+
+def test_lora_parameters_on_a_real_adapter(bf, tiny_model, tiny_path):
+    from cycle_oracle.config import LoraSettings
+    from cycle_oracle.models import attach_lora
+
+    shape = bf.shape_from_hf_config(json.loads((Path(tiny_path) / "config.json").read_text()))
+    model = attach_lora(tiny_model, LoraSettings(r=4, alpha=8))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.lora_params(4) == trainable
+
+
+def test_attention_convention(bf):
+    s = bf.SMOLLM2_135M
+    T = 100
+    full = bf.attention_flops(s, 0, T)
+    assert full == 2 * s.n_layers * s.d_attn * T * (T + 1)  # ~ 2 * L * d * T per token
+    # split anywhere: prefix + suffix = whole
+    assert bf.attention_flops(s, 0, 40) + bf.attention_flops(s, 40, T) == full
+    # forward over a sequence = 2 N per token + attention + head on the asked positions
+    assert bf.forward_flops(s, T, 0) == 2 * s.blocks_params() * T + full
+    assert bf.forward_flops(s, T, 3) - bf.forward_flops(s, T, 0) == 3 * 2 * s.head_params
+
+
+def test_generation_flops_relations(bf):
+    s = bf.SMOLLM2_135M
+    g = bf.generation_flops(s, 50, 40)
+    # the same tokens as one teacher-forced forward over prompt + generated (minus the last token),
+    # with logits at the last prompt position and every fed-back generated token
+    assert g["total"] == bf.forward_flops(s, 50 + 39, 40)
+    r1 = bf.rollout_flops(s, 2, 4, 50, 40)
+    r2 = bf.rollout_flops(s, 4, 4, 50, 40)
+    assert r2["total"] == 2 * r1["total"]
+    shared = bf.rollout_flops(s, 2, 4, 50, 40, shared_prefill=True)
+    assert shared["decode"] == r1["decode"] and shared["prefill"] * 4 == r1["prefill"]
+    assert r1["generated_tokens"] == 2 * 4 * 40
+
+
+def test_learner_and_encoder_relations(bf):
+    s = bf.SMOLLM2_135M
+    lora = s.lora_params(8)
+    f = bf.learner_flops(s, 16, 60, 40, lora, "base", 5)
+    fwd = bf.forward_flops(s, 100, 40, lora_params=lora)
+    assert f["old"] == 16 * fwd
+    assert f["policy"] == 16 * (3 * fwd + 2 * lora * 100)  # forward + 2x forward (input grads) + LoRA grads
+    assert 0 < f["ref"] < f["old"]  # the base reference reads a short header instead of the oracle prompt
+    assert bf.learner_flops(s, 16, 60, 40, lora, None)["ref"] == 0
+    assert bf.learner_flops(s, 16, 60, 40, lora, "warmup")["ref"] == 16 * bf.forward_flops(s, 100, 40)
+    e = bf.encoder_flops(s, 15, 8, 50, s.lora_params(8, layers=15))
+    assert e["score"] == 8 * bf.forward_flops(s, 50, 0, layers=15, lora_params=s.lora_params(8, layers=15))
+    assert 2.9 * e["score"] < e["update"] < 3.2 * e["score"]
+    assert bf.encoder_flops(s, 30, 1, 50)["score"] > 1.9 * bf.encoder_flops(s, 15, 1, 50)["score"]
+
+
+def test_paper_step(bf):
+    out = bf.grpo_step_on_paper(bf.GrpoPaperSetup())
+    roles = {k: v for k, v in out["flops"].items() if k != "total"}
+    assert out["flops"]["total"] == sum(roles.values())
+    assert abs(sum(out["share"].values()) - 1) < 1e-9
+    assert out["flops"]["learner_policy"] > out["flops"]["learner_old"] > out["flops"]["learner_ref"]
+    twice = bf.grpo_step_on_paper(bf.GrpoPaperSetup(gpus=16))
+    assert abs(twice["seconds_at_mfu"]["total"] * 2 - out["seconds_at_mfu"]["total"]) < 1e-12
+    assert out["rollout_decode_bandwidth_bound_s"] > 0
+    assert bf.mfu(1e12, 2.0, 1e12) == 0.5
+
+
+def test_matmul_probe_and_load_probe(bench):
+    r = bench.matmul_flops(64, "float32", threads=1, reps=3)
+    assert r["flops_per_s"] > 0 and r["best_s"] <= r["median_s"]
+    assert r["flops_per_s"] >= r["flops_per_s_median"]
+    for key in ("load1_start", "load1_end", "foreign_cores", "own_cores"):
+        assert key in r and r[key] >= 0
+    rect = bench.matmul_flops(32, "float32", threads=1, reps=2, m=4, k=16)
+    assert (rect["m"], rect["k"], rect["n"]) == (4, 16, 32)
+
+
+def test_markdown_and_targets_from_a_synthetic_result(bench, bf):
+    pt = {"B": 2, "K": 2, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": 0.3, "load1_start": 0.1, "foreign_cores": 0.0}
+    results = {
+        "meta": {"model": {"name": "m"}, "date_utc": "now", "cpu": "cpu", "cpus": 2, "memory_gb": 1, "git": "x", "versions": {}},
+        "rollout": {"cases": {"bind01_nocache_nolora": {"binding": "0-1", "prefix_caching": False, "lora": None, "prompt_len": 50,
+                                                        "new_tokens": 8, "engine_start_s": 1.0, "peak_rss_mb": 1.0, "points": [pt]}}},
+        "hf": {"points": [dict(pt, tokens_per_s=25.0)]},
+        "learner": {"points": [{"n_samples": 4, "mfu": 0.55}]},
+        "e2e": {"e2e_plain": {"fractions": {"orchestration_plus_sync": 0.2}}},
+        "paper": bench.paper_section(),
+    }
+    t = bench.evaluate_targets(results)
+    assert t["rollout_vs_hf"]["best"] == 4.0 and t["rollout_vs_hf"]["met"]
+    assert not t["rollout_mfu"]["met"] and t["learner_mfu"]["met"]
+    assert not t["orchestration_sync_share/e2e_plain"]["met"]
+    results["targets"] = t
+    del results["learner"], results["e2e"]  # partial records (enough for the targets)
+    md = bench.to_markdown(results)
+    assert "| 2 | 2 | 100 |" in md and "4.00" in md and "## Targets" in md and "Qwen3-8B" in md
