@@ -7,11 +7,11 @@ import random
 import time
 
 import ray
-import torch
 
 from actors.cluster import remote_get
 from actors.rollout import RolloutActor
 from cycle_oracle.corpus import load_documents
+from cycle_oracle.models import load_tokenizer
 from recipes.common import extract_store, injection_norm, start_run
 
 
@@ -46,10 +46,12 @@ def run(cfg, out, resume: bool = False) -> dict:
         cfg.ray.get_timeout_s, "describing activations",
     )
     elapsed = time.time() - t0
+    tokenizer = load_tokenizer(run.model_path)
     items = []
     for row, group in zip(rows, samples):
         rec = store.records[row]
-        items.append({**rec, "description": group[0].text, "truncated": group[0].truncated})
+        context = tokenizer.decode(store.context_window(row))
+        items.append({**rec, "context": context, "description": group[0].text, "truncated": group[0].truncated})
     results = {
         "kind": "describe",
         "model": cfg.model.name,
