@@ -42,6 +42,7 @@ class LearnerGroup:
     def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int,
                  actor_options: list[dict], grad_accum: int | None = None, reference_adapter=None):
         self.timeout = cfg.ray.get_timeout_s
+        self.norm = injection_norm
         n = cfg.learner.num_actors
         addr = ray.util.get_node_ip_address()
         port = free_port()

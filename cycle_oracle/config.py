@@ -135,6 +135,11 @@ class WarmupSettings(Strict):
     encoder_steps: int = Field(50, ge=0)
     encoder_samples: int = Field(64, ge=1)
     eval_items: int = Field(32, ge=1)
+    token_items_per_document: int = Field(4, ge=1)
+    """Token-prediction questions per corpus document (cheap: no generation)."""
+    generation_engine: Literal["hf", "vllm"] = "hf"
+    """What writes the target-generated warmup data (completions, corpus, description targets):
+    HF `generate`, or a vLLM engine (several times faster; cached separately, see DATA.md)."""
 
 
 class GrpoSettings(Strict):
@@ -160,6 +165,9 @@ class GrpoSettings(Strict):
     penalize_truncated: bool = True
     """False: truncated descriptions are scored like finished ones (smoke tests on random models)."""
     train_encoder: bool = True
+    optim: OptimSettings | None = None
+    """The decoder's optimiser for GRPO; None = the recipe's `optim` (set it when one recipe runs
+    warmup then GRPO: RL wants a smaller lr than supervised warmup)."""
     overlap_rollout: bool = False
     sync_check: bool = True
 

@@ -252,6 +252,8 @@ def grpo_step(roles: Roles, rows: list[int], step: int, samples_by_row, versions
 
 
 def run(cfg, out, resume: bool = False) -> dict:
+    if cfg.grpo.optim is not None:
+        cfg = cfg.model_copy(update={"optim": cfg.grpo.optim})
     run = start_run(cfg, out, "grpo")
     g = cfg.grpo
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
@@ -264,6 +266,10 @@ def run(cfg, out, resume: bool = False) -> dict:
         init_tensors, init_state, _ = load_checkpoint(ckpt)
         if init_state.get("layer") not in (None, run.layer):
             raise ValueError(f"init_from {ckpt} was trained at layer {init_state['layer']}, this recipe reads layer {run.layer}")
+        warm_norm = init_state.get("injection_norm")
+        if warm_norm is not None and abs(warm_norm - norm) > 1e-3 * max(abs(norm), 1.0):
+            print(f"[grpo] injection norm {norm:.3f} from this run's corpus differs from the warmup's {warm_norm:.3f}: using the warmup's")
+            norm = float(warm_norm)
     roles = Roles(run, norm, store, init_tensors)
     t = roles.timeout
     start = 0
@@ -339,7 +345,7 @@ def save_grpo_checkpoint(roles: Roles, step: int) -> None:
     files = roles.learners.checkpoint_files()
     enc_tensors, enc_optim = remote_get(roles.encoder.call.remote("state"), t, "encoder state")
     state = {"world_size": roles.learners.world_size, "weight_version": roles.version, "layer": roles.run.layer,
-             "model": roles.cfg.model.name, "stage": "grpo"}
+             "model": roles.cfg.model.name, "stage": "grpo", "injection_norm": roles.norm}
     save_checkpoint(roles.run.out, step, {"decoder_adapter": roles.learners.on_rank0("adapter"), "encoder": enc_tensors},
                     state, objects={"encoder_optim": enc_optim}, files=files)
 

@@ -29,7 +29,7 @@ from cycle_oracle.learner import SftExample
 from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
 
 
-@ray.remote
+@ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
 def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None):
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.data.build import build_warmup_data
@@ -39,10 +39,18 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype)
+    if cfg.warmup.generation_engine == "vllm":
+        from cycle_oracle.data.generation import vllm_generate_fn
+        from cycle_oracle.rollout import configure_cpu_environment
+
+        configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
+        generate, model_id = vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
+    else:
+        generate, model_id = hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype), tok, batch_size=16), cfg.model.name
     return build_warmup_data(
-        cfg.warmup, tok, hf_generate_fn(model, tok, batch_size=16), cfg.description_instruction,
-        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=cfg.model.name, max_context_tokens=cfg.model.max_context_tokens,
+        cfg.warmup, tok, generate, cfg.description_instruction,
+        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
+        token_items_per_document=cfg.warmup.token_items_per_document,
     )
 
 
@@ -222,7 +230,7 @@ def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random,
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors
     state = {"world_size": group.world_size, "mixture": mixture.state_dict(), "rng": list(_jsonable(rng.getstate())),
-             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0}
+             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0, "injection_norm": group.norm}
     save_checkpoint(run.out, step, tensors, state, files=files)
 
 

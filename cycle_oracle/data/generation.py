@@ -3,7 +3,7 @@
 Builders never load a model themselves: they take a `generate_fn(chats, max_new_tokens) -> texts`
 where `chats` is a list of chat-message lists (`[{"role": ..., "content": ...}, ...]`) and the
 result is one completion string per chat (the assistant's reply, special tokens removed). The
-caller picks the engine: `hf_generate_fn(model, tokenizer, batch_size)` here, or a vLLM wrapper.
+caller picks the engine: `hf_generate_fn(model, tokenizer, batch_size)` or `vllm_generate_fn(model_path)`.
 
 Generated data is cached as JSONL under `cache_root()/data/<kind>/<key>.jsonl`, the key hashing
 everything the output depends on (model id, seed, sizes, the embedded text files). The file is
@@ -85,6 +85,37 @@ def hf_generate_fn(
 
     generate.model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     generate.batch_size = batch_size
+    return generate
+
+
+def vllm_generate_fn(model_path: str, seed: int = 0, max_model_len: int = 1024, dtype: str = "float32") -> GenerateFn:
+    """Greedy generation through a vLLM engine (plain token prompts, no prompt embeds): the fast
+    path for building warmup data. Same contract as `hf_generate_fn`; greedy replies can differ
+    from HF's in the last digits, so the cache key names the engine (`model_id` ends in `@vllm`).
+    Create it inside a Ray task/actor or under `if __name__ == "__main__"` (vLLM's rule)."""
+    engine: dict = {}
+
+    def generate(chats: Sequence[Chat], max_new_tokens: int) -> list[str]:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if "llm" not in engine:  # started on first use: a fully cached build never pays for it
+            engine["llm"] = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed)
+        llm = engine["llm"]
+        tokenizer = llm.get_tokenizer()
+        prompts = []
+        for chat in chats:
+            ids = tokenizer.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            if len(ids) + max_new_tokens > max_model_len:
+                raise ValueError(f"chat of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the engine's max_model_len {max_model_len}")
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    generate.model_id = f"{model_path}@vllm"
+    generate.batch_size = 64
     return generate
 
 
