@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -295,8 +296,12 @@ def _corpus_token_rows(tok, n: int, length: int) -> list[list[int]]:
 
 
 def _rollout_flops(shape, batch, k, prompt_len, new_tokens) -> dict:
-    f = bf.rollout_flops(shape, batch, k, prompt_len, new_tokens)
-    return {"flops": f["total"], "flops_prefill": f["prefill"], "flops_decode": f["decode"]}
+    """flops: generated tokens only (2N incl. LM head + attention per generated token: the headline
+    MFU); flops_work: + every sample's prompt prefill (what the engine computes with prefix caching
+    off); flops_useful: + one prefill per activation (the K samples share a prompt)."""
+    work = bf.rollout_flops(shape, batch, k, prompt_len, new_tokens)
+    shared = bf.rollout_flops(shape, batch, k, prompt_len, new_tokens, shared_prefill=True)
+    return {"flops": work["generated"], "flops_work": work["total"], "flops_useful": shared["total"]}
 
 
 # ============================================================================================
@@ -332,9 +337,20 @@ def case_engine(case: dict) -> dict:
     rank = cfg.decoder_lora.r
 
     from cycle_oracle.rollout import RolloutEngine, SamplingRequest
+    import vllm
     from vllm import SamplingParams
 
+    if case.get("compilation_mode") is not None:  # what-if: RolloutEngine does not expose it, so wrap vllm.LLM
+        base_llm = vllm.LLM
+
+        def llm_with_mode(*a, **kw):
+            kw.setdefault("compilation_config", {"mode": case["compilation_mode"]})
+            return base_llm(*a, **kw)
+
+        vllm.LLM = llm_with_mode
+
     out: dict = {"case": case["name"], "binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "threads": threads,
+                 "compilation_mode": case.get("compilation_mode", "default (CPU: dynamo trace once + inductor; LoRA engines: none)"),
                  "prefix_caching": bool(case.get("prefix_caching")), "lora": lora, "prompt_len": len(prompt.input_ids),
                  "new_tokens": case["new_tokens"]}
     t0 = time.perf_counter()
@@ -674,7 +690,7 @@ def summarise_profile(path: Path, focus: tuple[str, ...] = (), top: int = 15) ->
 # End-to-end GRPO runs (Ray actors) with per-actor peak RSS
 # ============================================================================================
 
-ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "merged_after_sync")
+ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "merged_after_sync", "eager_nolora")
 ROLES = ("RolloutActor", "LearnerActor", "EncoderActor", "extraction_task")
 
 
@@ -819,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=0, help="before the bench and before every case, wait up to this many seconds for a quiet machine (< 0.3 cores busy over 2 x 5 s)")
     ap.add_argument("--profile", metavar="DIR", help="run the case subprocesses under py-spy (raw stacks + a summary in the JSON; timings perturbed)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, tiny sizes (a smoke test of the harness)")
+    ap.add_argument("--learner-variant", action="append", default=[], metavar="NAME:KEY=VAL[;KEY=VAL]",
+                    help="also run the learner case with these recipe overrides (e.g. zero0:optim.zero_stage=0)")
+    ap.add_argument("--merge-into", metavar="JSON", help="merge this invocation's sections into an existing results file (written to --out)")
+    ap.add_argument("--rerender", metavar="JSON", help="recompute FLOPs, MFU and targets of an existing results file and rewrite it (and --md)")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     ap.add_argument("--_result", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -830,6 +850,13 @@ def main(argv: list[str] | None = None) -> int:
         case = json.loads(args._case)
         result = CASES[case["kind"]](case)
         Path(args._result).write_text(json.dumps(result, indent=1, default=float))
+        return 0
+
+    if args.rerender:
+        results = rerender(json.loads(Path(args.rerender).read_text()))
+        Path(args.out if args.out != "bench.json" else args.rerender).write_text(json.dumps(results, indent=1, default=float))
+        if args.md:
+            Path(args.md).write_text(to_markdown(results))
         return 0
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -858,11 +885,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def save():
         results["meta"]["bench_wall_s"] = time.time() - t_start
-        results["targets"] = evaluate_targets(results)
+        out = results
+        if args.merge_into:
+            out = merge_results(json.loads(Path(args.merge_into).read_text()), results)
+        out["targets"] = evaluate_targets(out)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
         if args.md:
-            Path(args.md).write_text(to_markdown(results))
+            Path(args.md).write_text(to_markdown(out))
 
     peak = None
     if "machine" in sections or any(s in sections for s in ("rollout", "hf", "encoder", "learner")):
@@ -880,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                  dict(base, kind="engine", name="nobind", binding="nobind", prefix_caching=False, points=case_points),
                  dict(base, kind="engine", name="prefix_caching_on", binding=f"0-{args.threads - 1}", prefix_caching=True, points=case_points),
                  dict(base, kind="engine", name="lora_adapter_path", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="adapter", points=case_points),
-                 dict(base, kind="engine", name="merged_after_sync", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="merged", points=case_points)]
+                 dict(base, kind="engine", name="merged_after_sync", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="merged", points=case_points),
+                 # no torch.compile (what vLLM-CPU does by itself whenever LoRA is enabled): start-up vs speed
+                 dict(base, kind="engine", name="eager_nolora", binding=f"0-{args.threads - 1}", prefix_caching=False, compilation_mode=0, points=case_points)]
         wanted = ENGINE_CASES if args.engine_cases == "all" else args.engine_cases.split(",")
         results["rollout"] = {"cases": {}}
         for c in (c for c in cases if c["name"] in wanted):
@@ -894,6 +926,12 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "learner" in sections:
         results["learner"] = add_mfu(run_case(dict(base, kind="learner", name="learner", n_samples=learn_sizes, completion_len=T), profile_dir=args.profile), peak)
+        save()
+    for spec in args.learner_variant if "learner" in sections else []:
+        vname, _, sets = spec.partition(":")
+        case = dict(base, kind="learner", name=f"learner_{vname}", n_samples=learn_sizes, completion_len=T,
+                    overrides=overrides + [x for x in sets.split(";") if x])
+        results.setdefault("learner_variants", {})[vname] = add_mfu(run_case(case, profile_dir=args.profile), peak) | {"overrides": case["overrides"]}
         save()
     if "e2e" in sections or "scaling" in sections:
         workdir = Path(args.keep_e2e) if args.keep_e2e else Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -929,6 +967,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge_results(old: dict, new: dict) -> dict:
+    """Sections of `new` into `old`: engine cases, e2e runs and learner variants are merged by name,
+    other sections replaced; new["meta"] is kept under meta.merged_runs."""
+    import copy
+
+    out = copy.deepcopy(old)
+    for key, value in new.items():
+        if key in ("meta", "targets", "conventions"):
+            continue
+        if key == "machine" and "machine" in out:
+            out["machine"].setdefault("later_runs", []).append(value)  # keep the original MFU reference
+        elif key == "rollout":
+            out.setdefault("rollout", {"cases": {}})["cases"].update(value.get("cases", {}))
+        elif key in ("e2e", "learner_variants"):
+            out.setdefault(key, {}).update(value)
+        else:
+            out[key] = value
+    out["meta"].setdefault("merged_runs", []).append(new["meta"])
+    return rerender(out)
+
+
+def rerender(results: dict) -> dict:
+    """Recompute the derived numbers (FLOPs, MFU, targets) from the raw timings of a results file."""
+    shape = bf.ModelShape(**{k: v for k, v in results["meta"]["model"].get("shape", {}).items()}) if results["meta"]["model"].get("shape") \
+        else _model_info(results["meta"]["model"]["name"])["shape"]
+    results["meta"]["model"]["shape"] = dataclasses.asdict(shape)
+    peak = results.get("machine", {}).get("fp32", {}).get("flops_per_s")
+    groups = list(results.get("rollout", {}).get("cases", {}).values()) + ([results["hf"]] if "hf" in results else [])
+    for c in groups:
+        for p in c.get("points", []):
+            for key in [k for k in p if k.startswith(("flops", "mfu"))]:
+                del p[key]
+            f = _rollout_flops(shape, p["B"], p["K"], c["prompt_len"], c["new_tokens"])
+            p.update(f, flops_per_s=f["flops"] / p["seconds"])
+        add_mfu(c, peak)
+    results["conventions"] = CONVENTIONS
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
 def add_mfu(res: dict, peak: float | None) -> dict:
     """Attach MFU = model FLOP/s / the run's fp32 matmul FLOP/s to every record that has flops_per_s."""
     if peak is None or not isinstance(res, dict):
@@ -938,6 +1016,9 @@ def add_mfu(res: dict, peak: float | None) -> dict:
         if isinstance(node, dict):
             if node.get("flops_per_s"):
                 node["mfu"] = node["flops_per_s"] / peak
+            for key in ("flops_work", "flops_useful"):
+                if node.get(key) and node.get("seconds"):
+                    node["mfu" + key.removeprefix("flops")] = node[key] / node["seconds"] / peak
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -967,7 +1048,7 @@ def meta(args, shape: bf.ModelShape, sections: list[str]) -> dict:
     return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(), "cpu": cpu,
             "cpus": os.cpu_count(), "memory_gb": round(mem_gb, 1), "versions": versions, "git": commit + ("+dirty" if dirty else ""),
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "sections": sections,
-            "model": {"name": args.model, "d_model": shape.d_model, "n_layers": shape.n_layers, "vocab": shape.vocab,
+            "model": {"name": args.model, "shape": dataclasses.asdict(shape), "d_model": shape.d_model, "n_layers": shape.n_layers, "vocab": shape.vocab,
                       "params_total": shape.total_params(), "params_blocks": shape.blocks_params(), "params_lm_head": shape.head_params}}
 
 
@@ -976,7 +1057,9 @@ CONVENTIONS = {
              "completion tokens; never prefill except its last position, never the encoder) + attention 4 * n_layers * "
              "d_attn * (keys attended) per token (= 2 * n_layers * d_attn * T per token over a causal sequence of length T). "
              "Embedding lookups are free. LoRA backward: input grads only for the frozen base (2x forward) + LoRA weight grads.",
-    "rollout_flops": "prefill of every sample's prompt (prefix caching off: B*K prefills) + decode of new_tokens per sample",
+    "rollout_flops": "flops/mfu: generated tokens only (per generated token 2 N_blocks + 2 d V + attention over its context); "
+                     "flops_work/mfu_work: + the prefill of every sample's prompt (B*K prefills: what the engine computes with "
+                     "prefix caching off); flops_useful/mfu_useful: + one prefill per activation (B prefills)",
     "learner_flops": "old-policy forward + reference forward (bare assistant header + completion, base model) + policy forward "
                      "and backward, over prompt + completion tokens (padding excluded)",
     "mfu": "model FLOP/s / dense fp32 2048^2 matmul FLOP/s measured with the same thread count in the same run",
@@ -1081,10 +1164,12 @@ def to_markdown(r: dict) -> str:
         L += [f"## Rollout: vLLM RolloutEngine, binding {base['binding']}, prefix caching off, no LoRA "
               f"(prompt {base['prompt_len']} tokens, {base['new_tokens']} new tokens per sample, equal lengths)", "",
               f"Engine start {base['engine_start_s']:.0f} s; peak RSS {base['peak_rss_mb']:.0f} MB.", "",
-              "| B | K | gen tokens/s | samples/s | MFU | HF generate tokens/s | vLLM / HF | load |", "|---|---|---|---|---|---|---|---|"]
+              "MFU (gen) counts generated tokens only (2N incl. LM head + attention per generated token); MFU (work) adds the "
+              "prompt prefill of every sample (B x K prefills, what the engine computes with prefix caching off).", "",
+              "| B | K | gen tokens/s | samples/s | MFU (gen) | MFU (work) | HF generate tokens/s | vLLM / HF | load |", "|---|---|---|---|---|---|---|---|---|"]
         for p in base["points"]:
             h = hf_by.get((p["B"], p["K"]))
-            L.append(f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {p['samples_per_s']:.2f} | {_f(p.get('mfu'), 1, True)} | "
+            L.append(f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {p['samples_per_s']:.2f} | {_f(p.get('mfu'), 1, True)} | {_f(p.get('mfu_work'), 1, True)} | "
                      f"{_f(h['tokens_per_s'], 0) if h else '-'} | {_f(p['tokens_per_s'] / h['tokens_per_s'], 2) if h else '-'} | {_load(p)} |")
         if "sample_api" in base:
             s = base["sample_api"]
@@ -1093,7 +1178,7 @@ def to_markdown(r: dict) -> str:
         L.append("")
     if ro:
         L += ["### Engine settings (separate engine starts)", "",
-              "| case | binding | prefix cache | LoRA | B x K | gen tokens/s | vs default | MFU | engine start s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | binding | prefix cache | LoRA | B x K | gen tokens/s | vs default | MFU (gen) | engine start s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         base_by = {(p["B"], p["K"]): p for p in (base or {}).get("points", [])}
         for name, c in ro.items():
             if "error" in c:
@@ -1115,8 +1200,8 @@ def to_markdown(r: dict) -> str:
     if hf and "error" in hf:
         L += [f"HF generate failed: {hf['error']}", ""]
     elif hf and not (base and "points" in base):
-        L += ["## HF generate", "", "| B | K | gen tokens/s | MFU | load |", "|---|---|---|---|---|"]
-        L += [f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | {_load(p)} |" for p in hf["points"]]
+        L += ["## HF generate", "", "| B | K | gen tokens/s | MFU (gen) | MFU (work) | load |", "|---|---|---|---|---|---|"]
+        L += [f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | {_f(p.get('mfu_work'), 1, True)} | {_load(p)} |" for p in hf["points"]]
         L.append("")
     enc = r.get("encoder")
     if enc and "points" in enc:
@@ -1128,15 +1213,22 @@ def to_markdown(r: dict) -> str:
                 L.append(f"| {p['n_texts']} | {p['mean_tokens']:.0f} | {op} | {x['seconds']:.2f} | {x['texts_per_s']:.1f} | {x['tokens_per_s']:.0f} | {_f(x.get('mfu'), 1, True)} | {_load(x)} |")
         L.append("")
     le = r.get("learner")
+    variants = {"recipe": le, **r.get("learner_variants", {})} if le else {}
     if le and "points" in le:
         L += [f"## Learner: DecoderLearner.grpo_step (prompt {le['prompt_len']} + completion {le['completion_len']} tokens, "
               f"KL reference {le['kl_reference']}, ZeRO {le['zero_stage']}; DeepSpeed start {le['start_s']:.0f} s)", "",
-              "| samples | step s | trained tokens/s | MFU (step) | old fwd s / MFU | ref fwd s / MFU | policy fwd+bwd+step s / MFU | load |", "|---|---|---|---|---|---|---|---|"]
-        for p in le["points"]:
-            pc = p["pieces"]
-            L.append(f"| {p['n_samples']} | {p['seconds']:.2f} | {p['trained_tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | "
-                     + " | ".join(f"{pc[k]['seconds']:.2f} / {_f(pc[k].get('mfu'), 1, True)}" for k in ("old_forward", "ref_forward", "policy_update"))
-                     + f" | {_load(p)} |")
+              "| variant | samples | step s | trained tokens/s | MFU (step) | old fwd s / MFU | ref fwd s / MFU | policy fwd+bwd+step s / MFU | peak RSS MB | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for vname, v in variants.items():
+            if "points" not in v:
+                L.append(f"| {vname} | error: {v.get('error')} |||||||||")
+                continue
+            extra = [o for o in v.get("overrides", []) if not o.startswith("model.name=")]
+            for p in v["points"]:
+                pc = p["pieces"]
+                L.append(f"| {vname}{' (' + ', '.join(extra) + ')' if extra else ''} | {p['n_samples']} | {p['seconds']:.2f} | {p['trained_tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | "
+                         + " | ".join(f"{pc[k]['seconds']:.2f} / {_f(pc[k].get('mfu'), 1, True)}" for k in ("old_forward", "ref_forward", "policy_update"))
+                         + f" | {v.get('peak_rss_mb', 0):.0f} | {_load(p)} |")
         L.append("")
     e2e = r.get("e2e", {})
     if e2e:

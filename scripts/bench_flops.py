@@ -124,13 +124,16 @@ def forward_flops(shape: ModelShape, seq_len: int, head_tokens: int, layers: int
 
 
 def generation_flops(shape: ModelShape, prompt_len: int, new_tokens: int) -> dict:
-    """One sampled sequence: prefill of the prompt (blocks on every prompt position, logits for the
-    last one only, which yield the first token) and new_tokens - 1 decode steps (blocks + attention
-    over the context so far + logits). The last generated token is never fed back."""
-    pre = forward_flops(shape, prompt_len, 1)
-    steps = max(new_tokens - 1, 0)
-    dec = forward_flops(shape, prompt_len + steps, steps, start=prompt_len)
-    return {"prefill": pre, "decode": dec, "total": pre + dec}
+    """One sampled sequence of new_tokens after a prompt of prompt_len tokens.
+
+    generated: the forward passes whose outputs are the generated tokens - positions
+      prompt_len-1 .. prompt_len+new_tokens-2, each with the LM head (2 N_blocks + 2 d V per
+      generated token + attention over its context): the "2N per generated token" convention;
+    prefill: the rest of the prompt (positions 0 .. prompt_len-2, no LM head).
+    The last generated token is never fed back."""
+    gen = forward_flops(shape, prompt_len + new_tokens - 1, new_tokens, start=prompt_len - 1)
+    pre = forward_flops(shape, prompt_len - 1, 0)
+    return {"prefill": pre, "generated": gen, "total": pre + gen}
 
 
 def rollout_flops(shape: ModelShape, batch: int, k: int, prompt_len: int, new_tokens: int, shared_prefill: bool = False) -> dict:
@@ -140,11 +143,11 @@ def rollout_flops(shape: ModelShape, batch: int, k: int, prompt_len: int, new_to
     prefills = batch if shared_prefill else batch * k
     out = {
         "prefill": one["prefill"] * prefills,
-        "decode": one["decode"] * batch * k,
+        "generated": one["generated"] * batch * k,
         "generated_tokens": batch * k * new_tokens,
         "prompt_tokens": prompt_len * prefills,
     }
-    out["total"] = out["prefill"] + out["decode"]
+    out["total"] = out["prefill"] + out["generated"]
     return out
 
 
