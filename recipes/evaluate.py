@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cycle_oracle.config import load_recipe
 from cycle_oracle.corpus import load_documents
-from recipes.common import extract_store, injection_norm, start_run
+from recipes.common import extract_store, start_run
 
 DEFAULT_EVAL_RECIPE = Path(__file__).with_name("eval_cpu.yaml")
 
@@ -24,8 +24,8 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
     run = start_run(cfg, out, "eval")
     store = None
     if "retrieval" in cfg.eval.tasks:
-        store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
-        print(f"[eval] injection norm {injection_norm(cfg, emb_norm, store.mean_norm):.3f}, store of {len(store)} activations")
+        store, _emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+        print(f"[eval] store of {len(store)} activations (layer mean norm {store.mean_norm:.1f})")
     if cfg.init_from is None:  # the untrained floor, with this recipe's model, layer and instruction
         oracle = load_oracle(None, model=cfg.model.name, layer=cfg.model.layer, max_new_tokens=cfg.sampling.max_new_tokens,
                              description_instruction=cfg.description_instruction)

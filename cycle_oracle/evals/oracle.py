@@ -291,7 +291,8 @@ def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, 
     (`<run>/checkpoints/step-N`); the recipe is read from the run's `config.yaml`. Tensors used:
     `decoder_adapter` (PEFT LoRA state of the decoder) and `encoder` (LoRA + head of the encoder;
     optional: a fresh encoder otherwise). layer_norm: the read layer's mean norm, needed only for
-    `injection.scale: layer_norm` (default: the run's `activations/meta.json` mean_norm)."""
+    `injection.scale: layer_norm` (default: the injection norm the checkpoint recorded, else the
+    run's `activations/meta.json` mean_norm)."""
     import json
 
     import yaml
@@ -333,12 +334,15 @@ def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, 
         if unknown:
             raise ValueError(f"encoder tensors of {ckpt} do not fit this encoder: {sorted(unknown)[:3]}")
         encoder.load_state_dict(tensors["encoder"], strict=False)
-    if layer_norm is None and cfg.injection.scale == "layer_norm":
-        meta = run_dir / "activations" / "meta.json"
-        if not meta.is_file():
-            raise ValueError("injection.scale=layer_norm needs layer_norm=... (no activations/meta.json in the run folder)")
-        layer_norm = float(json.loads(meta.read_text())["mean_norm"])
-    norm = target_norm(cfg.injection, mean_embedding_norm(decoder.get_input_embeddings()), layer_norm)
+    if layer_norm is None and state.get("injection_norm") is not None:  # the norm the decoder was trained with
+        norm = float(state["injection_norm"])
+    else:
+        if layer_norm is None and cfg.injection.scale == "layer_norm":
+            meta = run_dir / "activations" / "meta.json"
+            if not meta.is_file():
+                raise ValueError("injection.scale=layer_norm needs layer_norm=... (no activations/meta.json in the run folder)")
+            layer_norm = float(json.loads(meta.read_text())["mean_norm"])
+        norm = target_norm(cfg.injection, mean_embedding_norm(decoder.get_input_embeddings()), layer_norm)
     defaults = dict(
         num_placeholders=cfg.injection.num_placeholders, placeholder=cfg.injection.placeholder,
         encoder_max_tokens=cfg.encoder.max_description_tokens, max_context_tokens=cfg.model.max_context_tokens,
