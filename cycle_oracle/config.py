@@ -42,6 +42,8 @@ class InjectionSettings(Strict):
     """How the activation enters the decoder (at the embedding layer; see injection.py)."""
 
     num_placeholders: int = Field(1, ge=1)
+    """Placeholder tokens in the decoder prompt. One activation fills all of them; LatentQA warmup
+    examples instead read that many distinct stimulus/completion positions, one per placeholder."""
     placeholder: str = " ?"
     mode: Literal["replace", "add"] = "replace"
     scale: Literal["embedding_norm", "layer_norm", "fixed"] = "embedding_norm"

@@ -35,7 +35,8 @@ class SftExample:
 
     task: str
     context_ids: list[int]
-    position: int
+    position: int | Sequence[int]
+    """One position (its activation fills every placeholder) or one per placeholder."""
     question: str
     answer: str
 
@@ -108,12 +109,15 @@ class DecoderLearner:
 
     # ---- activations --------------------------------------------------------------------
     @torch.no_grad()
-    def read_activations(self, contexts: Sequence[Sequence[int]], positions: Sequence[int]) -> torch.Tensor:
-        """The frozen target's layer-L activations (adapter disabled). -> [B, d]"""
+    def read_activations(self, contexts: Sequence[Sequence[int]], positions: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        """The frozen target's layer-L activations (adapter disabled): [B, d] for one position per
+        context, [B, P] positions -> [B, P, d]."""
         ids, mask = pad_right(contexts, self.tokenizer.pad_token_id)
         with self.model.disable_adapter():
             hidden = read_residual(self.model, ids, mask, self.layer)
-        return hidden[torch.arange(len(positions)), torch.tensor(list(positions))]
+        index = torch.tensor([list(p) if isinstance(p, Sequence) else p for p in positions])
+        rows = torch.arange(len(positions))
+        return hidden[rows[:, None], index] if index.dim() == 2 else hidden[rows, index]
 
     # ---- warmup -------------------------------------------------------------------------
     def _sft_batch(self, examples: Sequence[SftExample]) -> tuple[DecoderBatch, torch.Tensor]:
@@ -121,8 +125,18 @@ class DecoderLearner:
 
         prompts = [build_decoder_prompt(self.tokenizer, self.layer, e.question, self.cfg.injection.num_placeholders, self.cfg.injection.placeholder) for e in examples]
         answers = [answer_ids(self.tokenizer, e.answer) for e in examples]
-        vectors = self.read_activations([e.context_ids for e in examples], [e.position for e in examples])
+        vectors = self.read_activations([e.context_ids for e in examples], [self._placeholder_positions(e) for e in examples])
         return build_batch(prompts, answers, self.tokenizer.pad_token_id), vectors
+
+    def _placeholder_positions(self, example: SftExample) -> list[int]:
+        """The read position behind each placeholder: one position is repeated over all of them."""
+        p = self.cfg.injection.num_placeholders
+        positions = [example.position] if isinstance(example.position, int) else list(example.position)
+        if len(positions) == 1:
+            return positions * p
+        if len(positions) != p:
+            raise ValueError(f"{example.task} example has {len(positions)} read positions; expected 1 or injection.num_placeholders={p}")
+        return positions
 
     def _answer_token_losses(self, examples: Sequence[SftExample], vector_override: str | None = None):
         """Per-example mean answer NLL [B] and argmax accuracy [B] (teacher-forced), with the graph."""

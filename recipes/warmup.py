@@ -54,24 +54,62 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     )
 
 
-def to_example(item, rng: random.Random) -> SftExample:
-    return SftExample(item.task, list(item.context_ids), rng.choice(item.read_positions), item.question, item.answer)
+def read_positions(item, rng: random.Random, num_placeholders: int) -> int | tuple[int, ...]:
+    """Where the target is read for one example: LatentQA reads up to `num_placeholders` distinct
+    stimulus/completion positions (one per placeholder, in order; LatentQA itself reads them all),
+    the other tasks one position (repeated over the placeholders)."""
+    if item.task != "latentqa" or num_placeholders == 1:
+        return rng.choice(item.read_positions)
+    chosen = sorted(rng.sample(list(item.read_positions), min(num_placeholders, len(item.read_positions))))
+    return tuple(chosen + [chosen[-1]] * (num_placeholders - len(chosen)))
 
 
-def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, n_candidates: int = 5) -> dict:
-    """Rank the true answer among other behaviours' answers by NLL, real vs shuffled activation."""
+def to_example(item, rng: random.Random, num_placeholders: int = 1, context_from=None) -> SftExample:
+    """The item's question and answer; the activation from `context_from` (default: the item itself;
+    another source's item for the shuffled control)."""
+    ctx = context_from or item
+    return SftExample(item.task, list(ctx.context_ids), read_positions(ctx, rng, num_placeholders), item.question, item.answer)
+
+
+def other_source(items: list, rng: random.Random) -> list:
+    """For each item, an item of a different source document / behaviour (the shuffled control)."""
+    out = []
+    for item in items:
+        others = [x for x in items if x.source_id != item.source_id]
+        out.append(rng.choice(others) if others else item)
+    return out
+
+
+def spread_by_source(items: list, n: int, rng: random.Random) -> list:
+    """Up to n items, as many distinct sources as possible (round-robin over shuffled sources)."""
+    by_source: dict = {}
+    for it in items:
+        by_source.setdefault(it.source_id, []).append(it)
+    pools = [rng.sample(v, len(v)) for _k, v in sorted(by_source.items())]
+    rng.shuffle(pools)
+    out = []
+    while len(out) < n and any(pools):
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(pool.pop())
+    return out
+
+
+def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_candidates: int = 5) -> dict:
+    """Rank the true answer among other behaviours' answers by NLL, with the real activation and
+    with another behaviour's (shuffled control)."""
     if len(heldout_items) < n_candidates:
         return {}
     hits = {"real": 0, "shuffled": 0}
-    items = heldout_items[: min(len(heldout_items), 24)]
-    vector_sources = items[1:] + items[:1]  # shuffled control: another item's context
-    for item, other in zip(items, vector_sources):
-        wrong = [x.answer for x in heldout_items if x.source_id != item.source_id and x.answer != item.answer]
+    items = spread_by_source(heldout_items, 24, rng)
+    for item, other in zip(items, other_source(items, rng)):
+        wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.question == item.question and x.answer != item.answer})
+        if len(wrong) < n_candidates - 1:
+            wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.answer != item.answer})
         cands = [item.answer] + rng.sample(wrong, min(n_candidates - 1, len(wrong)))
-        pos = rng.choice(item.read_positions)
         for mode, ctx in (("real", item), ("shuffled", other)):
-            ctx_pos = pos if ctx is item else rng.choice(ctx.read_positions)
-            exs = [SftExample("latentqa", list(ctx.context_ids), ctx_pos, item.question, c) for c in cands]
+            positions = read_positions(ctx, rng, num_placeholders)
+            exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
             nll = group.on_rank0("answer_scores", exs)["nll"]
             hits[mode] += int(min(range(len(cands)), key=lambda i: nll[i]) == 0)
     n = len(items)
@@ -79,27 +117,33 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
 
 
 def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
-    """Answer NLL and token accuracy per task with the real, a shuffled and a zero activation."""
+    """Answer NLL and token accuracy per task with the real activation, another source's (shuffled:
+    a different document or behaviour, never the same one) and a zero activation."""
     rng = random.Random(seed)
+    p = cfg.injection.num_placeholders
     out: dict[str, dict] = {}
     for task, items in sorted(heldout.items()):
         if not items:
             continue
-        chosen = rng.sample(items, min(cfg.warmup.eval_items, len(items)))
-        examples = [to_example(it, rng) for it in chosen]
+        chosen = spread_by_source(items, cfg.warmup.eval_items, rng)
+        variants = {
+            "real": ([to_example(it, rng, p) for it in chosen], None),
+            "shuffled": ([to_example(it, rng, p, other) for it, other in zip(chosen, other_source(chosen, rng))], None),
+            "zero": ([to_example(it, rng, p) for it in chosen], "zero"),
+        }
         res = {}
-        for mode in (None, "shuffled", "zero"):
+        for name, (examples, mode) in variants.items():
             scores = {"nll": [], "token_accuracy": []}
             for i in range(0, len(examples), 8):
                 s = group.on_rank0("answer_scores", examples[i : i + 8], mode)
                 for k in scores:
                     scores[k].extend(s[k])
-            name = mode or "real"
             res[f"nll_{name}"] = sum(scores["nll"]) / len(scores["nll"])
             res[f"token_accuracy_{name}"] = sum(scores["token_accuracy"]) / len(scores["token_accuracy"])
-        res["items"] = len(examples)
+        res["items"] = len(chosen)
+        res["sources"] = len({it.source_id for it in chosen})
         if task == "latentqa":
-            res.update(latentqa_ranking(group, items, rng))
+            res.update(latentqa_ranking(group, items, rng, p))
         out[task] = res
     return out
 
@@ -188,7 +232,7 @@ def run(cfg, out, resume: bool = False) -> dict:
             agg: dict[str, float] = {}
             tokens = 0.0
             for _micro in range(ga):
-                examples = [to_example(it, rng) for it in mixture.sample(mbs * group.world_size)]
+                examples = [to_example(it, rng, cfg.injection.num_placeholders) for it in mixture.sample(mbs * group.world_size)]
                 results = group.on_all("sft_micro_step", group.shard(examples), "warmup micro-step")
                 for r in results:
                     tokens += r["tokens"]

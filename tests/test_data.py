@@ -404,3 +404,23 @@ def test_hf_generate_fn_left_pads_a_batch(tiny_model, tiny_tokenizer):
             out = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                       pad_token_id=tiny_tokenizer.pad_token_id)
         assert text == tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_warmup_eval_controls_never_reuse_the_source():
+    """The held-out controls: items spread over sources, the shuffled partner always from another
+    source, LatentQA read at several distinct positions (one per placeholder)."""
+    import random
+
+    from recipes.warmup import other_source, read_positions, spread_by_source
+
+    items = [WarmupItem("latentqa", f"b{b}", (1, 2, 3, 4, 5, 6), (2, 3, 4, 5), "Q?", f"A{b}") for b in range(3) for _ in range(10)]
+    rng = random.Random(0)
+    chosen = spread_by_source(items, 6, rng)
+    assert len(chosen) == 6 and Counter(it.source_id for it in chosen) == {"b0": 2, "b1": 2, "b2": 2}
+    for it, other in zip(chosen, other_source(chosen, rng)):
+        assert other.source_id != it.source_id
+    pos = read_positions(items[0], rng, 3)
+    assert len(pos) == 3 and len(set(pos)) == 3 and list(pos) == sorted(pos) and set(pos) <= {2, 3, 4, 5}
+    padded = read_positions(WarmupItem("latentqa", "x", (1, 2, 3), (1, 2), "Q?", "A"), rng, 3)
+    assert padded == (1, 2, 2)
+    assert isinstance(read_positions(WarmupItem("token_prediction", "x", (1, 2, 3), (2,), "Q?", "A"), rng, 3), int)

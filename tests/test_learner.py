@@ -72,3 +72,22 @@ def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, t
     assert float((after[0] - before[0]).sum()) > 0 > float((after[1] - before[1]).sum())
     kl = learner.sequence_kl(samples, 1.0)
     assert len(kl) == 2 and all(x == x for x in kl)
+
+
+def test_several_read_positions_fill_the_placeholders_in_order(dist, tiny_path, tiny_tokenizer):
+    """num_placeholders=3: a LatentQA example's three positions go to the three placeholders; a
+    one-position example repeats its activation; any other count is refused."""
+    cfg3 = RecipeConfig(kind="warmup", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
+                        injection={"num_placeholders": 3}, optim={"lr": 1e-3, "warmup_steps": 0, "decay": "constant"})
+    learner = DecoderLearner(str(tiny_path), cfg3, 1, 1.0, total_steps=2)
+    ctx = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    single = learner.read_activations([ctx], [4])  # [1, d]
+    many = learner.read_activations([ctx, ctx], [[2, 4, 6], [4, 4, 4]])  # [2, 3, d]
+    assert many.shape == (2, 3, single.shape[-1])
+    torch.testing.assert_close(many[0, 1], single[0])
+    assert not torch.allclose(many[0, 0], many[0, 2])
+    _, vectors = learner._sft_batch([SftExample("latentqa", ctx, (2, 4, 6), "Q?", "A"), SftExample("description", ctx, 4, "Q?", "A")])
+    torch.testing.assert_close(vectors[0], many[0])
+    torch.testing.assert_close(vectors[1], many[1])
+    with pytest.raises(ValueError, match="expected 1 or injection.num_placeholders=3"):
+        learner._sft_batch([SftExample("latentqa", ctx, (2, 4), "Q?", "A")])
