@@ -115,7 +115,10 @@ def cmd_bench(args) -> int:
     import runpy
 
     sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:  # the script ends with sys.exit(main())
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0
 
 
@@ -171,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is not cmd_bench:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # bench forwards every option to scripts/bench.py (REMAINDER misses a leading --option)
+        args.rest = [*extra, *args.rest]
     try:
         return args.func(args)
     except ConfigError as err:

@@ -140,3 +140,13 @@ def test_markdown_and_targets_from_a_synthetic_result(bench, bf):
     del results["learner"], results["e2e"]  # partial records (enough for the targets)
     md = bench.to_markdown(results)
     assert "| 2 | 2 | 100 |" in md and "4.00" in md and "## Targets" in md and "Qwen3-8B" in md
+
+
+def test_cli_forwards_bench_options(tmp_path):
+    """`cycle-oracle bench --sections ... --out ...` reaches scripts/bench.py with its options."""
+    from cycle_oracle.cli import main
+
+    out = tmp_path / "paper.json"
+    assert main(["bench", "--sections", "paper", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["sections"] == ["paper"] and "paper" in result
