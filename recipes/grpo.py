@@ -266,6 +266,11 @@ def run(cfg, out, resume: bool = False) -> dict:
         init_tensors, init_state, _ = load_checkpoint(ckpt)
         if init_state.get("layer") not in (None, run.layer):
             raise ValueError(f"init_from {ckpt} was trained at layer {init_state['layer']}, this recipe reads layer {run.layer}")
+        trained = {k: v for k, v in (init_state.get("injection") or {}).items() if k in ("num_placeholders", "placeholder", "mode")}
+        ours = {k: v for k, v in cfg.injection.model_dump(mode="json").items() if k in trained}
+        if trained != ours:
+            raise ValueError(f"init_from {ckpt} was trained with injection {trained}, this recipe sets {ours}: "
+                             f"set the same injection.num_placeholders / placeholder / mode")
         warm_norm = init_state.get("injection_norm")
         if warm_norm is not None and abs(warm_norm - norm) > 1e-3 * max(abs(norm), 1.0):
             print(f"[grpo] injection norm {norm:.3f} from this run's corpus differs from the warmup's {warm_norm:.3f}: using the warmup's")

@@ -274,7 +274,8 @@ def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random,
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors
     state = {"world_size": group.world_size, "mixture": mixture.state_dict(), "rng": list(_jsonable(rng.getstate())),
-             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0, "injection_norm": group.norm}
+             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0, "injection_norm": group.norm,
+             "injection": run.cfg.injection.model_dump(mode="json")}
     save_checkpoint(run.out, step, tensors, state, files=files)
 
 
