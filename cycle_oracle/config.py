@@ -141,7 +141,7 @@ class WarmupSettings(Strict):
     """Token-prediction questions per corpus document (cheap: no generation)."""
     generation_engine: Literal["hf", "vllm"] = "hf"
     """What writes the target-generated warmup data (completions, corpus, description targets):
-    HF `generate`, or a vLLM engine (several times faster; cached separately, see DATA.md)."""
+    HF `generate`, or a vLLM engine (about twice as fast on the CPU; cached separately, see DATA.md)."""
 
 
 class GrpoSettings(Strict):
