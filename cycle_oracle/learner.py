@@ -141,10 +141,11 @@ class DecoderLearner:
     def _answer_token_losses(self, examples: Sequence[SftExample], vector_override: str | None = None):
         """Per-example mean answer NLL [B] and argmax accuracy [B] (teacher-forced), with the graph."""
         batch, vectors = self._sft_batch(examples)
-        if vector_override == "shuffled":  # control: another example's activation
-            vectors = vectors.roll(1, dims=0)
-        elif vector_override == "zero":  # control: no activation at all
+        if vector_override == "zero":  # control: no activation at all
             vectors = torch.zeros_like(vectors)
+        elif vector_override is not None:
+            raise ValueError(f"vector_override {vector_override!r}; expected None or 'zero' (a shuffled control "
+                             f"passes another source's context in the examples)")
         logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
         targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
         nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
@@ -172,7 +173,8 @@ class DecoderLearner:
 
     @torch.no_grad()
     def answer_scores(self, examples: Sequence[SftExample], vector_override: str | None = None) -> dict[str, list[float]]:
-        """Held-out scoring: per-example mean answer NLL and token accuracy (real / shuffled / zero)."""
+        """Held-out scoring: per-example mean answer NLL and token accuracy (with the examples' own
+        activations, or "zero"; the shuffled control is built by the caller from other sources)."""
         self.engine.eval()
         nll, correct, mask = self._answer_token_losses(examples, vector_override)
         return {"nll": ((nll * mask).sum(1) / mask.sum(1)).tolist(), "token_accuracy": ((correct * mask).sum(1) / mask.sum(1)).tolist()}
