@@ -92,7 +92,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which is not in {root}: refusing to start over silently "
+                              f"(point it at one of {sorted(p.name for p in root.glob('step-*'))} or remove it)")
+    return path
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, str]:

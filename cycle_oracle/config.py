@@ -66,6 +66,12 @@ class EncoderSettings(Strict):
     lr: float = Field(3e-4, gt=0)
     max_description_tokens: int = Field(128, ge=4)
     prefix: str = "Description: "
+    source_window_tokens: int = Field(0, ge=0)
+    """0: the encoder learns from descriptions only. N > 0: every encoder update (warm start and
+    GRPO co-training) also regresses from the source text of the same activations (the N tokens
+    ending at the activation's token), an anchor that teaches it which text makes which
+    activation, so a description naming the right content scores higher. The encoder still reads
+    only descriptions when it scores. Measured effect: docs/RESULTS.md."""
 
 
 class ExtractionSettings(Strict):
@@ -172,6 +178,9 @@ class GrpoSettings(Strict):
     warmup then GRPO: RL wants a smaller lr than supervised warmup)."""
     overlap_rollout: bool = False
     sync_check: bool = True
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget of the GRPO loop: after the step that crosses it the run checkpoints and
+    goes on to its final eval (None: run all `steps`; the lr schedule is always sized by `steps`)."""
 
 
 class EvalSettings(Strict):
@@ -193,6 +202,8 @@ class LoggingSettings(Strict):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0)
     """0: only at the end."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints stay on disk."""
 
 
 class RaySettings(Strict):

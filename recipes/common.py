@@ -90,6 +90,11 @@ def injection_norm(cfg: RecipeConfig, embedding_norm: float, layer_mean_norm: fl
     return target_norm(cfg.injection, embedding_norm, layer_mean_norm)
 
 
+def source_windows(store, rows, tokenizer, tokens: int) -> list[str]:
+    """The source text of each row: the `tokens` tokens ending at (and including) its token."""
+    return [tokenizer.decode(store.context_window(i, before=tokens)) for i in rows]
+
+
 def check_finite(metrics: dict, step: int) -> None:
     """Stop the run on NaN/inf (before anything is checkpointed, so the last good one stays)."""
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}

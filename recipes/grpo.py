@@ -31,7 +31,7 @@ from cycle_oracle.grpo import group_advantages
 from cycle_oracle.learner import PolicySample
 from cycle_oracle.models import load_tokenizer
 from cycle_oracle.rollout import request_seed
-from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
+from recipes.common import check_finite, Run, extract_store, injection_norm, source_windows, start_run
 
 SYNC_TOLERANCE = 2e-3
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -77,6 +77,7 @@ class Roles:
             for i in range(cfg.rollout.num_actors)
         ]
         self.encoder = EncoderActor.options(**bundle_options(self.pg, self.plan, "encoder", 0)).remote(run.model_path, config, run.layer, store.mean)
+        self.tokenizer = load_tokenizer(run.model_path)
         self.version = 0
         self.probe = None  # (vector, sample tokens, logprobs) of the last verified sync
 
@@ -212,7 +213,11 @@ def grpo_step(roles: Roles, rows: list[int], step: int, samples_by_row, versions
     enc_metrics = {}
     if g.train_encoder and any(usable):
         idx = [i for i, u in enumerate(usable) if u]
-        enc_metrics = remote_get(roles.encoder.call.remote("train_step", [texts[i] for i in idx], flat_vectors[idx]), t, "encoder update")
+        enc_texts, enc_vectors = [texts[i] for i in idx], flat_vectors[idx]
+        if cfg.encoder.source_window_tokens:  # the source-text anchor (EncoderSettings.source_window_tokens)
+            enc_texts += source_windows(roles.store, rows, roles.tokenizer, cfg.encoder.source_window_tokens)
+            enc_vectors = torch.cat([enc_vectors, vectors])
+        enc_metrics = remote_get(roles.encoder.call.remote("train_step", enc_texts, enc_vectors), t, "encoder update")
     time_score_train = time.time() - t0
 
     samples = [PolicySample(flat_vectors[i], s.token_ids, s.logprobs, 0.0) for i, (_, s) in enumerate(flat)]
@@ -295,6 +300,8 @@ def run(cfg, out, resume: bool = False) -> dict:
     run.metrics.log("grpo_setup", start, roles.sync(adapter))
 
     pending = roles.submit_rollout(step_rows(train_rows, cfg.seed, start, g.batch_activations), start) if start < g.steps else None
+    t_loop = time.time()
+    last = g.steps
     with Progress() as progress:
         bar = progress.add_task("grpo", total=g.steps, completed=start)
         for step in range(start, g.steps):
@@ -316,11 +323,16 @@ def run(cfg, out, resume: bool = False) -> dict:
             metrics["time_idle"] = max(0.0, metrics["time_step"] - busy)
             run.metrics.log("grpo", step + 1, metrics)
             progress.update(bar, advance=1, description=f"grpo reward {metrics['reward_mean']:.3f}")
+            out_of_time = g.max_minutes is not None and time.time() - t_loop > 60 * g.max_minutes
             every = cfg.logging.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == g.steps:
+            if (every and (step + 1) % every == 0) or step + 1 == g.steps or out_of_time:
                 save_grpo_checkpoint(roles, step + 1)
+            if out_of_time and step + 1 < g.steps:
+                last = step + 1
+                print(f"[grpo] grpo.max_minutes={g.max_minutes} reached after step {last} of {g.steps}: stopping for the final eval")
+                break  # a rollout already submitted for the next step just finishes first (actor calls run in order)
 
-    results = {"kind": "grpo", "layer": run.layer, "injection_norm": norm, "steps": g.steps, "weight_version": roles.version}
+    results = {"kind": "grpo", "layer": run.layer, "injection_norm": norm, "steps": last, "steps_planned": g.steps, "weight_version": roles.version}
     results["retrieval"] = final_retrieval(roles)
     if init_tensors:  # same final encoder, same pool: the warmup decoder's descriptions for comparison
         roles.sync(init_tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
@@ -352,7 +364,7 @@ def save_grpo_checkpoint(roles: Roles, step: int) -> None:
     state = {"world_size": roles.learners.world_size, "weight_version": roles.version, "layer": roles.run.layer,
              "model": roles.cfg.model.name, "stage": "grpo", "injection_norm": roles.norm}
     save_checkpoint(roles.run.out, step, {"decoder_adapter": roles.learners.on_rank0("adapter"), "encoder": enc_tensors},
-                    state, objects={"encoder_optim": enc_optim}, files=files)
+                    state, objects={"encoder_optim": enc_optim}, files=files, keep=roles.cfg.logging.keep_checkpoints)
 
 
 def final_retrieval(roles: Roles, controls=("shuffled", "zero", "context_only")) -> dict:

@@ -26,7 +26,7 @@ from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_fil
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.encoder import reconstruction_metrics
 from cycle_oracle.learner import SftExample
-from recipes.common import check_finite, Run, extract_store, injection_norm, start_run
+from recipes.common import check_finite, Run, extract_store, injection_norm, source_windows, start_run
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
@@ -95,13 +95,13 @@ def spread_by_source(items: list, n: int, rng: random.Random) -> list:
     return out
 
 
-def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_candidates: int = 5) -> dict:
+def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_items: int, n_candidates: int = 5) -> dict:
     """Rank the true answer among other behaviours' answers by NLL, with the real activation and
     with another behaviour's (shuffled control)."""
     if len(heldout_items) < n_candidates:
         return {}
     hits = {"real": 0, "shuffled": 0}
-    items = spread_by_source(heldout_items, 24, rng)
+    items = spread_by_source(heldout_items, n_items, rng)
     for item, other in zip(items, other_source(items, rng)):
         wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.question == item.question and x.answer != item.answer})
         if len(wrong) < n_candidates - 1:
@@ -143,13 +143,17 @@ def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
         res["items"] = len(chosen)
         res["sources"] = len({it.source_id for it in chosen})
         if task == "latentqa":
-            res.update(latentqa_ranking(group, items, rng, p))
+            res.update(latentqa_ranking(group, items, rng, p, cfg.warmup.eval_items))
         out[task] = res
     return out
 
 
 def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
-    """Train the encoder on descriptions sampled from the warm decoder; report before/after."""
+    """Train the encoder on descriptions sampled from the warm decoder (plus, with
+    `encoder.source_window_tokens`, the source text of the same activations); report before/after."""
+    from cycle_oracle.models import load_tokenizer
+
+    tokenizer = load_tokenizer(run.model_path)
     train_rows, held_rows = store.split_by_document(cfg.warmup.heldout_fraction, seed)
     rng = random.Random(seed)
     train_rows = rng.sample(train_rows, min(cfg.warmup.encoder_samples, len(train_rows)))
@@ -185,6 +189,10 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
     sampled_texts, sampled_vecs = describe(train_rows, False, 2, -3)
     texts = greedy_texts + sampled_texts
     vecs = torch.cat([greedy_vecs, sampled_vecs])
+    window = cfg.encoder.source_window_tokens
+    if window:  # the source-text anchor (EncoderSettings.source_window_tokens)
+        texts += source_windows(store, train_rows, tokenizer, window)
+        vecs = torch.cat([vecs, store.activations[train_rows]])
     losses = []
     batch = 16
     for step in range(cfg.warmup.encoder_steps):
@@ -193,7 +201,11 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
         losses.append(m["encoder_loss"])
         run.metrics.log("encoder_warmstart", step, m)
     after = measure()
-    return {"heldout_before": before, "heldout_after": after, "train_pairs": len(texts), "heldout_pairs": len(held_texts),
+    out = {}
+    if window:  # the encoder reading the true source text of the held-out rows (a ceiling)
+        v_hat, _ = remote_get(encoder.call.remote("reconstruct", source_windows(store, held_rows, tokenizer, window)), t, "encoder reconstruct")
+        out["heldout_source_window"] = reconstruction_metrics(v_hat, store.activations[held_rows], store.mean)
+    return {**out, "heldout_before": before, "heldout_after": after, "train_pairs": len(texts), "heldout_pairs": len(held_texts),
             "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
 
 
@@ -276,7 +288,7 @@ def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random,
     state = {"world_size": group.world_size, "mixture": mixture.state_dict(), "rng": list(_jsonable(rng.getstate())),
              "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0, "injection_norm": group.norm,
              "injection": run.cfg.injection.model_dump(mode="json")}
-    save_checkpoint(run.out, step, tensors, state, files=files)
+    save_checkpoint(run.out, step, tensors, state, files=files, keep=run.cfg.logging.keep_checkpoints)
 
 
 def _jsonable(state):

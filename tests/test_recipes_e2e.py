@@ -2,7 +2,8 @@
 
 Engine starts are the cost here (about a minute each on 2 cores), so the GRPO checks share runs:
 one run on a 2-node local cluster with a rollout actor killed mid-run, then a resume of that run
-from its step-2 checkpoint that must reproduce its step-3 metrics.
+from its step-1 checkpoint under a tiny `grpo.max_minutes` (stops after step 2) and a second
+resume; together they must reproduce its step-2 and step-3 metrics.
 """
 
 import json
@@ -73,7 +74,7 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     assert built >= {"latentqa", "token_prediction"}  # a random model's description targets may all be unusable
     assert set(results["heldout"]) == built
     enc = results["encoder_warm_start"]
-    assert enc["heldout_before"] and enc["heldout_after"]
+    assert enc["heldout_before"] and enc["heldout_after"] and enc["heldout_source_window"]
     first, again = _metrics(out, "warmup"), _metrics(resumed_dir, "warmup")
     assert 3 in first and set(again) == {3}, "resume must continue at step 3 only"
     assert abs(first[3]["loss"] - again[3]["loss"]) < 1e-4, (first[3]["loss"], again[3]["loss"])
@@ -115,8 +116,10 @@ def test_smoke_grpo_two_nodes_actor_kill_resume_and_eval(tmp_path, shared_data):
         rollout_pids = {a.pid for a in roles if a.class_name == "RolloutActor" and a.pid} | {killed.get("pid")}
         resumed = tmp_path / "grpo-resumed"
         shutil.copytree(out, resumed)
-        _rewind(resumed, 2)
+        _rewind(resumed, 1)
         (resumed / "metrics.jsonl").write_text("")
+        budget_cfg = load_recipe(REPO / "recipes" / "smoke_grpo.yaml", [f"ray.address={cluster.address}", "grpo.max_minutes=0.0001"])
+        stopped = grpo.run(budget_cfg, resumed, resume=True)  # out of time after one step: checkpoints at 2
         grpo.run(cfg, resumed, resume=True)
         # evals on the smoke checkpoint (CI's eval check), through the same recipe path as the CLI
         from recipes import evaluate
@@ -137,10 +140,12 @@ def test_smoke_grpo_two_nodes_actor_kill_resume_and_eval(tmp_path, shared_data):
         assert -1.0 <= m[step]["reward_mean"] <= 1.0
         assert m[step]["sync_logprob_error"] < 2e-3
     assert results["retrieval"]["n"] >= 2
+    assert (stopped["steps"], stopped["steps_planned"]) == (2, 3), "grpo.max_minutes must stop the loop after the step that crosses it"
     again = _metrics(resumed, "grpo")
-    assert 3 in again and 2 not in again
-    for key in ("reward_mean", "policy_loss", "encoder_loss"):
-        assert abs(m[3][key] - again[3][key]) < 1e-3, (key, m[3][key], again[3][key])
+    assert set(again) == {2, 3}, "resume from step 1, stop at the budget after 2, resume again for 3"
+    for step in (2, 3):
+        for key in ("reward_mean", "policy_loss", "encoder_loss"):
+            assert abs(m[step][key] - again[step][key]) < 1e-3, (step, key, m[step][key], again[step][key])
     import psutil
 
     time.sleep(2)
