@@ -337,11 +337,21 @@ def run(cfg, out, resume: bool = False) -> dict:
     if init_tensors:  # same final encoder, same pool: the warmup decoder's descriptions for comparison
         roles.sync(init_tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
         results["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
+        results["grpo_minus_warmup"] = decoder_comparison(results["retrieval"], results["retrieval_warmup_decoder"])
     results["summary"] = retrieval_summary(results)
     run.write_results("results.json", results)
     run.metrics.close()
     roles.shutdown()
     return results
+
+
+def decoder_comparison(grpo: dict, warm: dict) -> dict:
+    """Per held-out item, GRPO decoder's score minus the warmup decoder's (same pool, same encoder):
+    mean, 95% bootstrap interval and share of items where GRPO is better."""
+    from cycle_oracle.evals.controls import paired_difference
+
+    a, b = grpo["per_item"]["description"], warm["per_item"]["description"]
+    return {k: paired_difference(torch.tensor(a[k]), torch.tensor(b[k])) for k in ("cosine", "centred_cosine")}
 
 
 def retrieval_summary(results: dict) -> dict:
@@ -354,6 +364,8 @@ def retrieval_summary(results: dict) -> dict:
             out[f"{label}/{cond}"] = {k: round(float(m[k]), 4) for k in ("top1", "top5", "cosine", "centred_cosine", "fve") if k in m}
         out["pool_size"] = r["n"]
         out["chance_top1"] = r["chance"]["top1"]
+    for key, d in (results.get("grpo_minus_warmup") or {}).items():
+        out[f"grpo_minus_warmup/{key}"] = {k: round(float(d[k]), 4) for k in ("mean", "ci_low", "ci_high", "share_a_better")}
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cycle_oracle.evals.arithmetic import Problem, first_digit_match, make_problems, numbers_in, states_answer
-from cycle_oracle.evals.controls import copy_rate, derangement, distinct_n, mean_copy_rate, same_start_share, shuffled_gap, words
+from cycle_oracle.evals.controls import copy_rate, derangement, distinct_n, mean_copy_rate, paired_difference, same_start_share, shuffled_gap, words
 from cycle_oracle.evals.probes import accuracy_block, best_threshold, wilson_interval
 from cycle_oracle.evals.retrieval import chance_metrics, ranking_metrics, similarity_matrix, true_ranks
 
@@ -108,6 +108,20 @@ def test_distinct_n_and_same_start_by_hand():
     assert same_start_share(descs, k=1) == pytest.approx(3 / 4)
     assert same_start_share(["a b", "c d"], k=4) == 0.5
     assert words("Hello, wörld! 42") == ["hello", "wörld", "42"]
+
+
+def test_paired_difference_interval_covers_the_shift_and_excludes_zero():
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(400, generator=g)
+    a = b + 0.05 + 0.02 * torch.randn(400, generator=g)
+    d = paired_difference(a, b)
+    assert d["mean"] == pytest.approx(float((a - b).mean()))
+    assert d["ci_low"] < 0.05 < d["ci_high"] and d["ci_low"] > 0
+    assert d["share_a_better"] > 0.9 and d["n"] == 400
+    same = paired_difference(b, b.flip(0))  # no systematic difference: the interval holds 0
+    assert same["ci_low"] < 0 < same["ci_high"]
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(a, b[:10])
 
 
 def test_shuffled_gap():
