@@ -6,7 +6,10 @@
     loop:   sample B activations -> rollout (K descriptions each) -> score (cycle reward) ->
             co-train encoder -> advantages -> learn (GRPO) -> sync weights (+ verify) -> log ->
             checkpoint
-    end:    final checkpoint, retrieval eval on held-out documents, results.json + summary
+    end:    final checkpoint, retrieval eval on held-out documents; with init_from, the same eval for
+            the warmup decoder under the same final encoder and the paired GRPO-minus-warmup
+            difference per item (`grpo_minus_warmup`); results.json + summary
+            (`grpo.max_minutes` ends the loop early on a wall-clock budget, then the same end)
 
 With `grpo.overlap_rollout`, step s+1's rollout runs while the learner trains on step s (one
 step off-policy; the learner's truncated importance weights correct for it).
