@@ -25,6 +25,7 @@ from actors.rollout import RolloutActor
 from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_files, save_checkpoint
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.encoder import reconstruction_metrics
+from cycle_oracle.evals.controls import paired_difference
 from cycle_oracle.learner import SftExample
 from recipes.common import check_finite, Run, extract_store, injection_norm, source_windows, start_run
 
@@ -97,10 +98,11 @@ def spread_by_source(items: list, n: int, rng: random.Random) -> list:
 
 def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_items: int, n_candidates: int = 5) -> dict:
     """Rank the true answer among other behaviours' answers by NLL, with the real activation and
-    with another behaviour's (shuffled control)."""
+    with another behaviour's (shuffled control); the real-minus-shuffled top-1 gap gets a paired
+    95% bootstrap interval over items."""
     if len(heldout_items) < n_candidates:
         return {}
-    hits = {"real": 0, "shuffled": 0}
+    hits: dict[str, list[float]] = {"real": [], "shuffled": []}
     items = spread_by_source(heldout_items, n_items, rng)
     for item, other in zip(items, other_source(items, rng)):
         wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.question == item.question and x.answer != item.answer})
@@ -111,14 +113,18 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
             positions = read_positions(ctx, rng, num_placeholders)
             exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
             nll = group.on_rank0("answer_scores", exs)["nll"]
-            hits[mode] += int(min(range(len(cands)), key=lambda i: nll[i]) == 0)
+            hits[mode].append(float(min(range(len(cands)), key=lambda i: nll[i]) == 0))
     n = len(items)
-    return {"ranking_top1_real": hits["real"] / n, "ranking_top1_shuffled": hits["shuffled"] / n, "ranking_candidates": n_candidates, "ranking_items": n}
+    gap = paired_difference(torch.tensor(hits["real"]), torch.tensor(hits["shuffled"]), seed=0)
+    return {"ranking_top1_real": sum(hits["real"]) / n, "ranking_top1_shuffled": sum(hits["shuffled"]) / n,
+            "ranking_gap_ci_low": gap["ci_low"], "ranking_gap_ci_high": gap["ci_high"],
+            "ranking_candidates": n_candidates, "ranking_items": n}
 
 
 def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
     """Answer NLL and token accuracy per task with the real activation, another source's (shuffled:
-    a different document or behaviour, never the same one) and a zero activation."""
+    a different document or behaviour, never the same one) and a zero activation; the NLL gap
+    shuffled - real with a paired 95% bootstrap interval over items."""
     rng = random.Random(seed)
     p = cfg.injection.num_placeholders
     out: dict[str, dict] = {}
@@ -131,15 +137,19 @@ def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
             "shuffled": ([to_example(it, rng, p, other) for it, other in zip(chosen, other_source(chosen, rng))], None),
             "zero": ([to_example(it, rng, p) for it in chosen], "zero"),
         }
-        res = {}
+        res, nll_by_variant = {}, {}
         for name, (examples, mode) in variants.items():
             scores = {"nll": [], "token_accuracy": []}
             for i in range(0, len(examples), 8):
                 s = group.on_rank0("answer_scores", examples[i : i + 8], mode)
                 for k in scores:
                     scores[k].extend(s[k])
+            nll_by_variant[name] = scores["nll"]
             res[f"nll_{name}"] = sum(scores["nll"]) / len(scores["nll"])
             res[f"token_accuracy_{name}"] = sum(scores["token_accuracy"]) / len(scores["token_accuracy"])
+        if len(chosen) >= 2:  # paired over items: > 0 when the real activation helps
+            gap = paired_difference(torch.tensor(nll_by_variant["shuffled"]), torch.tensor(nll_by_variant["real"]))
+            res["nll_gap_shuffled_minus_real"], res["nll_gap_ci_low"], res["nll_gap_ci_high"] = gap["mean"], gap["ci_low"], gap["ci_high"]
         res["items"] = len(chosen)
         res["sources"] = len({it.source_id for it in chosen})
         if task == "latentqa":

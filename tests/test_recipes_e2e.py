@@ -73,6 +73,9 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     built = {task for task, n in results["data"]["heldout"].items() if n}
     assert built >= {"latentqa", "token_prediction"}  # a random model's description targets may all be unusable
     assert set(results["heldout"]) == built
+    lqa = results["heldout"]["latentqa"]
+    assert lqa["nll_gap_ci_low"] <= lqa["nll_gap_shuffled_minus_real"] <= lqa["nll_gap_ci_high"]
+    assert lqa["ranking_gap_ci_low"] <= lqa["ranking_top1_real"] - lqa["ranking_top1_shuffled"] <= lqa["ranking_gap_ci_high"]
     enc = results["encoder_warm_start"]
     assert enc["heldout_before"] and enc["heldout_after"] and enc["heldout_source_window"]
     first, again = _metrics(out, "warmup"), _metrics(resumed_dir, "warmup")
