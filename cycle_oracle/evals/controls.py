@@ -79,7 +79,7 @@ def shuffled_gap(matched_cosines: torch.Tensor, shuffled_cosines: torch.Tensor) 
     return float(matched_cosines.float().mean() - shuffled_cosines.float().mean())
 
 
-def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 2000, seed: int = 0, z_level: float = 0.95) -> dict:
+def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of d_i = a_i - b_i over items scored both ways, with a percentile bootstrap interval
     (items resampled with replacement) and the share of items where a_i > b_i."""
     a, b = a.double().flatten(), b.double().flatten()
@@ -88,9 +88,9 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 2000, seed
     d = a - b
     g = torch.Generator().manual_seed(seed)
     means = d[torch.randint(0, d.numel(), (n_boot, d.numel()), generator=g)].mean(1)
-    tail = (1 - z_level) / 2
+    tail = (1 - level) / 2
     return {"mean": float(d.mean()), "ci_low": float(means.quantile(tail)), "ci_high": float(means.quantile(1 - tail)),
-            "share_a_better": float((d > 0).double().mean()), "n": int(d.numel()), "level": z_level}
+            "share_a_better": float((d > 0).double().mean()), "n": int(d.numel()), "level": level}
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
