@@ -15,7 +15,6 @@ ids of every source document (for context windows). Every split in the project i
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cycle_oracle.checkpoint import atomic_write as _atomic_write
+from cycle_oracle.data.mixture import heldout_sources
 from cycle_oracle.models import decoder_blocks, num_layers
 
 
@@ -185,12 +185,9 @@ class ActivationStore:
 
     def split_by_document(self, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Row indices (train, heldout), split by source document (or its group, e.g. the article
-        of a paragraph), never by token."""
+        of a paragraph), never by token: the same split as the warmup data's (`heldout_sources`)."""
         key = lambda r: r.get("group", r["doc_id"])  # noqa: E731
-        groups = sorted({key(r) for r in self.records})
-        random.Random(seed).shuffle(groups)
-        n_held = max(1, round(len(groups) * heldout_fraction))
-        held = set(groups[:n_held])
+        held = heldout_sources((key(r) for r in self.records), heldout_fraction, seed)
         train = [i for i, r in enumerate(self.records) if key(r) not in held]
         heldout = [i for i, r in enumerate(self.records) if key(r) in held]
         return train, heldout

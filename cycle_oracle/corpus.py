@@ -20,19 +20,22 @@ def split_paragraphs(text: str, source: str, min_chars: int = 80) -> list[Docume
     """Paragraph documents; paragraphs under one top-level `= Title =` share a split group."""
     docs, block = [], []
     article = 0
+
+    def flush() -> None:
+        para = " ".join(block)
+        if len(para) >= min_chars:
+            docs.append(Document(f"{source}:{len(docs)}", para, group=f"{source}:article{article}"))
+        block.clear()
+
     for line in text.splitlines() + [""]:
         if _HEADING.match(line):
+            flush()
             if line.strip().startswith("= ") and not line.strip().startswith("= ="):
                 article += 1
-            continue
-        if line.strip():
+        elif line.strip():
             block.append(line.strip())
-            continue
-        if block:
-            para = " ".join(block)
-            if len(para) >= min_chars:
-                docs.append(Document(f"{source}:{len(docs)}", para, group=f"{source}:article{article}"))
-            block = []
+        else:
+            flush()
     return docs
 
 

@@ -11,6 +11,7 @@ ints (`state_dict()`: draws so far, and draws per task), JSON-able and exact on 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Sequence
 
@@ -18,15 +19,33 @@ from cycle_oracle.data.items import WarmupItem, log
 
 
 def heldout_sources(source_ids: Iterable[str], heldout_fraction: float, seed: int) -> set[str]:
-    """A seeded choice of round(n * fraction) sources (at least 1 when n >= 2, never all of them)."""
+    """The held-out sources: those whose seeded hash falls below `heldout_fraction`.
+
+    A source's side depends only on (seed, its id), never on which other sources were loaded, so
+    every stage agrees: the warmup (which samples documents) and GRPO / the evals (which take the
+    first N of the same corpus) hold out the same articles, and no held-out paragraph is trained on
+    by either. The held-out share is therefore `heldout_fraction` on average, not exactly. With two
+    or more sources, at least one lands on each side (the lowest hash is held out, the highest kept
+    for training, if the threshold put all on one side).
+    """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     ids = sorted(set(source_ids))
     if len(ids) < 2:
         return set()
-    random.Random(f"split:{seed}").shuffle(ids)
-    n_held = min(len(ids) - 1, max(1, round(len(ids) * heldout_fraction)))
-    return set(ids[:n_held])
+    draw = {s: source_draw(s, seed) for s in ids}
+    held = {s for s in ids if draw[s] < heldout_fraction}
+    if not held:
+        held = {min(ids, key=draw.get)}
+    elif len(held) == len(ids):
+        held.discard(max(ids, key=draw.get))
+    return held
+
+
+def source_draw(source_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, source id): the source's place in every split."""
+    digest = hashlib.sha256(f"split:{seed}:{source_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def split_by_source(

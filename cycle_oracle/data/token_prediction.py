@@ -20,11 +20,11 @@ what the target read. Answers are the decoded true tokens, stripped.
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cycle_oracle.corpus import split_paragraphs
 from cycle_oracle.data.generation import (
     GenerateFn,
     cache_file,
@@ -45,7 +45,6 @@ FRAMINGS = (
     "{p} Make it lively and vivid.",
     "{p} Begin with a surprising fact.",
 )
-_HEADING = re.compile(r"^\s*=(\s*=)*\s.*\s=(\s*=)*\s*$")
 
 
 def question_for(direction: str, k: int) -> str:
@@ -57,37 +56,9 @@ def question_for(direction: str, k: int) -> str:
 # ---------------------------------------------------------------- corpus loading
 
 
-def split_documents(text: str, source: str, min_chars: int = 80) -> list[TextDocument]:
-    """Paragraph documents; `= Title =` lines start a new article (the split group)."""
-    docs: list[TextDocument] = []
-    article, para, block = 0, 0, []
-
-    def flush():
-        nonlocal block, para
-        if block:
-            body = " ".join(block)
-            if len(body) >= min_chars:
-                docs.append(TextDocument(f"{source}:{article}:{para}", body, f"{source}:{article}"))
-                para += 1
-            block = []
-
-    for line in text.splitlines() + [""]:
-        stripped = line.strip()
-        if _HEADING.match(line):
-            flush()
-            if not stripped.startswith("= ="):  # a top-level title: a new article
-                if docs and docs[-1].source_id == f"{source}:{article}":
-                    article += 1
-                para = 0
-            continue
-        if stripped:
-            block.append(stripped)
-        else:
-            flush()
-    return docs
-
-
 def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[TextDocument]:
+    """Paragraph documents of text files, with the same ids and article groups as the corpus that
+    GRPO and the evals read (`corpus.split_paragraphs`), so their splits agree."""
     if not paths:
         raise ValueError("corpus kind text_files needs `paths` (a list of text files)")
     docs: list[TextDocument] = []
@@ -95,7 +66,8 @@ def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[Te
         path = Path(p).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"corpus file not found: {path} (set warmup.corpus.paths to existing text files)")
-        docs.extend(split_documents(path.read_text(encoding="utf-8", errors="replace"), path.stem, min_chars))
+        paragraphs = split_paragraphs(path.read_text(encoding="utf-8", errors="replace"), path.stem, min_chars)
+        docs.extend(TextDocument(d.doc_id, d.text, d.group or d.doc_id) for d in paragraphs)
     if not docs:
         raise ValueError(f"no documents of at least {min_chars} characters in {list(paths)}")
     return docs
