@@ -43,7 +43,7 @@ class InjectionSettings(Strict):
 
     num_placeholders: int = Field(1, ge=1)
     """Placeholder tokens in the decoder prompt. One activation fills all of them; LatentQA warmup
-    examples instead read that many distinct stimulus/completion positions, one per placeholder."""
+    examples instead read that many distinct readable positions (`warmup.latentqa_read`), one per placeholder."""
     placeholder: str = " ?"
     mode: Literal["replace", "add"] = "replace"
     scale: Literal["embedding_norm", "layer_norm", "fixed"] = "embedding_norm"
@@ -134,6 +134,15 @@ class WarmupSettings(Strict):
     steps: int = Field(100, ge=1)
     mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
     latentqa: DataSource = DataSource(kind="embedded")
+    latentqa_read: Literal["content", "reply_header", "both"] = "reply_header"
+    """Which target positions a LatentQA example may inject (the control turn never): the stimulus and
+    completion text (`content`, upstream's reading minus template tokens), the reply header (the
+    template tokens between the user's message and the reply, where the target has read the prompt;
+    a probe reads the behaviour there and not in the text: docs/DATA.md), or `both`."""
+    latentqa_centre: bool = True
+    """Subtract the mean activation of each LatentQA read slot (over training contexts) before
+    injection: reply-header activations are 96-99% one vector shared by every chat, and injection
+    rescales the whole vector, so without centring what differs between behaviours arrives tiny."""
     corpus: DataSource = DataSource(kind="embedded")
     num_behaviours: int = Field(120, ge=2)
     num_corpus_documents: int = Field(200, ge=4)

@@ -106,6 +106,8 @@ class DecoderLearner:
         self.description_prompt = build_decoder_prompt(self.tokenizer, layer, cfg.description_instruction, cfg.injection.num_placeholders, cfg.injection.placeholder)
         self.reference_prompt = reference_prompt(self.tokenizer)
         self.optimizer_steps = 0
+        self.read_offsets: dict[str, torch.Tensor] = {}
+        """task -> [P, d] subtracted from that task's activations before injection (`set_read_offset`)."""
 
     # ---- activations --------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +121,24 @@ class DecoderLearner:
         rows = torch.arange(len(positions))
         return hidden[rows[:, None], index] if index.dim() == 2 else hidden[rows, index]
 
+    @torch.no_grad()
+    def set_read_offset(self, task: str, contexts: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], batch_size: int = 16) -> dict:
+        """Centre a task's activations from now on: v_j <- v_j - mu_j before injection, where mu_j is
+        the mean activation behind placeholder j over `contexts` (training contexts; held-out and
+        control examples get the same mu). For LatentQA's reply header, whose activations are
+        96-99% one shared vector in every chat (docs/RESULTS.md), this leaves what differs between
+        chats, which injection (v / ||v|| * s) would otherwise scale down to almost nothing.
+        Returns the share of the activations' energy that centring keeps, E||v - mu||^2 / E||v||^2."""
+        if len(contexts) != len(positions) or not contexts:
+            raise ValueError(f"set_read_offset needs one position list per context, got {len(contexts)} contexts and {len(positions)} position lists")
+        slots = [self._placeholder_positions(SftExample(task, list(c), list(p), "", "")) for c, p in zip(contexts, positions)]
+        vectors = torch.cat([self.read_activations(contexts[i : i + batch_size], slots[i : i + batch_size])
+                             for i in range(0, len(contexts), batch_size)])  # [N, P, d]
+        mean = vectors.mean(0)
+        self.read_offsets[task] = mean
+        kept = ((vectors - mean).pow(2).sum(-1).mean() / vectors.pow(2).sum(-1).mean()).item()
+        return {"task": task, "contexts": len(contexts), "energy_share_kept": kept, "offset_norm": mean.norm(dim=-1).mean().item()}
+
     # ---- warmup -------------------------------------------------------------------------
     def _sft_batch(self, examples: Sequence[SftExample]) -> tuple[DecoderBatch, torch.Tensor]:
         from cycle_oracle.injection import answer_ids
@@ -126,6 +146,9 @@ class DecoderLearner:
         prompts = [build_decoder_prompt(self.tokenizer, self.layer, e.question, self.cfg.injection.num_placeholders, self.cfg.injection.placeholder) for e in examples]
         answers = [answer_ids(self.tokenizer, e.answer) for e in examples]
         vectors = self.read_activations([e.context_ids for e in examples], [self._placeholder_positions(e) for e in examples])
+        for row, e in enumerate(examples):
+            if e.task in self.read_offsets:
+                vectors[row] = vectors[row] - self.read_offsets[e.task]
         return build_batch(prompts, answers, self.tokenizer.pad_token_id), vectors
 
     def _placeholder_positions(self, example: SftExample) -> list[int]:

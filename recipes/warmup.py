@@ -57,12 +57,30 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
 
 def read_positions(item, rng: random.Random, num_placeholders: int) -> int | tuple[int, ...]:
     """Where the target is read for one example: LatentQA reads up to `num_placeholders` distinct
-    stimulus/completion positions (one per placeholder, in order; LatentQA itself reads them all),
+    readable positions (`warmup.latentqa_read`: the reply header by default; one per placeholder, in order),
     the other tasks one position (repeated over the placeholders)."""
     if item.task != "latentqa" or num_placeholders == 1:
         return rng.choice(item.read_positions)
     chosen = sorted(rng.sample(list(item.read_positions), min(num_placeholders, len(item.read_positions))))
     return tuple(chosen + [chosen[-1]] * (num_placeholders - len(chosen)))
+
+
+def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 256) -> dict | None:
+    """Every learner subtracts the mean LatentQA read-slot activation over (up to `max_contexts`)
+    training contexts before injection (`warmup.latentqa_centre`). Deterministic in the seed and
+    the data, so a resumed run recomputes the same offset; it draws from its own RNG."""
+    contexts = list({it.context_ids: it for it in items}.values())
+    if not contexts:
+        return None
+    rng = random.Random(f"latentqa-centre:{cfg.seed}")
+    chosen = rng.sample(contexts, min(max_contexts, len(contexts)))
+    positions = [read_positions(it, rng, cfg.injection.num_placeholders) for it in chosen]
+    positions = [[p] if isinstance(p, int) else list(p) for p in positions]
+    args = ("latentqa", [list(it.context_ids) for it in chosen], positions)
+    info = group.on_all("set_read_offset", [args] * group.world_size, "centring the LatentQA activations")[0]
+    print(f"[warmup] LatentQA activations centred on {info['contexts']} training contexts: they keep "
+          f"{info['energy_share_kept']:.3f} of their energy")
+    return info
 
 
 def to_example(item, rng: random.Random, num_placeholders: int = 1, context_from=None) -> SftExample:
@@ -235,6 +253,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
     group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps,
                          [dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)] * cfg.learner.num_actors)
+    centring = centre_latentqa(group, train.get("latentqa", []), cfg) if cfg.warmup.latentqa_centre else None
     rng = random.Random(cfg.seed)
     start = 0
     if resume and (ckpt := latest_checkpoint(run.out)) is not None:
@@ -271,7 +290,7 @@ def run(cfg, out, resume: bool = False) -> dict:
             if every and (step + 1) % every == 0 and step + 1 < cfg.warmup.steps:
                 _save(run, group, step + 1, mixture, rng, None)
 
-    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer}
+    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
     adapter = group.on_rank0("adapter")
     rollout = RolloutActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0)

@@ -61,7 +61,7 @@ def test_latentqa_public_masking_never_reads_the_control(shared_data, tiny_token
     folder = shared_data / "latentqa" / "eval"
     rows = {r["label"]: r for r in json.loads((folder / "system.json").read_text())}
     qa = json.loads((folder / "qa.json").read_text())
-    result = load_latentqa(folder, tiny_tokenizer)
+    result = load_latentqa(folder, tiny_tokenizer, read="content")
     assert result.malformed == 0
     assert set(result.labels) == set(rows)
     assert len(result.items) == sum(len(qa[label]) for label in rows)  # stimulus.json duplicates are dropped
@@ -103,7 +103,7 @@ def test_latentqa_completion_is_read_and_control_turns_masked(tmp_path, tiny_tok
     # template then adds its default system turn in front, which is masked too
     for control_as, n_starts in (("system", 3), ("turns", 5)):
         result = load_latentqa(tmp_path, tiny_tokenizer, control_as=control_as,
-                               files=("stimulus_completion.json", "control.json"))
+                               files=("stimulus_completion.json", "control.json"), read="content")
         assert len(result.items) == 2 and result.malformed == 0
         assert result.stats["control_only_rows"] == 1  # control.json has nothing readable under the masking
         for item in result.items:
@@ -117,6 +117,37 @@ def test_latentqa_completion_is_read_and_control_turns_masked(tmp_path, tiny_tok
             runs = decode_runs(tiny_tokenizer, item.context_ids, item.read_positions)
             assert runs == [row["stimulus_user"], row["stimulus_model"]]
             assert row["control_user"] not in "".join(runs)
+
+
+
+def test_latentqa_reply_header_reads_between_prompt_and_reply(tmp_path, tiny_tokenizer):
+    """`reply_header`: exactly the non-special template tokens after the user's message and before
+    the reply (the generation prompt when the chat ends on the user turn); `both` = that + the text."""
+    from cycle_oracle.data.latentqa import chat_context, load_latentqa
+
+    chat = [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "How are you?"},
+            {"role": "assistant", "content": "Arr, fine."}]
+    special = set(tiny_tokenizer.all_special_ids)
+    ids, header = chat_context(tiny_tokenizer, chat, 1, read="reply_header")
+    starts = im_start_positions(tiny_tokenizer, ids)
+    assert header == [p for p in range(starts[2] - 1, starts[2] + 4) if ids[p] not in special]
+    assert tiny_tokenizer.decode([ids[p] for p in header]) == "\nassistant\n"
+    assert "Arr" in tiny_tokenizer.decode(ids[header[-1] + 1:])  # the reply starts right after
+    _, text = chat_context(tiny_tokenizer, chat, 1, read="content")
+    _, both = chat_context(tiny_tokenizer, chat, 1, read="both")
+    assert both == sorted(set(text) | set(header)) and not set(text) & set(header)
+    # a chat ending on the user turn gets the generation prompt, which is its reply header
+    ids2, header2 = chat_context(tiny_tokenizer, chat[:2], 1, read="reply_header")
+    assert tiny_tokenizer.decode([ids2[p] for p in header2]) == "\nassistant\n" and header2[-1] == len(ids2) - 1
+    assert chat_context(tiny_tokenizer, chat[:2], 1, read="content")[0] == ids2[: starts[2]]
+    assert chat_context(tiny_tokenizer, chat, 1, max_tokens=starts[2] - 1, read="reply_header") is None  # header cut off
+    with pytest.raises(ValueError, match="read='everything'"):
+        chat_context(tiny_tokenizer, chat, 1, read="everything")
+    # the loader: every item reads only its reply header, never the control
+    _write(tmp_path / "system.json", [{"system": "Talk like a pirate.", "stimulus_user": "Hello there?", "label": "persona-pirate"}])
+    _write(tmp_path / "qa.json", {"persona-pirate": [["Who is it?", "A pirate."]]})
+    (item,) = load_latentqa(tmp_path, tiny_tokenizer).items
+    assert tiny_tokenizer.decode([item.context_ids[p] for p in item.read_positions]) == "\nassistant\n"
 
 
 def test_latentqa_malformed_rows_counted_or_raised(tmp_path, tiny_tokenizer):
@@ -174,9 +205,16 @@ def test_split_by_source_is_disjoint_complete_and_seeded():
     tr, he = {i.source_id for i in train}, {i.source_id for i in held}
     assert tr.isdisjoint(he)
     assert tr | he == {i.source_id for i in items}
-    assert len(he) == 10 and len(train) + len(held) == len(items)
+    assert 4 <= len(he) <= 16 and len(train) + len(held) == len(items)  # 0.2 of 50 sources on average
     assert split_by_source(items, 0.2, seed=3) == (train, held)
     assert {i.source_id for i in split_by_source(items, 0.2, seed=4)[1]} != he
+    # a source's side does not depend on which other sources are loaded (warmup and GRPO agree)
+    subset = [i for i in items if int(i.source_id.removeprefix("src")) % 3 == 0]
+    assert {i.source_id for i in split_by_source(subset, 0.2, seed=3)[1]} == he & {i.source_id for i in subset}
+    # two sources: one on each side whatever the hashes say
+    pair = _items(2, 1)
+    assert [len(side) for side in split_by_source(pair, 0.01, seed=0)] == [1, 1]
+    assert [len(side) for side in split_by_source(pair, 0.99, seed=0)] == [1, 1]
 
 
 def test_mixture_deterministic_resumable_and_weighted():
@@ -233,9 +271,15 @@ def test_split_documents_by_article(tmp_path):
     path = tmp_path / "wiki.raw"
     path.write_text(WIKI_LIKE)
     docs = load_text_files([path])
-    assert [d.source_id for d in docs] == ["wiki:0", "wiki:0", "wiki:1"]
+    assert docs[0].source_id == docs[1].source_id != docs[2].source_id
     assert not any("=" in d.text for d in docs)
     assert docs[2].text.startswith("The second article")
+    # the warmup's documents are GRPO's and the evals' documents: same ids, same article groups
+    from cycle_oracle.config import DataSource
+    from cycle_oracle.corpus import load_documents
+
+    same = load_documents(DataSource(kind="text_files", paths=[str(path)]))
+    assert [(d.doc_id, d.group, d.text) for d in same] == [(d.doc_id, d.source_id, d.text) for d in docs]
 
 
 def test_token_prediction_answers_are_the_true_tokens(tmp_path, tiny_tokenizer):
@@ -327,7 +371,7 @@ def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_token
     assert len(stimuli()) >= 40 and len(seed_prompts()) >= 40
     gen = FakeGenerate()
     res = build_embedded_latentqa(tiny_tokenizer, gen, num_behaviours=120, stimuli_per_behaviour=2, seed=0,
-                                  cache_dir=tmp_path, progress=False)
+                                  cache_dir=tmp_path, progress=False, read="both")
     labels = {it.source_id for it in res.items}
     assert len(labels) >= 100
     assert len(gen.chats) == 240 and gen.calls > 0
@@ -349,9 +393,9 @@ def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_token
 
     calls = gen.calls
     again = build_embedded_latentqa(tiny_tokenizer, gen, num_behaviours=120, stimuli_per_behaviour=2, seed=0,
-                                    cache_dir=tmp_path, progress=False)
+                                    cache_dir=tmp_path, progress=False, read="both")
     assert gen.calls == calls and again.stats["cached"] and again.items == res.items
-    fresh = build_embedded_latentqa(tiny_tokenizer, FakeGenerate(), num_behaviours=120, seed=0, cache_dir=tmp_path / "other", progress=False)
+    fresh = build_embedded_latentqa(tiny_tokenizer, FakeGenerate(), num_behaviours=120, seed=0, cache_dir=tmp_path / "other", progress=False, read="both")
     assert fresh.items == res.items  # deterministic given the seed
     other = build_embedded_latentqa(tiny_tokenizer, FakeGenerate(), num_behaviours=120, seed=1, cache_dir=tmp_path, progress=False)
     assert {it.source_id for it in other.items} != labels

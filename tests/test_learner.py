@@ -91,3 +91,16 @@ def test_several_read_positions_fill_the_placeholders_in_order(dist, tiny_path, 
     torch.testing.assert_close(vectors[1], many[1])
     with pytest.raises(ValueError, match="expected 1 or injection.num_placeholders=3"):
         learner._sft_batch([SftExample("latentqa", ctx, (2, 4), "Q?", "A")])
+
+    # centring: one task's slots lose their mean over the given contexts, other tasks are untouched
+    other = tiny_tokenizer.encode("A slow green turtle walks under the busy bridge today.")
+    info = learner.set_read_offset("latentqa", [ctx, other], [(2, 4, 6), (3, 5, 7)])
+    both = learner.read_activations([ctx, other], [[2, 4, 6], [3, 5, 7]])
+    mean = both.mean(0)
+    kept = ((both - mean).pow(2).sum(-1).mean() / both.pow(2).sum(-1).mean()).item()
+    assert info["contexts"] == 2 and abs(info["energy_share_kept"] - kept) < 1e-5
+    _, centred = learner._sft_batch([SftExample("latentqa", ctx, (2, 4, 6), "Q?", "A"), SftExample("description", ctx, 4, "Q?", "A")])
+    torch.testing.assert_close(centred[0], many[0] - mean)
+    torch.testing.assert_close(centred[1], many[1])
+    with pytest.raises(ValueError, match="one position list per context"):
+        learner.set_read_offset("latentqa", [ctx], [])

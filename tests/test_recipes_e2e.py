@@ -76,6 +76,8 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     lqa = results["heldout"]["latentqa"]
     assert lqa["nll_gap_ci_low"] <= lqa["nll_gap_shuffled_minus_real"] <= lqa["nll_gap_ci_high"]
     assert lqa["ranking_gap_ci_low"] <= lqa["ranking_top1_real"] - lqa["ranking_top1_shuffled"] <= lqa["ranking_gap_ci_high"]
+    centring = results["latentqa_centring"]  # warmup.latentqa_centre defaults on
+    assert centring["contexts"] > 0 and 0 < centring["energy_share_kept"] < 1
     enc = results["encoder_warm_start"]
     assert enc["heldout_before"] and enc["heldout_after"] and enc["heldout_source_window"]
     first, again = _metrics(out, "warmup"), _metrics(resumed_dir, "warmup")

@@ -92,10 +92,12 @@ def build_warmup_data(
                 raise ValueError("the embedded LatentQA data is completed by the target model: pass a generate_fn")
             result = build_embedded_latentqa(
                 tokenizer, generate_fn, settings.num_behaviours, stimuli_per_behaviour, completion_tokens, seed,
-                model_id, cache_dir, max_chat_tokens, progress,
+                model_id, cache_dir, max_chat_tokens, progress, read=settings.latentqa_read,
             )
         elif source.kind == "latentqa":
-            result = load_latentqa(_latentqa_paths(source, shared_data_dir), tokenizer, settings.strict, max_chat_tokens)
+            result = load_latentqa(
+                _latentqa_paths(source, shared_data_dir), tokenizer, settings.strict, max_chat_tokens, read=settings.latentqa_read
+            )
             result = _cap_labels(result, source.max_documents, seed)
         else:
             raise ValueError(f"warmup.latentqa.kind={source.kind!r}: expected 'embedded' or 'latentqa' (a folder in the public format)")

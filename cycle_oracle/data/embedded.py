@@ -204,8 +204,9 @@ def build_embedded_records(
     return rows, {"cache": str(path), "cached": False, "generated": len(rows), "seconds": round(seconds, 1)}
 
 
-def records_to_items(records: list[dict], tokenizer, max_tokens: int = 256) -> tuple[list[WarmupItem], dict]:
-    """Tokenize records (system turn masked) into `latentqa` items; one item per record x QA pair."""
+def records_to_items(records: list[dict], tokenizer, max_tokens: int = 256, read: str = "reply_header") -> tuple[list[WarmupItem], dict]:
+    """Tokenize records (system turn masked) into `latentqa` items; one item per record x QA pair.
+    `read` picks the readable positions (latentqa.READ_MODES)."""
     items: list[WarmupItem] = []
     stats = {"empty_completions": 0, "too_long": 0}
     for r in records:
@@ -214,7 +215,7 @@ def records_to_items(records: list[dict], tokenizer, max_tokens: int = 256) -> t
             messages.append({"role": "assistant", "content": r["completion"]})
         else:
             stats["empty_completions"] += 1
-        built = chat_context(tokenizer, messages, 1, max_tokens)
+        built = chat_context(tokenizer, messages, 1, max_tokens, read)
         if built is None:
             stats["too_long"] += 1
             continue
@@ -235,12 +236,13 @@ def build_embedded_latentqa(
     cache_dir: str | Path | None = None,
     max_tokens: int = 256,
     progress: bool = True,
+    read: str = "reply_header",
 ) -> LatentQAResult:
     """The embedded default for the `latentqa` task: items for `num_behaviours` behaviours."""
     records, info = build_embedded_records(
         generate_fn, num_behaviours, stimuli_per_behaviour, max_new_tokens, seed, model_id, cache_dir, progress
     )
-    items, stats = records_to_items(records, tokenizer, max_tokens)
+    items, stats = records_to_items(records, tokenizer, max_tokens, read)
     stats.update(info)
     stats["records"] = len(records)
     stats["labels"] = len({it.source_id for it in items})

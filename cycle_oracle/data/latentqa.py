@@ -10,10 +10,16 @@ and `qa.json`: {label: [[question, answer], ...]}.
 For each row the TARGET reads a chat: the control (the behaviour's instruction) as the system turn,
 then the stimulus user turn, then the completion as the assistant turn where present
 (`control_as="turns"` keeps upstream's layout for stimulus rows: control as a user turn + the
-model's acknowledgement). `read_positions` cover only the stimulus and completion tokens, never
-the control turn (LatentQA's masking): the decoder must recover the control from its effect on
-later tokens, not read it off. control.json rows have nothing to read but the control itself
-(upstream reads them unmasked), so they are skipped and counted.
+model's acknowledgement). `read_positions` never cover the control turn (LatentQA's masking): the
+decoder must recover the control from its effect on later tokens, not read it off. Which later
+tokens (`read`, see READ_MODES): the stimulus and completion text (`content`), the reply header
+(`reply_header`: the template tokens between the end of the user's message and the start of the
+reply, e.g. "\n<|im_start|>assistant\n" minus special tokens, where the target has read the whole
+prompt and is about to answer), or both. Measured on SmolLM2-135M at layer 15 (docs/DATA.md):
+a linear probe reads a held-out behaviour's tone from the last reply-header activation (0.83,
+majority 0.20) but not from a stimulus or completion token (0.17, 0.03). control.json rows
+have nothing to read but the control itself (upstream reads them unmasked), so they are skipped
+and counted.
 
 Every (context, QA pair) of a label becomes one item with `source_id = label`; splits are by label.
 Malformed rows are reported with file and row index: fatal with `strict=True`, otherwise skipped,
@@ -30,6 +36,7 @@ from pathlib import Path
 from cycle_oracle.data.items import ProblemLog, WarmupItem, log
 
 ROW_FILES = ("system.json", "stimulus.json", "stimulus_completion.json")
+READ_MODES = ("content", "reply_header", "both")
 _MARK = "\u2063CTX{}\u2063"  # never produced from user text; one per message content
 
 
@@ -42,18 +49,25 @@ def chat_context(
     messages: Sequence[dict],
     read_roles_from: int,
     max_tokens: int | None = None,
+    read: str = "reply_header",
 ) -> tuple[list[int], list[int]] | None:
     """Tokenize a chat and say which positions may be read.
 
-    `messages[read_roles_from:]` are readable (their content tokens only, not the template's role
-    headers or end markers); everything before is the control and never readable. Each message
-    content is tokenized on its own between the template's pieces, so token boundaries never
-    straddle a turn. Truncated to `max_tokens` (cutting the end); returns None when no readable
-    token of the first readable message survives.
+    `messages[read_roles_from:]` are readable; everything before is the control and never readable.
+    `read="content"`: their content tokens only, not the template's role headers or end markers;
+    `"reply_header"`: the non-special template tokens after the last user message's content up to
+    the reply's first content token (a chat ending on a user turn gets the generation prompt, so
+    there is a header to read); `"both"`: the union. Each message content is tokenized on its own
+    between the template's pieces, so token boundaries never straddle a turn. Truncated to
+    `max_tokens` (cutting the end); returns None when nothing readable survives (for `content`:
+    when no token of the first readable message does).
     """
+    if read not in READ_MODES:
+        raise ValueError(f"read={read!r}: expected one of {READ_MODES}")
     contents = [str(m["content"]).strip() for m in messages]
     marked = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=False)
+    generation_prompt = read != "content" and messages[-1]["role"] == "user"
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt)
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
     rest = text
@@ -72,11 +86,23 @@ def chat_context(
     ids += tokenizer.encode(rest, add_special_tokens=False)
     special = set(tokenizer.all_special_ids)
     limit = len(ids) if max_tokens is None else min(len(ids), max_tokens)
-    first = [p for p in range(*spans[read_roles_from]) if p < limit and ids[p] not in special]
-    if not first:
-        return None
-    readable = [p for s, e in spans[read_roles_from:] for p in range(s, min(e, limit)) if ids[p] not in special]
-    return ids[:limit], readable
+    readable: set[int] = set()
+    if read in ("content", "both"):
+        first = [p for p in range(*spans[read_roles_from]) if p < limit and ids[p] not in special]
+        if not first:
+            return None
+        readable.update(p for s, e in spans[read_roles_from:] for p in range(s, min(e, limit)) if ids[p] not in special)
+    if read in ("reply_header", "both"):
+        users = [i for i in range(read_roles_from, len(messages)) if messages[i]["role"] == "user"]
+        if not users:
+            raise ValueError("read='reply_header' needs a readable user turn to find the reply header after it")
+        last = users[-1]
+        end = spans[last + 1][0] if last + 1 < len(spans) else len(ids)
+        header = [p for p in range(spans[last][1], min(end, limit)) if ids[p] not in special]
+        if not header:
+            return None
+        readable.update(header)
+    return ids[:limit], sorted(readable)
 
 
 @dataclass
@@ -168,12 +194,14 @@ def load_latentqa(
     max_tokens: int = 256,
     control_as: str = "system",
     files: Sequence[str] = ROW_FILES,
+    read: str = "reply_header",
 ) -> LatentQAResult:
     """Load LatentQA folder(s) in the public format into `latentqa` items (one per context x QA pair).
 
-    Labels without QA pairs (e.g. upstream's train/ folder, whose qa.json is not public) give no
-    items and are counted in `stats["labels_without_qa"]`. Identical contexts of a label (upstream's
-    stimulus.json repeats system.json) are kept once.
+    `read` picks the readable positions (READ_MODES, see `chat_context`). Labels without QA pairs
+    (e.g. upstream's train/ folder, whose qa.json is not public) give no items and are counted in
+    `stats["labels_without_qa"]`. Identical contexts of a label (upstream's stimulus.json repeats
+    system.json) are kept once.
     """
     if control_as not in ("system", "turns"):
         raise ValueError(f"control_as must be 'system' or 'turns', got {control_as!r}")
@@ -220,7 +248,7 @@ def load_latentqa(
                 if label not in qa:  # nothing to ask about it: do not spend time tokenizing
                     no_qa.add(label)
                     continue
-                built = chat_context(tokenizer, messages, first_read, max_tokens)
+                built = chat_context(tokenizer, messages, first_read, max_tokens, read)
                 if built is None:
                     stats["too_long_rows"] += 1
                     continue
