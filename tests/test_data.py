@@ -119,7 +119,6 @@ def test_latentqa_completion_is_read_and_control_turns_masked(tmp_path, tiny_tok
             assert row["control_user"] not in "".join(runs)
 
 
-
 def test_latentqa_reply_header_reads_between_prompt_and_reply(tmp_path, tiny_tokenizer):
     """`reply_header`: exactly the non-special template tokens after the user's message and before
     the reply (the generation prompt when the chat ends on the user turn); `both` = that + the text."""
