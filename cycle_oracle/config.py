@@ -134,11 +134,13 @@ class WarmupSettings(Strict):
     steps: int = Field(100, ge=1)
     mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
     latentqa: DataSource = DataSource(kind="embedded")
-    latentqa_read: Literal["content", "reply_header", "both"] = "reply_header"
+    latentqa_read: Literal["content", "reply_header", "reply_header_last", "both"] = "reply_header"
     """Which target positions a LatentQA example may inject (the control turn never): the stimulus and
     completion text (`content`, upstream's reading minus template tokens), the reply header (the
     template tokens between the user's message and the reply, where the target has read the prompt;
-    a probe reads the behaviour there and not in the text: docs/DATA.md), or `both`."""
+    a probe reads the behaviour there and not in the text: docs/DATA.md), only the header's last
+    token (`reply_header_last`: the only header token whose activation varies with the behaviour
+    more than chance), or `both` (content + reply header)."""
     latentqa_centre: bool = True
     """Subtract the mean activation of each LatentQA read slot (over training contexts) before
     injection: reply-header activations are 96-99% one vector shared by every chat, and injection
@@ -152,6 +154,15 @@ class WarmupSettings(Strict):
     encoder_steps: int = Field(50, ge=0)
     encoder_samples: int = Field(64, ge=1)
     eval_items: int = Field(32, ge=1)
+    description_quote_tokens: int = Field(0, ge=0)
+    """0: a description target is the target model's sentence about the window. N > 0: the sentence
+    is followed by a quote of the last N tokens up to the read position (`It reads: "..."`),
+    content an encoder can reconstruct the activation from (the context-only ceiling), so GRPO's
+    groups start with reward spread. It teaches restating the text; the evals' copy control
+    measures how much. Measured: docs/RESULTS.md."""
+    train_fit_eval: bool = True
+    """Also run the held-out measures on training sources (results.json `train_fit`): a gap there
+    but not held out is memorising; no gap on either is not reading the activation at all."""
     token_items_per_document: int = Field(4, ge=1)
     """Token-prediction questions per corpus document (cheap: no generation)."""
     generation_engine: Literal["hf", "vllm"] = "hf"

@@ -122,6 +122,7 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
         return {}
     hits: dict[str, list[float]] = {"real": [], "shuffled": []}
     items = spread_by_source(heldout_items, n_items, rng)
+    by_question: dict[str, dict[str, list[float]]] = {}
     for item, other in zip(items, other_source(items, rng)):
         wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.question == item.question and x.answer != item.answer})
         if len(wrong) < n_candidates - 1:
@@ -131,12 +132,16 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
             positions = read_positions(ctx, rng, num_placeholders)
             exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
             nll = group.on_rank0("answer_scores", exs)["nll"]
-            hits[mode].append(float(min(range(len(cands)), key=lambda i: nll[i]) == 0))
+            hit = float(min(range(len(cands)), key=lambda i: nll[i]) == 0)
+            hits[mode].append(hit)
+            by_question.setdefault(item.question, {"real": [], "shuffled": []})[mode].append(hit)
     n = len(items)
     gap = paired_difference(torch.tensor(hits["real"]), torch.tensor(hits["shuffled"]), seed=0)
     return {"ranking_top1_real": sum(hits["real"]) / n, "ranking_top1_shuffled": sum(hits["shuffled"]) / n,
             "ranking_gap_ci_low": gap["ci_low"], "ranking_gap_ci_high": gap["ci_high"],
-            "ranking_candidates": n_candidates, "ranking_items": n}
+            "ranking_candidates": n_candidates, "ranking_items": n,
+            "ranking_by_question": {q: {"items": len(h["real"]), "top1_real": sum(h["real"]) / len(h["real"]),
+                                        "top1_shuffled": sum(h["shuffled"]) / len(h["shuffled"])} for q, h in sorted(by_question.items())}}
 
 
 def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
@@ -171,9 +176,25 @@ def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
         res["items"] = len(chosen)
         res["sources"] = len({it.source_id for it in chosen})
         if task == "latentqa":
+            res["nll_gap_by_question"] = gap_by_question(chosen, nll_by_variant)
             res.update(latentqa_ranking(group, items, rng, p, cfg.warmup.eval_items))
         out[task] = res
     return out
+
+
+def gap_by_question(items: list, nll_by_variant: dict) -> dict:
+    """Mean NLL (real, shuffled) and gap per question: which questions the activation informs."""
+    out: dict[str, dict] = {}
+    for i, item in enumerate(items):
+        row = out.setdefault(item.question, {"items": 0, "nll_real": 0.0, "nll_shuffled": 0.0})
+        row["items"] += 1
+        row["nll_real"] += nll_by_variant["real"][i]
+        row["nll_shuffled"] += nll_by_variant["shuffled"][i]
+    for row in out.values():
+        row["nll_real"] /= row["items"]
+        row["nll_shuffled"] /= row["items"]
+        row["nll_gap_shuffled_minus_real"] = row["nll_shuffled"] - row["nll_real"]
+    return dict(sorted(out.items()))
 
 
 def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
@@ -292,6 +313,8 @@ def run(cfg, out, resume: bool = False) -> dict:
 
     results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
+    if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
+        results["train_fit"] = heldout_eval(group, train, cfg, cfg.seed + 2)
     adapter = group.on_rank0("adapter")
     rollout = RolloutActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0)
     encoder = EncoderActor.options(num_cpus=cfg.encoder_role.num_cpus, num_gpus=cfg.encoder_role.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, store.mean)

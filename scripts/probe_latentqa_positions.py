@@ -60,6 +60,29 @@ def targets(label: str) -> dict:
     return {"tone": tone, "kind": base.split("-")[0]}
 
 
+def variance_shares(rows: list[tuple[str, dict]], stimuli: list[str]) -> dict:
+    """Per position: the share of the (centred) activations' variance that the class means of the
+    behaviour label, its tone, its kind or the stimulus explain (between-class / total sum of
+    squares), next to what unstructured vectors would give. Injection rescales the whole centred
+    vector, so a small share is a small signal."""
+    out = {}
+    for pos in POSITIONS:
+        x = torch.stack([f[pos] for _, f in rows]).double()
+        x = x - x.mean(0)
+        total = float((x**2).sum())
+        block = {}
+        for name, keys in (("behaviour", [lb for lb, _ in rows]), ("tone", [targets(lb)["tone"] for lb, _ in rows]),
+                           ("kind", [targets(lb)["kind"] for lb, _ in rows]), ("stimulus", stimuli)):
+            between = 0.0
+            for key in set(keys):
+                idx = [i for i, k in enumerate(keys) if k == key]
+                between += len(idx) * float((x[idx].mean(0) ** 2).sum())
+            # With k groups over n items, unstructured vectors give about (k - 1) / (n - 1).
+            block[name] = {"share": round(between / total, 3), "chance": round((len(set(keys)) - 1) / (len(keys) - 1), 3)}
+        out[pos] = block
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -82,6 +105,7 @@ def main() -> None:
                                                seed=args.seed, model_id=args.model)
     rng = random.Random(args.seed)
     rows: list[tuple[str, dict]] = []
+    stimuli: list[str] = []
     for r in records:
         chat = [{"role": "system", "content": r["system"]}, {"role": "user", "content": r["stimulus"]}]
         if r.get("completion", "").strip():
@@ -97,6 +121,7 @@ def main() -> None:
         input_ids, mask = pad_right([ids], tok.pad_token_id)
         hidden = read_residual(model, input_ids, mask, layer)[0]
         rows.append((r["label"], features(hidden, header, stimulus, completion, rng)))
+        stimuli.append(r["stimulus"])
     held = heldout_sources((label for label, _ in rows), args.heldout_fraction, args.seed)
     result = {"model": args.model, "layer": layer, "records": len(rows), "heldout_behaviours": len(held),
               "records_cache": info.get("cache"), "probes": {}}
@@ -111,6 +136,7 @@ def main() -> None:
             probe = fit_vector_probe(x[torch.from_numpy(~test)], y[~test], seed=args.seed)
             block[pos] = round(float((probe.predict(x[torch.from_numpy(test)].numpy()) == y[test]).mean()), 3)
         result["probes"][what] = block
+    result["variance_share"] = variance_shares(rows, stimuli)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as fh:

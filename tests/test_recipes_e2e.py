@@ -76,6 +76,11 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     lqa = results["heldout"]["latentqa"]
     assert lqa["nll_gap_ci_low"] <= lqa["nll_gap_shuffled_minus_real"] <= lqa["nll_gap_ci_high"]
     assert lqa["ranking_gap_ci_low"] <= lqa["ranking_top1_real"] - lqa["ranking_top1_shuffled"] <= lqa["ranking_gap_ci_high"]
+    by_q = lqa["nll_gap_by_question"]  # per question, over the same items
+    assert sum(q["items"] for q in by_q.values()) == lqa["items"]
+    assert abs(sum(q["items"] * q["nll_real"] for q in by_q.values()) / lqa["items"] - lqa["nll_real"]) < 1e-6
+    assert sum(q["items"] for q in lqa["ranking_by_question"].values()) == lqa["ranking_items"]
+    assert set(results["train_fit"]) == built  # warmup.train_fit_eval defaults on
     centring = results["latentqa_centring"]  # warmup.latentqa_centre defaults on
     assert centring["contexts"] > 0 and 0 < centring["energy_share_kept"] < 1
     enc = results["encoder_warm_start"]
