@@ -135,6 +135,7 @@ def test_latentqa_reply_header_reads_between_prompt_and_reply(tmp_path, tiny_tok
     _, text = chat_context(tiny_tokenizer, chat, 1, read="content")
     _, both = chat_context(tiny_tokenizer, chat, 1, read="both")
     assert both == sorted(set(text) | set(header)) and not set(text) & set(header)
+    assert chat_context(tiny_tokenizer, chat, 1, read="reply_header_last") == (ids, header[-1:])
     # a chat ending on the user turn gets the generation prompt, which is its reply header
     ids2, header2 = chat_context(tiny_tokenizer, chat[:2], 1, read="reply_header")
     assert tiny_tokenizer.decode([ids2[p] for p in header2]) == "\nassistant\n" and header2[-1] == len(ids2) - 1

@@ -36,7 +36,7 @@ from pathlib import Path
 from cycle_oracle.data.items import ProblemLog, WarmupItem, log
 
 ROW_FILES = ("system.json", "stimulus.json", "stimulus_completion.json")
-READ_MODES = ("content", "reply_header", "both")
+READ_MODES = ("content", "reply_header", "reply_header_last", "both")
 _MARK = "\u2063CTX{}\u2063"  # never produced from user text; one per message content
 
 
@@ -57,7 +57,9 @@ def chat_context(
     `read="content"`: their content tokens only, not the template's role headers or end markers;
     `"reply_header"`: the non-special template tokens after the last user message's content up to
     the reply's first content token (a chat ending on a user turn gets the generation prompt, so
-    there is a header to read); `"both"`: the union. Each message content is tokenized on its own
+    there is a header to read); `"reply_header_last"`: only its last token, the one position where
+    a probe finds the behaviour (the others carry no more of it than chance); `"both"`: the union
+    of `content` and `reply_header`. Each message content is tokenized on its own
     between the template's pieces, so token boundaries never straddle a turn. Truncated to
     `max_tokens` (cutting the end); returns None when nothing readable survives (for `content`:
     when no token of the first readable message does).
@@ -92,7 +94,7 @@ def chat_context(
         if not first:
             return None
         readable.update(p for s, e in spans[read_roles_from:] for p in range(s, min(e, limit)) if ids[p] not in special)
-    if read in ("reply_header", "both"):
+    if read in ("reply_header", "reply_header_last", "both"):
         users = [i for i in range(read_roles_from, len(messages)) if messages[i]["role"] == "user"]
         if not users:
             raise ValueError("read='reply_header' needs a readable user turn to find the reply header after it")
@@ -101,7 +103,7 @@ def chat_context(
         header = [p for p in range(spans[last][1], min(end, limit)) if ids[p] not in special]
         if not header:
             return None
-        readable.update(header)
+        readable.update(header[-1:] if read == "reply_header_last" else header)
     return ids[:limit], sorted(readable)
 
 
