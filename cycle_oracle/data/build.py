@@ -125,7 +125,7 @@ def build_warmup_data(
             items, info = build_description_items(
                 docs, tokenizer, generate_fn, description_instruction, seed, description_items_per_document,
                 max_tokens=max_context_tokens, max_new_tokens=description_tokens, model_id=model_id,
-                cache_dir=cache_dir, progress=progress,
+                cache_dir=cache_dir, progress=progress, quote_tokens=settings.description_quote_tokens,
             )
             train["description"], heldout["description"] = split_by_source(items, settings.heldout_fraction, seed, held)
             report["description"] = {**info, "seconds": round(time.time() - t0, 1)}

@@ -10,6 +10,9 @@ Risk (see docs/DATA.md): the target wrote the answer while *reading the text*, s
 taught to restate context, not to read what the activation carries; the held-out eval compares
 real vs shuffled vs zero activations to measure how much it actually uses v.
 
+With `quote_tokens` N > 0 the answer ends with a quote of the last N tokens up to p, content the
+encoder can reconstruct from (the quote is added on load; the cache holds the raw sentences).
+
 Generated descriptions are cached as JSONL keyed by the model, seed, sizes, the tokenizer and the
 documents themselves.
 """
@@ -65,6 +68,13 @@ def clean_description(text: str, max_chars: int = 300, strip_lead_in: bool = Tru
     return first if any(c.isalpha() for c in first) else ""
 
 
+def quoted_tail(tokenizer, ids: Sequence[int], p: int, n: int, special: set[int]) -> str:
+    """`It reads: "<the last n content tokens up to and including p>".` (whitespace collapsed)."""
+    lo = content_span(ids, special)[0]
+    tail = " ".join(tokenizer.decode(ids[max(lo, p - n + 1) : p + 1]).split())
+    return f'It reads: "{tail}".'
+
+
 def description_prompt_text(passage: str) -> str:
     return PROMPT_TEMPLATE.format(passage=passage.strip())
 
@@ -108,9 +118,11 @@ def build_description_items(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     strip_lead_in: bool = True,
+    quote_tokens: int = 0,
 ) -> tuple[list[WarmupItem], dict]:
     """`description` items: question = `instruction`, answer = the target's one-sentence description
-    of the window [p - window, p]; context_ids = the document up to p, read_positions = (p,)."""
+    of the window [p - window, p] (with `quote_tokens` > 0, followed by `quoted_tail`);
+    context_ids = the document up to p, read_positions = (p,)."""
     if not instruction or not instruction.strip():
         raise ValueError("the description instruction is empty")
     chosen = choose_positions(documents, tokenizer, seed, items_per_document, max_tokens, min_position)
@@ -158,6 +170,8 @@ def build_description_items(
             empty += 1
             continue
         lead_ins += bool(_LEAD_IN.match(" ".join(row["raw"].split())))
+        if quote_tokens:
+            answer = f"{answer} {quoted_tail(tokenizer, ids, p, quote_tokens, special)}"
         items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, answer))
     if empty:
         log.info("description: %d unusable description(s) skipped (empty or cut off)", empty)
