@@ -156,7 +156,7 @@ class WarmupSettings(Strict):
     eval_items: int = Field(32, ge=1)
     description_quote_tokens: int = Field(0, ge=0)
     """0: a description target is the target model's sentence about the window. N > 0: the sentence
-    is followed by a quote of the last N tokens up to the read position (`It reads: "..."`),
+    is preceded by a quote of the last N tokens up to the read position (`It reads: "...".`),
     content an encoder can reconstruct the activation from (the context-only ceiling), so GRPO's
     groups start with reward spread. It teaches restating the text; the evals' copy control
     measures how much. Measured: docs/RESULTS.md."""

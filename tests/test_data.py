@@ -355,7 +355,7 @@ def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer
     for plain, it in zip(items, quoted):
         p = it.read_positions[0]
         tail = " ".join(tiny_tokenizer.decode(list(it.context_ids[p - 2 : p + 1])).split())
-        assert it.answer == f'{plain.answer} It reads: "{tail}".'
+        assert it.answer == f'It reads: "{tail}". {plain.answer}'
 
 
 def test_clean_description_first_sentence_without_the_lead_in():

@@ -10,8 +10,9 @@ Risk (see docs/DATA.md): the target wrote the answer while *reading the text*, s
 taught to restate context, not to read what the activation carries; the held-out eval compares
 real vs shuffled vs zero activations to measure how much it actually uses v.
 
-With `quote_tokens` N > 0 the answer ends with a quote of the last N tokens up to p, content the
-encoder can reconstruct from (the quote is added on load; the cache holds the raw sentences).
+With `quote_tokens` N > 0 the answer starts with a quote of the last N tokens up to p, content the
+encoder can reconstruct from, first so that a length cap cannot cut it off (the quote is added on
+load; the cache holds the raw sentences).
 
 Generated descriptions are cached as JSONL keyed by the model, seed, sizes, the tokenizer and the
 documents themselves.
@@ -121,7 +122,7 @@ def build_description_items(
     quote_tokens: int = 0,
 ) -> tuple[list[WarmupItem], dict]:
     """`description` items: question = `instruction`, answer = the target's one-sentence description
-    of the window [p - window, p] (with `quote_tokens` > 0, followed by `quoted_tail`);
+    of the window [p - window, p] (with `quote_tokens` > 0, after `quoted_tail`);
     context_ids = the document up to p, read_positions = (p,)."""
     if not instruction or not instruction.strip():
         raise ValueError("the description instruction is empty")
@@ -171,7 +172,7 @@ def build_description_items(
             continue
         lead_ins += bool(_LEAD_IN.match(" ".join(row["raw"].split())))
         if quote_tokens:
-            answer = f"{answer} {quoted_tail(tokenizer, ids, p, quote_tokens, special)}"
+            answer = f"{quoted_tail(tokenizer, ids, p, quote_tokens, special)} {answer}"
         items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, answer))
     if empty:
         log.info("description: %d unusable description(s) skipped (empty or cut off)", empty)
