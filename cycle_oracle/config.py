@@ -134,7 +134,7 @@ class WarmupSettings(Strict):
     steps: int = Field(100, ge=1)
     mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
     latentqa: DataSource = DataSource(kind="embedded")
-    latentqa_read: Literal["content", "reply_header", "reply_header_last", "both"] = "reply_header"
+    latentqa_read: Literal["content", "reply_header", "reply_header_last", "both"] = "reply_header_last"
     """Which target positions a LatentQA example may inject (the control turn never): the stimulus and
     completion text (`content`, upstream's reading minus template tokens), the reply header (the
     template tokens between the user's message and the reply, where the target has read the prompt;
