@@ -401,7 +401,9 @@ def actor_oracle(roles: Roles):
         out = []
         for i in range(0, len(vectors), 32):
             chunk = vectors[i : i + 32]
-            samples, _ = remote_get(roles.rollouts[0].sample.remote(chunk, [0] * len(chunk), 1, 0.0, 1.0, max_new), roles.timeout, "describe")
+            # a rollout actor restarted by Ray is re-synced to the served adapter before it describes
+            samples, _ = roles.with_recovery(lambda chunk=chunk: remote_get(
+                roles.rollouts[0].sample.remote(chunk, [0] * len(chunk), 1, 0.0, 1.0, max_new), roles.timeout, "describe"))
             out.extend(g[0].text for g in samples)
         return out
 
