@@ -307,4 +307,10 @@ class DecoderLearner:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Load adapter weights into the module AND the optimizer's fp32 master copy: ZeRO 1/2 keep
+        one and copy it back into the module after every step, which would silently undo a
+        module-only load at the first update (GRPO would train a fresh LoRA, not the warmup's)."""
         load_adapter_state(self.model, state)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()

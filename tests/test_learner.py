@@ -55,6 +55,24 @@ def test_sft_learns_and_resume_reproduces_next_loss(dist, cfg, tiny_path, tiny_t
     assert fresh.optimizer_steps == learner.optimizer_steps
 
 
+def test_a_loaded_adapter_survives_the_next_optimizer_step(dist, cfg, tiny_path, tiny_tokenizer):
+    """GRPO starts from the warmup adapter by loading it into a fresh learner; ZeRO-2 keeps an fp32
+    master copy that it writes back after each step, so a module-only load would be undone."""
+    torch.manual_seed(0)
+    trained = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    for _ in range(3):
+        trained.sft_micro_step(_examples(tiny_tokenizer))
+    warm = trained.adapter()
+    torch.manual_seed(1)
+    fresh = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    fresh.load_adapter(warm)
+    fresh.sft_micro_step(_examples(tiny_tokenizer))  # one small update on top of the loaded adapter
+    after = fresh.adapter()
+    moved = max(float((after[k] - warm[k]).abs().max()) for k in warm)
+    size = max(float(warm[k].abs().max()) for k in warm)
+    assert moved < 0.5 * size, f"the step moved the adapter by {moved} (its weights reach {size}): the load was undone"
+
+
 def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):
     torch.manual_seed(0)
     learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=10)
