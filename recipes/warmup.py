@@ -352,8 +352,11 @@ def _tuple_state(state):
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Numeric leaves as `a/b/c` metric names; per-question breakdowns stay in results.json only."""
     out = {}
     for k, v in d.items():
+        if k.endswith("_by_question"):
+            continue
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}/"))
         elif isinstance(v, (int, float)):
