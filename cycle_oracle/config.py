@@ -147,6 +147,9 @@ class WarmupSettings(Strict):
     rescales the whole vector, so without centring what differs between behaviours arrives tiny."""
     corpus: DataSource = DataSource(kind="embedded")
     num_behaviours: int = Field(120, ge=2)
+    stimuli_per_behaviour: int = Field(2, ge=1)
+    """Embedded LatentQA: chats per behaviour (each a different stimulus, completed by the target).
+    More chats give the decoder more distinct activations of the same behaviour to learn the read from."""
     num_corpus_documents: int = Field(200, ge=4)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
     strict: bool = False
@@ -271,6 +274,16 @@ class RecipeConfig(Strict):
             raise ValueError(f"warmup.mixture has unknown task(s) {sorted(bad)}; expected a subset of {sorted(known)}")
         if sum(self.warmup.mixture.values()) <= 0:
             raise ValueError("warmup.mixture weights must sum to a positive number")
+        if self.warmup.latentqa.kind == "embedded" and self.warmup.mixture.get("latentqa", 0) > 0:
+            from cycle_oracle.data.embedded import all_behaviours, stimuli
+
+            behaviours = sum(len(v) for v in all_behaviours().values())
+            if self.warmup.num_behaviours > behaviours:
+                raise ValueError(f"warmup.num_behaviours={self.warmup.num_behaviours}: the embedded data composes {behaviours} distinct behaviours")
+            if self.warmup.stimuli_per_behaviour > len(stimuli()):
+                raise ValueError(
+                    f"warmup.stimuli_per_behaviour={self.warmup.stimuli_per_behaviour}: the embedded data has {len(stimuli())} stimuli"
+                )
         return self
 
 

@@ -52,6 +52,7 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
         cfg.warmup, tok, generate, cfg.description_instruction,
         shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
         token_items_per_document=cfg.warmup.token_items_per_document,
+        stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour,
     )
 
 

@@ -408,6 +408,18 @@ def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_token
     assert {it.source_id for it in other.items} != labels
 
 
+def test_recipe_asking_for_more_embedded_behaviours_or_stimuli_than_exist_is_rejected():
+    from cycle_oracle.config import ConfigError, validate_recipe
+    from cycle_oracle.data.embedded import all_behaviours, stimuli
+
+    total = sum(len(v) for v in all_behaviours().values())
+    ok = validate_recipe({"kind": "warmup", "warmup": {"num_behaviours": total, "stimuli_per_behaviour": len(stimuli())}})
+    assert ok.warmup.stimuli_per_behaviour == len(stimuli())
+    for key, value in (("num_behaviours", total + 1), ("stimuli_per_behaviour", len(stimuli()) + 1)):
+        with pytest.raises(ConfigError, match=f"warmup.{key}={value}"):
+            validate_recipe({"kind": "warmup", "warmup": {key: value}})
+
+
 def test_build_warmup_data_splits_and_report(tmp_path, tiny_tokenizer, shared_data):
     from cycle_oracle.data.build import build_warmup_data
 
