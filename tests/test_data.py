@@ -349,6 +349,8 @@ def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer
     again, info2 = build_description_items(docs, tiny_tokenizer, gen, instruction, seed=0, items_per_document=2,
                                            window=6, cache_dir=tmp_path, progress=False)
     assert gen.calls == calls and info2["cached"] and again == items
+    from cycle_oracle.data.description import split_quoted_description
+
     quoted, _ = build_description_items(docs, tiny_tokenizer, gen, instruction, seed=0, items_per_document=2,
                                         window=6, cache_dir=tmp_path, progress=False, quote_tokens=3)
     assert gen.calls == calls, "the quote is added on load: no new generation"
@@ -356,6 +358,8 @@ def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer
         p = it.read_positions[0]
         tail = " ".join(tiny_tokenizer.decode(list(it.context_ids[p - 2 : p + 1])).split())
         assert it.answer == f'It reads: "{tail}". {plain.answer}'
+        assert split_quoted_description(it.answer) == (tail, plain.answer)  # the inverse, on real targets
+    assert split_quoted_description("The text is about a town.") == (None, "The text is about a town.")
 
 
 def test_clean_description_first_sentence_without_the_lead_in():

@@ -64,13 +64,19 @@ def test_a_loaded_adapter_survives_the_next_optimizer_step(dist, cfg, tiny_path,
         trained.sft_micro_step(_examples(tiny_tokenizer))
     warm = trained.adapter()
     torch.manual_seed(1)
-    fresh = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    # as GRPO starts from a warmup with `kl_reference: warmup`: the warmup adapter is also the reference
+    fresh = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20, reference_adapter=warm)
     fresh.load_adapter(warm)
+    v = torch.randn(128)
+    ids = tiny_tokenizer.encode(" a short description of it", add_special_tokens=False)
+    sample = [PolicySample(v, ids, [0.0] * len(ids), 1.0)]
+    assert abs(fresh.sequence_kl(sample, 1.0)[0]) < 1e-4, "the policy is the reference before any update: KL must be 0"
     fresh.sft_micro_step(_examples(tiny_tokenizer))  # one small update on top of the loaded adapter
     after = fresh.adapter()
     moved = max(float((after[k] - warm[k]).abs().max()) for k in warm)
     size = max(float(warm[k].abs().max()) for k in warm)
     assert moved < 0.5 * size, f"the step moved the adapter by {moved} (its weights reach {size}): the load was undone"
+    assert abs(fresh.sequence_kl(sample, 1.0)[0]) > 1e-6, "after an update the policy differs from the reference"
 
 
 def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):

@@ -76,6 +76,18 @@ def quoted_tail(tokenizer, ids: Sequence[int], p: int, n: int, special: set[int]
     return f'It reads: "{tail}".'
 
 
+_QUOTED = re.compile(r'^\s*It reads: "(.*?)"\.\s*(.*)$', re.S)
+
+
+def split_quoted_description(description: str) -> tuple[str | None, str]:
+    """The inverse of `quoted_tail` on a written description: (quoted text or None, the rest).
+    `It reads: "a b". It is about c.` -> ("a b", "It is about c."); no quote -> (None, description)."""
+    m = _QUOTED.match(description)
+    if m is None:
+        return None, description.strip()
+    return m.group(1), m.group(2).strip()
+
+
 def description_prompt_text(passage: str) -> str:
     return PROMPT_TEMPLATE.format(passage=passage.strip())
 

@@ -1,0 +1,107 @@
+"""Which part of a quoted description carries the activation? Re-score a finished GRPO run's retrieval.
+
+Descriptions trained on quoted targets (`warmup.description_quote_tokens`) read
+`It reads: "<quote>". <sentence>`. This takes the held-out descriptions a GRPO run's final retrieval
+wrote (GRPO decoder and warmup decoder, results.json) and scores, with the run's final encoder and
+on the same pool:
+
+  full             the description as written (reproduces results.json)
+  quote_only       `It reads: "<quote>".`, the sentence removed
+  sentence_only    the sentence, the quote removed
+  true_quote       `It reads: "<the true last N tokens>".` (the quote a perfect copier would write)
+
+plus how often the written quote contains the activation's own token or equals the true text.
+If the sentence adds nothing, full and quote_only score alike; if the GRPO decoder only restates
+its input text, true_quote bounds it. JSON to stdout or --out.
+
+    .venv/bin/python scripts/measure_description_parts.py runs/long4 --out docs/measurements/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from cycle_oracle.activations import ActivationStore
+from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint
+from cycle_oracle.config import load_recipe
+from cycle_oracle.data.description import split_quoted_description
+from cycle_oracle.encoder_trainer import EncoderTrainer
+from cycle_oracle.evals.controls import paired_difference
+from cycle_oracle.evals.retrieval import score_condition
+from cycle_oracle.models import resolve_model_path
+
+DECODERS = {"grpo_decoder": "retrieval", "warmup_decoder": "retrieval_warmup_decoder"}
+
+
+def quote_text(quote: str) -> str:
+    return f'It reads: "{quote}".'
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a finished GRPO run folder (results.json, checkpoints, activations)")
+    ap.add_argument("--quote-tokens", type=int, default=8, help="length of the true quote (the warmup's description_quote_tokens)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    cfg = load_recipe(args.run / "config.yaml")
+    results = json.loads((args.run / "results.json").read_text())
+    store = ActivationStore(args.run / "activations")
+    ckpt = latest_checkpoint(args.run)
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint in {args.run}/checkpoints")
+    tensors = load_checkpoint(ckpt)[0]
+    torch.set_num_threads(2)
+    encoder = EncoderTrainer(str(resolve_model_path(cfg.model.name)), cfg, results["layer"], store.mean)
+    encoder.load_state(tensors["encoder"])
+    mean = store.mean.float()
+
+    report: dict = {"run": str(args.run), "checkpoint": ckpt.name, "quote_tokens": args.quote_tokens}
+    true_quotes = None
+    for name, key in DECODERS.items():
+        items = results[key]["items"]
+        rows = [it["row"] for it in items]
+        v = store.activations[rows].float()
+        if true_quotes is None:
+            true_quotes = [quote_text(" ".join(encoder.tokenizer.decode(store.context_window(r, before=args.quote_tokens)).split())) for r in rows]
+            summary, per_item = score_condition(encoder.reconstruct(true_quotes)[0], v, mean)
+            report["true_quote"] = summary
+            true_centred = torch.tensor(per_item["centred_cosine"])
+        parts = [split_quoted_description(it["description"]) for it in items]
+        texts = {
+            "full": [it["description"] for it in items],
+            "quote_only": [quote_text(q or "") for q, _ in parts],
+            "sentence_only": [s or "." for _, s in parts],
+        }
+        block: dict = {}
+        centred = {}
+        for cond, batch in texts.items():
+            summary, per_item = score_condition(encoder.reconstruct(batch)[0], v, mean)
+            block[cond] = summary
+            centred[cond] = torch.tensor(per_item["centred_cosine"])
+        block["full_minus_quote_only/centred_cosine"] = paired_difference(centred["full"], centred["quote_only"])
+        block["full_minus_sentence_only/centred_cosine"] = paired_difference(centred["full"], centred["sentence_only"])
+        block["full_minus_true_quote/centred_cosine"] = paired_difference(centred["full"], true_centred)
+        quoted = [q for q, _ in parts if q is not None]
+        block["quoted_share"] = len(quoted) / len(items)
+        block["quote_has_own_token_share"] = sum(
+            q is not None and it["token"].strip() != "" and it["token"].strip() in q for (q, _), it in zip(parts, items)
+        ) / len(items)
+        block["quote_equals_true_share"] = sum(
+            q is not None and quote_text(q) == t for (q, _), t in zip(parts, true_quotes)
+        ) / len(items)
+        block["distinct_sentences"] = len({s for _, s in parts})
+        report[name] = block
+    report["n"] = len(true_quotes)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
