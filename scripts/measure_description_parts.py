@@ -61,16 +61,15 @@ def main() -> None:
     mean = store.mean.float()
 
     report: dict = {"run": str(args.run), "checkpoint": ckpt.name, "quote_tokens": args.quote_tokens}
-    true_quotes = None
+    rows = results["retrieval"]["rows"]  # one pool for both decoders
+    v = store.activations[rows].float()
+    true_quotes = [quote_text(" ".join(encoder.tokenizer.decode(store.context_window(r, before=args.quote_tokens)).split())) for r in rows]
+    report["true_quote"], per_item = score_condition(encoder.reconstruct(true_quotes)[0], v, mean)
+    true_centred = torch.tensor(per_item["centred_cosine"])
     for name, key in DECODERS.items():
         items = results[key]["items"]
-        rows = [it["row"] for it in items]
-        v = store.activations[rows].float()
-        if true_quotes is None:
-            true_quotes = [quote_text(" ".join(encoder.tokenizer.decode(store.context_window(r, before=args.quote_tokens)).split())) for r in rows]
-            summary, per_item = score_condition(encoder.reconstruct(true_quotes)[0], v, mean)
-            report["true_quote"] = summary
-            true_centred = torch.tensor(per_item["centred_cosine"])
+        if [it["row"] for it in items] != rows:
+            raise SystemExit(f"{key} was scored on a different pool than the GRPO decoder")
         parts = [split_quoted_description(it["description"]) for it in items]
         texts = {
             "full": [it["description"] for it in items],
@@ -96,7 +95,7 @@ def main() -> None:
         ) / len(items)
         block["distinct_sentences"] = len({s for _, s in parts})
         report[name] = block
-    report["n"] = len(true_quotes)
+    report["n"] = len(rows)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
