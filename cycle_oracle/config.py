@@ -275,9 +275,9 @@ class RecipeConfig(Strict):
         if sum(self.warmup.mixture.values()) <= 0:
             raise ValueError("warmup.mixture weights must sum to a positive number")
         if self.warmup.latentqa.kind == "embedded" and self.warmup.mixture.get("latentqa", 0) > 0:
-            from cycle_oracle.data.embedded import all_behaviours, stimuli
+            from cycle_oracle.data.embedded import count_behaviours, stimuli
 
-            behaviours = sum(len(v) for v in all_behaviours().values())
+            behaviours = count_behaviours()
             if self.warmup.num_behaviours > behaviours:
                 raise ValueError(f"warmup.num_behaviours={self.warmup.num_behaviours}: the embedded data composes {behaviours} distinct behaviours")
             if self.warmup.stimuli_per_behaviour > len(stimuli()):

@@ -131,10 +131,15 @@ def all_behaviours() -> dict[str, list[Behaviour]]:
     return {kind: [compose(b, t, templates) for b in load_parts(kind) for t in tones] for kind in BASE_KINDS}
 
 
+def count_behaviours(by_kind: dict[str, list[Behaviour]] | None = None) -> int:
+    """How many distinct behaviours the embedded parts compose."""
+    return sum(len(v) for v in (by_kind or all_behaviours()).values())
+
+
 def choose_behaviours(n: int, seed: int) -> list[Behaviour]:
     """n distinct behaviours, seeded, balanced across kinds (round-robin over shuffled kinds)."""
     by_kind = all_behaviours()
-    total = sum(len(v) for v in by_kind.values())
+    total = count_behaviours(by_kind)
     if n > total:
         raise ValueError(f"asked for {n} embedded behaviours but only {total} distinct ones exist")
     rng = random.Random(f"behaviours:{seed}")
