@@ -115,7 +115,8 @@ def spread_by_source(items: list, n: int, rng: random.Random) -> list:
     return out
 
 
-def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_items: int, n_candidates: int = 5) -> dict:
+def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_items: int,
+                     n_candidates: int = 5, advance=lambda n: None) -> dict:
     """Rank the true answer among other behaviours' answers by NLL, with the real activation and
     with another behaviour's (shuffled control); the real-minus-shuffled top-1 gap gets a paired
     95% bootstrap interval over items."""
@@ -133,6 +134,7 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
             positions = read_positions(ctx, rng, num_placeholders)
             exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
             nll = group.on_rank0("answer_scores", exs)["nll"]
+            advance(1)
             hit = float(min(range(len(cands)), key=lambda i: nll[i]) == 0)
             hits[mode].append(hit)
             by_question.setdefault(item.question, {"real": [], "shuffled": []})[mode].append(hit)
@@ -145,17 +147,25 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
                                         "top1_shuffled": sum(h["shuffled"]) / len(h["shuffled"])} for q, h in sorted(by_question.items())}}
 
 
-def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
+def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int, label: str = "held-out") -> dict:
     """Answer NLL and token accuracy per task with the real activation, another source's (shuffled:
     a different document or behaviour, never the same one) and a zero activation; the NLL gap
     shuffled - real with a paired 95% bootstrap interval over items."""
+    with Progress() as progress:
+        return _heldout_eval(group, heldout, cfg, seed, progress, label)
+
+
+def _heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int, progress: Progress, label: str) -> dict:
     rng = random.Random(seed)
     p = cfg.injection.num_placeholders
+    n_eval = cfg.warmup.eval_items
     out: dict[str, dict] = {}
     for task, items in sorted(heldout.items()):
         if not items:
             continue
-        chosen = spread_by_source(items, cfg.warmup.eval_items, rng)
+        chosen = spread_by_source(items, n_eval, rng)
+        ranked = min(n_eval, len(items)) if task == "latentqa" else 0
+        bar = progress.add_task(f"{label} eval: {task}", total=3 * len(chosen) + 2 * ranked)  # 3 variants, 2 ranking modes
         variants = {
             "real": ([to_example(it, rng, p) for it in chosen], None),
             "shuffled": ([to_example(it, rng, p, other) for it, other in zip(chosen, other_source(chosen, rng))], None),
@@ -168,6 +178,7 @@ def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
                 s = group.on_rank0("answer_scores", examples[i : i + 8], mode)
                 for k in scores:
                     scores[k].extend(s[k])
+                progress.update(bar, advance=len(examples[i : i + 8]))
             nll_by_variant[name] = scores["nll"]
             res[f"nll_{name}"] = sum(scores["nll"]) / len(scores["nll"])
             res[f"token_accuracy_{name}"] = sum(scores["token_accuracy"]) / len(scores["token_accuracy"])
@@ -178,7 +189,7 @@ def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int) -> dict:
         res["sources"] = len({it.source_id for it in chosen})
         if task == "latentqa":
             res["nll_gap_by_question"] = gap_by_question(chosen, nll_by_variant)
-            res.update(latentqa_ranking(group, items, rng, p, cfg.warmup.eval_items))
+            res.update(latentqa_ranking(group, items, rng, p, n_eval, advance=lambda n: progress.update(bar, advance=n)))
         out[task] = res
     return out
 
@@ -315,7 +326,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
-        results["train_fit"] = heldout_eval(group, train, cfg, cfg.seed + 2)
+        results["train_fit"] = heldout_eval(group, train, cfg, cfg.seed + 2, "training-source")
     adapter = group.on_rank0("adapter")
     rollout = RolloutActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0)
     encoder = EncoderActor.options(num_cpus=cfg.encoder_role.num_cpus, num_gpus=cfg.encoder_role.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, store.mean)
