@@ -60,10 +60,21 @@ class LoraSettings(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class EncoderOptimSettings(Strict):
+    """The encoder's own optimiser (AdamW, one step per co-training call); independent of the decoder's."""
+
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW's decoupled weight decay (torch's default)."""
+    grad_clip: float = Field(1.0, gt=0)
+
+
 class EncoderSettings(Strict):
+    """The encoder model (what it is and how it learns); its actor's resources are `resources.encoder`."""
+
     lora: LoraSettings = LoraSettings()
     loss: Literal["cosine", "scaled_mse"] = "cosine"
-    lr: float = Field(3e-4, gt=0)
+    optim: EncoderOptimSettings = EncoderOptimSettings()
     max_description_tokens: int = Field(128, ge=4)
     prefix: str = "Description: "
     source_window_tokens: int = Field(0, ge=0)
@@ -99,10 +110,8 @@ class SamplingSettings(Strict):
 
 
 class RolloutSettings(Strict):
-    num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
+    """The rollout engine (vLLM); its actors' resources are `resources.rollout`."""
+
     weight_sync: Literal["merged", "adapter"] = "merged"
     prefix_caching: bool = False
     max_model_len: int = Field(512, ge=64)
@@ -113,13 +122,34 @@ class RolloutSettings(Strict):
 
 
 class RoleResources(Strict):
+    """What one role asks of the cluster: actors, and per actor CPUs, GPUs and torch threads."""
+
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
 
 
+class Resources(Strict):
+    """Resources per role (placement groups reserve exactly these; `--dry-run` prints them). The
+    learner's bundle also runs the one-off tasks (warmup data, activation extraction)."""
+
+    rollout: RoleResources = RoleResources()
+    learner: RoleResources = RoleResources()
+    encoder: RoleResources = RoleResources()
+
+
+class SplitSettings(Strict):
+    """The one held-out split every stage uses (warmup data, GRPO's training rows, every eval):
+    by source document or behaviour, decided by `data/mixture.heldout_sources` from the recipe seed."""
+
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+
+
 class OptimSettings(Strict):
+    """The decoder's optimiser and schedule (DeepSpeed): `decoder_optim` for warmup, and for GRPO
+    unless `grpo.decoder_optim` is set."""
+
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     decay: Literal["cosine", "linear", "constant"] = "cosine"
@@ -151,7 +181,6 @@ class WarmupSettings(Strict):
     """Embedded LatentQA: chats per behaviour (each a different stimulus, completed by the target).
     More chats give the decoder more distinct activations of the same behaviour to learn the read from."""
     num_corpus_documents: int = Field(200, ge=4)
-    heldout_fraction: float = Field(0.2, gt=0, lt=1)
     strict: bool = False
     """Malformed data rows: fatal (True) or reported, counted and skipped (False)."""
     encoder_steps: int = Field(50, ge=0)
@@ -196,9 +225,9 @@ class GrpoSettings(Strict):
     penalize_truncated: bool = True
     """False: truncated descriptions are scored like finished ones (smoke tests on random models)."""
     train_encoder: bool = True
-    optim: OptimSettings | None = None
-    """The decoder's optimiser for GRPO; None = the recipe's `optim` (set it when one recipe runs
-    warmup then GRPO: RL wants a smaller lr than supervised warmup)."""
+    decoder_optim: OptimSettings | None = None
+    """The decoder's optimiser for GRPO; None = the recipe's `decoder_optim` (set it when one recipe
+    runs warmup then GRPO: RL wants a smaller lr than supervised warmup). The encoder's is `encoder.optim`."""
     overlap_rollout: bool = False
     sync_check: bool = True
     max_minutes: float | None = Field(None, gt=0)
@@ -252,9 +281,9 @@ class RecipeConfig(Strict):
     extraction: ExtractionSettings = ExtractionSettings()
     sampling: SamplingSettings = SamplingSettings()
     rollout: RolloutSettings = RolloutSettings()
-    learner: RoleResources = RoleResources()
-    encoder_role: RoleResources = RoleResources()
-    optim: OptimSettings = OptimSettings()
+    resources: Resources = Resources()
+    decoder_optim: OptimSettings = OptimSettings()
+    split: SplitSettings = SplitSettings()
     warmup: WarmupSettings = WarmupSettings()
     grpo: GrpoSettings = GrpoSettings()
     eval: EvalSettings = EvalSettings()
@@ -265,6 +294,10 @@ class RecipeConfig(Strict):
     num_documents: int = Field(32, ge=1)
     init_from: str | None = None
     """A checkpoint folder to start from (e.g. a warmup run's), or None."""
+
+    def grpo_decoder_optim(self) -> OptimSettings:
+        """The decoder's optimiser settings during GRPO."""
+        return self.grpo.decoder_optim or self.decoder_optim
 
     @model_validator(mode="after")
     def _check_mixture(self) -> "RecipeConfig":
@@ -326,9 +359,39 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+MOVED_KEYS = {
+    "optim": "decoder_optim",
+    "grpo.optim": "grpo.decoder_optim",
+    "encoder.lr": "encoder.optim.lr",
+    "encoder_role": "resources.encoder",
+    "learner": "resources.learner",
+    "rollout.num_actors": "resources.rollout.num_actors",
+    "rollout.num_cpus": "resources.rollout.num_cpus",
+    "rollout.num_gpus": "resources.rollout.num_gpus",
+    "rollout.threads": "resources.rollout.threads",
+    "warmup.heldout_fraction": "split.heldout_fraction",
+}
+"""Keys of older recipes -> where they live now (an old recipe fails with a message naming the new key)."""
+
+
+def moved_keys(raw: dict) -> list[str]:
+    """One line per key of `raw` that has moved (see MOVED_KEYS)."""
+    lines = []
+    for old, new in MOVED_KEYS.items():
+        node = raw
+        *parents, leaf = old.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            lines.append(f"  key '{old}' has moved: write it as '{new}'")
+    return lines
+
+
 def validate_recipe(raw: dict, source: str = "<dict>") -> RecipeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {source} must be a mapping at the top level, got {type(raw).__name__}")
+    if moved := moved_keys(raw):
+        raise ConfigError("\n".join([f"invalid recipe {source} (written for an older cycle-oracle):", *moved]))
     try:
         return RecipeConfig.model_validate(raw)
     except ValidationError as err:

@@ -180,10 +180,10 @@ def test_latentqa_malformed_rows_counted_or_raised(tmp_path, tiny_tokenizer):
     from cycle_oracle.data.build import build_warmup_data
 
     settings = WarmupSettings(mixture={"latentqa": 1.0}, latentqa=DataSource(kind="latentqa", paths=[str(tmp_path)]), strict=False)
-    _, _, report = build_warmup_data(settings, tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
+    _, _, report = build_warmup_data(settings, 0.2, tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
     assert report["malformed_rows"] == 3
     with pytest.raises(MalformedDataError, match=r"system\.json row 1"):
-        build_warmup_data(settings.model_copy(update={"strict": True}), tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
+        build_warmup_data(settings.model_copy(update={"strict": True}), 0.2, tiny_tokenizer, None, DEFAULT_DESCRIPTION_INSTRUCTION, progress=False)
 
 
 # ---------------------------------------------------------------- splits and mixture
@@ -433,7 +433,7 @@ def test_build_warmup_data_splits_and_report(tmp_path, tiny_tokenizer, shared_da
         num_corpus_documents=30,
     )
     gen = FakeGenerate()
-    train, held, report = build_warmup_data(settings, tiny_tokenizer, gen, "Describe it.", shared_data_dir=shared_data,
+    train, held, report = build_warmup_data(settings, 0.2, tiny_tokenizer, gen, "Describe it.", shared_data_dir=shared_data,
                                             seed=0, cache_dir=tmp_path, progress=False)
     json.dumps(report)
     for task in ("latentqa", "token_prediction", "description"):
@@ -447,7 +447,7 @@ def test_build_warmup_data_splits_and_report(tmp_path, tiny_tokenizer, shared_da
     # a task with weight 0 is not built: no generation for it
     gen2 = FakeGenerate()
     no_desc = settings.model_copy(update={"mixture": {"latentqa": 0.5, "token_prediction": 0.5}})
-    train2, _, _ = build_warmup_data(no_desc, tiny_tokenizer, gen2, "Describe it.", shared_data_dir=shared_data,
+    train2, _, _ = build_warmup_data(no_desc, 0.2, tiny_tokenizer, gen2, "Describe it.", shared_data_dir=shared_data,
                                      seed=0, cache_dir=tmp_path / "x", progress=False)
     assert gen2.calls == 0 and not train2["description"] and train2["token_prediction"]
 

@@ -1,6 +1,6 @@
 """Build all warmup data from `WarmupSettings`: the three tasks, split by source, plus a report.
 
-    train, heldout, report = build_warmup_data(cfg.warmup, tokenizer, generate_fn,
+    train, heldout, report = build_warmup_data(cfg.warmup, cfg.split.heldout_fraction, tokenizer, generate_fn,
                                                cfg.description_instruction, seed=cfg.seed,
                                                model_id=cfg.model.name)
 
@@ -56,6 +56,7 @@ def _cap_labels(result: LatentQAResult, limit: int | None, seed: int) -> LatentQ
 
 def build_warmup_data(
     settings,
+    heldout_fraction: float,
     tokenizer,
     generate_fn: GenerateFn | None,
     description_instruction: str,
@@ -101,7 +102,7 @@ def build_warmup_data(
             result = _cap_labels(result, source.max_documents, seed)
         else:
             raise ValueError(f"warmup.latentqa.kind={source.kind!r}: expected 'embedded' or 'latentqa' (a folder in the public format)")
-        train["latentqa"], heldout["latentqa"] = split_by_source(result.items, settings.heldout_fraction, seed)
+        train["latentqa"], heldout["latentqa"] = split_by_source(result.items, heldout_fraction, seed)
         report["latentqa"] = {"kind": source.kind, **result.stats, "seconds": round(time.time() - t0, 1)}
         report["malformed_rows"] += result.malformed
         report["problems"] += result.problems
@@ -113,10 +114,10 @@ def build_warmup_data(
         )
         corpus_info["seconds"] = round(time.time() - t0, 1)
         report["corpus"] = corpus_info
-        held = heldout_sources((d.source_id for d in docs), settings.heldout_fraction, seed)
+        held = heldout_sources((d.source_id for d in docs), heldout_fraction, seed)
         if "token_prediction" in wanted:
             items, stats = token_prediction_items(docs, tokenizer, seed, token_items_per_document, max_context_tokens)
-            train["token_prediction"], heldout["token_prediction"] = split_by_source(items, settings.heldout_fraction, seed, held)
+            train["token_prediction"], heldout["token_prediction"] = split_by_source(items, heldout_fraction, seed, held)
             report["token_prediction"] = stats
         if "description" in wanted:
             if generate_fn is None:
@@ -127,7 +128,7 @@ def build_warmup_data(
                 max_tokens=max_context_tokens, max_new_tokens=description_tokens, model_id=model_id,
                 cache_dir=cache_dir, progress=progress, quote_tokens=settings.description_quote_tokens,
             )
-            train["description"], heldout["description"] = split_by_source(items, settings.heldout_fraction, seed, held)
+            train["description"], heldout["description"] = split_by_source(items, heldout_fraction, seed, held)
             report["description"] = {**info, "seconds": round(time.time() - t0, 1)}
 
     report["train"] = {t: len(v) for t, v in train.items()}
