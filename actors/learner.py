@@ -1,33 +1,39 @@
-"""LearnerGroup: N DeepSpeed ranks (one Ray actor each) training the decoder LoRA data-parallel."""
+"""LearnerGroup: N DeepSpeed ranks (one Ray actor each) training the decoder LoRA data-parallel.
+
+`LearnerActor` is `cycle_oracle.learner.DecoderLearner` as a Ray actor (the library class's
+methods are the actor's methods: `sft_micro_step`, `grpo_step`, `sequence_kl`, ...); `LearnerGroup` is the driver's handle: it shards a batch across ranks, gathers
+results back into sample order and waits with a timeout.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import ray
 import torch
 
-from actors.cluster import free_port, remote_get
+from actors.placement import Placement, free_port, remote_get
+from cycle_oracle.batch import RolloutBatch, gather_in_order, shard_indices
+from cycle_oracle.learner import DecoderLearner, init_distributed
 
 
 @ray.remote
-class LearnerActor:
-    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, total_steps: int,
-                 rank: int, world_size: int, master_addr: str, master_port: int, grad_accum: int | None = None,
-                 reference_adapter: dict | None = None):
+class LearnerActor(DecoderLearner):
+    """One data-parallel rank: joins the process group, then builds the DeepSpeed learner."""
+
+    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, total_steps: int, stage: str,
+                 rank: int, world_size: int, master_addr: str, master_port: int, reference_adapter: dict | None = None):
         from cycle_oracle.config import RecipeConfig
-        from cycle_oracle.learner import DecoderLearner, init_distributed
 
         cfg = RecipeConfig.model_validate(config)
-        torch.set_num_threads(cfg.learner.threads)
+        torch.set_num_threads(cfg.resources.learner.threads)
         torch.manual_seed(cfg.seed)
         init_distributed(rank, world_size, master_addr, master_port)
         self.rank = rank
-        self.learner = DecoderLearner(model_path, cfg, layer, injection_norm, total_steps, grad_accum, reference_adapter)
+        super().__init__(model_path, cfg, layer, injection_norm, total_steps, stage, reference_adapter)
 
     def ready(self) -> int:
         return self.rank
-
-    def call(self, method: str, *args, **kwargs):
-        return getattr(self.learner, method)(*args, **kwargs)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -37,18 +43,19 @@ class LearnerActor:
 
 
 class LearnerGroup:
-    """Driver-side handle: splits work across ranks and waits with a timeout."""
+    """Driver-side handle of the N learner ranks."""
 
-    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int,
-                 actor_options: list[dict], grad_accum: int | None = None, reference_adapter=None):
+    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, stage: str,
+                 placement: Placement, reference_adapter: dict | None = None):
         self.timeout = cfg.ray.get_timeout_s
         self.norm = injection_norm
-        n = cfg.learner.num_actors
+        n = cfg.resources.learner.num_actors
         addr = ray.util.get_node_ip_address()
         port = free_port()
         config = cfg.model_dump(mode="json")
         self.actors = [
-            LearnerActor.options(**actor_options[r]).remote(model_path, config, layer, injection_norm, total_steps, r, n, addr, port, grad_accum, reference_adapter)
+            LearnerActor.options(**placement.options("learner", r)).remote(
+                model_path, config, layer, injection_norm, total_steps, stage, r, n, addr, port, reference_adapter)
             for r in range(n)
         ]
         remote_get([a.ready.remote() for a in self.actors], self.timeout, f"{n} DeepSpeed learner(s) to start")
@@ -57,23 +64,59 @@ class LearnerGroup:
     def world_size(self) -> int:
         return len(self.actors)
 
-    def on_all(self, method: str, per_rank_args: list[tuple] | None = None, what: str | None = None):
-        args = per_rank_args or [()] * self.world_size
-        refs = [a.call.remote(method, *args[r]) for r, a in enumerate(self.actors)]
-        return remote_get(refs, self.timeout, what or f"learner.{method}")
+    def _all(self, refs, what: str):
+        return remote_get(refs, self.timeout, what)
 
-    def on_rank0(self, method: str, *args):
-        return remote_get(self.actors[0].call.remote(method, *args), self.timeout, f"learner.{method}")
+    # ---- warmup ---------------------------------------------------------------------------
+    def sft_micro_step(self, examples: Sequence) -> list[dict]:
+        """One micro-batch split across ranks (rank r takes examples r, r+N, ...) -> per-rank metrics."""
+        parts = shard_indices(len(examples), self.world_size)
+        return self._all([a.sft_micro_step.remote([examples[i] for i in idx]) for a, idx in zip(self.actors, parts)],
+                         "warmup micro-step")
 
-    def shard(self, items: list) -> list[tuple]:
-        """Split a batch across ranks (rank r takes items r, r+N, ...)."""
-        return [(items[r :: self.world_size],) for r in range(self.world_size)]
+    def answer_scores(self, examples: Sequence, vector_override: str | None = None) -> dict[str, list[float]]:
+        """Held-out scoring on rank 0 (no gradient, no collective)."""
+        return self._all(self.actors[0].answer_scores.remote(list(examples), vector_override), "held-out answer scores")
+
+    def set_read_offset(self, task: str, contexts: list, positions: list) -> dict:
+        """Every rank centres `task`'s activations by the same offset; rank 0's report."""
+        return self._all([a.set_read_offset.remote(task, contexts, positions) for a in self.actors],
+                         "centring the LatentQA activations")[0]
+
+    # ---- GRPO -------------------------------------------------------------------------------
+    def grpo_step(self, batch: RolloutBatch) -> dict:
+        """One GRPO update on the whole batch, sharded by sample; metrics averaged over ranks,
+        `tokens` summed."""
+        parts = shard_indices(len(batch), self.world_size)
+        results = self._all([a.grpo_step.remote(batch.select(idx)) for a, idx in zip(self.actors, parts)], "GRPO learn step")
+        out = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        out["tokens"] = sum(r["tokens"] for r in results)
+        return out
+
+    def sequence_kl(self, batch: RolloutBatch) -> torch.Tensor:
+        """[N] sum_t (log pi - log pi_ref) per sample, in the batch's sample order."""
+        parts = shard_indices(len(batch), self.world_size)
+        kl = self._all([a.sequence_kl.remote(batch.select(idx)) for a, idx in zip(self.actors, parts)], "sequence KL")
+        return gather_in_order(kl, parts, len(batch))
+
+    def sync_error(self, probe: RolloutBatch) -> float:
+        """Rank 0's largest |log pi_learner - log pi_sampler| over the probe's tokens."""
+        return self._all(self.actors[0].sync_error.remote(probe), "sync verification")
+
+    # ---- weights and state ------------------------------------------------------------------
+    def adapter(self) -> dict[str, torch.Tensor]:
+        """The decoder's LoRA adapter (identical on every rank; read from rank 0)."""
+        return self._all(self.actors[0].adapter.remote(), "learner adapter")
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        ref = ray.put(state)
+        self._all([a.load_adapter.remote(ref) for a in self.actors], "load adapter")
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """Every rank's DeepSpeed checkpoint files in one folder `learner/` (rank 0 writes the module
         states, each rank its own optimizer partition), for the driver to store."""
         files: dict[str, bytes] = {}
-        for r, rank_files in enumerate(self.on_all("save_state", what="learner checkpoint")):
+        for r, rank_files in enumerate(self._all([a.save_state.remote() for a in self.actors], "learner checkpoint")):
             for name, data in rank_files.items():
                 key = f"learner/{name}"
                 if key in files and files[key] != data:
@@ -86,9 +129,9 @@ class LearnerGroup:
         if world_size_in_checkpoint != self.world_size:
             raise RuntimeError(
                 f"the checkpoint was written by {world_size_in_checkpoint} learner rank(s) but this run has {self.world_size}: "
-                f"DeepSpeed's partitioned optimizer state is not re-split here; resume with learner.num_actors={world_size_in_checkpoint}"
+                f"DeepSpeed's partitioned optimizer state is not re-split here; resume with resources.learner.num_actors={world_size_in_checkpoint}"
             )
-        self.on_all("load_state", [(files,)] * self.world_size, "learner resume")
+        self._all([a.load_state.remote(files) for a in self.actors], "learner resume")
 
     def shutdown(self) -> None:
         try:

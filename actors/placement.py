@@ -1,5 +1,7 @@
-"""Ray set-up shared by every recipe: starting/joining a cluster, placement groups from the recipe,
-and the one way to wait on remote work (always with a timeout, so a pending actor fails loudly)."""
+"""Ray set-up shared by every recipe kind: starting/joining a cluster, the one placement path
+(a placement group holding every role the recipe kind uses, reserved before any actor starts),
+and the one way to wait on remote work (always with a timeout, so a pending actor fails loudly).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,21 @@ import socket
 from typing import Any
 
 import ray
+
+ROLES_BY_KIND = {
+    "describe": ("learner", "rollout"),
+    "warmup": ("learner", "rollout", "encoder"),
+    "grpo": ("learner", "rollout", "encoder"),
+    "warmup_then_grpo": ("learner", "rollout", "encoder"),
+    "eval": ("learner",),
+}
+"""Which roles each recipe kind places, in bundle order. The first bundle (the learner's, where the
+kind has one) also runs the one-off tasks (warmup data, activation extraction) before the actors
+start; `describe` and `eval` use one learner bundle for that alone (`eval` runs its oracle in the
+driver)."""
+
+SINGLE_ACTOR = {("describe", "learner"), ("eval", "learner"), ("describe", "rollout"), ("warmup", "rollout")}
+"""Roles a kind runs one actor of whatever `num_actors` says (the encoder is always one actor)."""
 
 
 class RemoteTimeout(TimeoutError):
@@ -43,18 +60,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def role_options(resources, **extra) -> dict:
-    """Ray actor options for one actor of a role (fractional CPUs allowed on small machines)."""
-    opts = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
-    opts.update(extra)
-    return opts
-
-
 def placement_plan(cfg) -> list[dict]:
-    """Bundles per role as the recipe asks (what `--dry-run` prints and placement groups reserve)."""
+    """Bundles per role of the recipe's kind (what `--dry-run` prints and the placement group reserves)."""
     plan = []
-    for role, res in (("rollout", cfg.rollout), ("learner", cfg.learner), ("encoder", cfg.encoder_role)):
-        for i in range(res.num_actors):
+    for role in ROLES_BY_KIND[cfg.kind]:
+        res = getattr(cfg.resources, role)
+        count = 1 if role == "encoder" or (cfg.kind, role) in SINGLE_ACTOR else res.num_actors
+        for i in range(count):
             bundle = {"CPU": res.num_cpus}
             if res.num_gpus:
                 bundle["GPU"] = res.num_gpus
@@ -71,20 +83,32 @@ def check_plan_fits(plan: list[dict], shape: dict[str, float]) -> list[str]:
     return [f"needs {v:g} {k} but the cluster declares {shape.get(k, 0):g}" for k, v in need.items() if v > shape.get(k, 0) + 1e-9]
 
 
-def create_placement_group(plan: list[dict], timeout_s: float):
-    from ray.util.placement_group import placement_group
+class Placement:
+    """The placement group of one recipe run: every actor and task of the run is scheduled into
+    its bundle through `options(role, index)`."""
 
-    pg = placement_group([item["bundle"] for item in plan], strategy="PACK")
-    remote_get(pg.ready(), timeout_s, f"placement group {[i['bundle'] for i in plan]}")
-    return pg
+    def __init__(self, cfg, timeout_s: float):
+        from ray.util.placement_group import placement_group
 
+        self.plan = placement_plan(cfg)
+        self.group = placement_group([item["bundle"] for item in self.plan], strategy="PACK")
+        remote_get(self.group.ready(), timeout_s, f"placement group {[i['bundle'] for i in self.plan]}")
 
-def bundle_options(pg, plan: list[dict], role: str, index: int) -> dict:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def options(self, role: str, index: int = 0, **extra) -> dict:
+        """Ray `.options(...)` for actor/task `index` of `role`: its bundle's CPUs/GPUs, inside the group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    for b, item in enumerate(plan):
-        if item["role"] == role and item["index"] == index:
-            opts = {"num_cpus": item["bundle"]["CPU"], "num_gpus": item["bundle"].get("GPU", 0)}
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=b)
-            return opts
-    raise KeyError(f"no bundle for {role}[{index}] in the plan")
+        for b, item in enumerate(self.plan):
+            if item["role"] == role and item["index"] == index:
+                strategy = PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=b)
+                return {"num_cpus": item["bundle"]["CPU"], "num_gpus": item["bundle"].get("GPU", 0),
+                        "scheduling_strategy": strategy, **extra}
+        raise KeyError(f"no bundle for {role}[{index}] in the plan ({[(i['role'], i['index']) for i in self.plan]})")
+
+    def task_options(self) -> tuple[dict, int]:
+        """(Ray options, torch threads) for a one-off task: the first bundle of the plan."""
+        first = self.plan[0]
+        return self.options(first["role"], first["index"]), first["threads"]
+
+    def remove(self) -> None:
+        ray.util.remove_placement_group(self.group)

@@ -13,6 +13,8 @@ import tempfile
 import ray
 import torch
 
+from cycle_oracle.batch import RolloutBatch
+
 
 @ray.remote
 class RolloutActor:
@@ -22,8 +24,9 @@ class RolloutActor:
 
         self.cfg = RecipeConfig.model_validate(config)
         ro = self.cfg.rollout
-        torch.set_num_threads(ro.threads)
-        configure_cpu_environment(ro.threads, ro.thread_binding, ro.kv_cache_gb)
+        threads = self.cfg.resources.rollout.threads
+        torch.set_num_threads(threads)
+        configure_cpu_environment(threads, ro.thread_binding, ro.kv_cache_gb)
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
         from cycle_oracle.injection import description_prompt
@@ -64,14 +67,14 @@ class RolloutActor:
             self.cfg.injection.mode,
         )
 
-    def sample(self, vectors: torch.Tensor, seeds: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int):
-        """[B, d] activations -> ([B][n] Sample, served weight version)."""
+    def sample(self, vectors: torch.Tensor, seeds: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int) -> RolloutBatch:
+        """[B, d] activations -> a RolloutBatch of B x n descriptions, tagged with the served weight version."""
         from cycle_oracle.rollout import SamplingRequest
 
         embeds = self.prompt_embeds(vectors)
         requests = [SamplingRequest(embeds[i], seeds[i], n) for i in range(len(seeds))]
-        samples = self.engine.sample(requests, temperature, top_p, max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
-        return samples, self.version
+        return self.engine.sample(requests, temperature, top_p, max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
+                                  vectors=vectors, version=self.version)
 
     def sync(self, adapter: dict[str, torch.Tensor], version: int) -> int:
         """Serve the policy with this LoRA adapter state (merged into the weights, or hot-swapped)."""

@@ -1,8 +1,8 @@
 """`cycle-oracle` command line: run recipes, extract activations, describe texts, evaluate, bench.
 
 Recipes run on Ray (local by default, `--address auto` for an existing cluster); this module only
-parses arguments and hands over to the recipe drivers in `recipes/` (imported lazily, so the
-library itself never imports Ray).
+parses arguments and hands over to the recipe drivers in `recipes/`, the library (`cycle_oracle/`)
+and the benchmark (`bench/`). Drivers are imported lazily, so `--help` and `--dry-run` start nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _load(args):
 def cmd_run(args) -> int:
     cfg = _load(args)
     if args.dry_run:
-        from actors.cluster import check_plan_fits, placement_plan
+        from actors.placement import check_plan_fits, placement_plan
 
         plan = placement_plan(cfg)
         print(f"recipe {args.recipe}: kind={cfg.kind}, model={cfg.model.name}, layer={cfg.model.layer}")
@@ -52,13 +52,7 @@ def cmd_run(args) -> int:
             return 1 if problems else 0
         return 0
     out = args.out or _default_out(args.recipe)
-    try:
-        module = importlib.import_module(RECIPE_DRIVERS[cfg.kind])
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("recipes."):
-            print(f"recipe kind {cfg.kind!r} is not built yet ({err.name} missing)", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(RECIPE_DRIVERS[cfg.kind])
     results = module.run(cfg, out, resume=args.resume)
     summary = results.get("summary") if isinstance(results, dict) else None
     print(f"done: results in {out}")
@@ -87,11 +81,8 @@ def cmd_extract(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    try:
-        from cycle_oracle.evals.viewer import describe_texts_to_html
-    except ImportError:
-        print("`describe --html` (the per-token viewer) is not built yet", file=sys.stderr)
-        return 2
+    from cycle_oracle.evals.viewer import describe_texts_to_html
+
     texts = [args.text] if args.text else Path(args.file).read_text().splitlines()
     describe_texts_to_html(args.checkpoint, [t for t in texts if t.strip()], args.html, model=args.model, layer=args.layer)
     print(f"wrote {args.html}")
@@ -99,27 +90,27 @@ def cmd_describe(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    try:
-        module = importlib.import_module("recipes.evaluate")
-    except ModuleNotFoundError:
-        print("`eval` is not built yet", file=sys.stderr)
-        return 2
-    return module.main(args)
+    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
+    from recipes import evaluate
+
+    recipe = args.recipe or str(evaluate.DEFAULT_EVAL_RECIPE)
+    overrides = list(args.set or [])
+    if args.checkpoint:
+        overrides.append(f"init_from={args.checkpoint}")
+    cfg = load_recipe(recipe, overrides)
+    if cfg.kind != "eval":
+        cfg = cfg.model_copy(update={"kind": "eval"})
+    out = args.out or _default_out(recipe)
+    results = evaluate.run(cfg, out, data_dir=args.data_dir)
+    print(json.dumps(results.get("summary", {}), indent=2, default=float))
+    print(f"done: report in {out}/report.md")
+    return 0
 
 
 def cmd_bench(args) -> int:
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    if not script.is_file():
-        print("`bench` is not built yet (scripts/bench.py)", file=sys.stderr)
-        return 2
-    import runpy
+    from bench.main import main as bench_main
 
-    sys.argv = [str(script), *args.rest]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as done:  # the script ends with sys.exit(main())
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    return 0
+    return bench_main(list(args.rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "func", None) is not cmd_bench:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # bench forwards every option to scripts/bench.py (REMAINDER misses a leading --option)
+    if extra:  # bench forwards every option to bench.main (REMAINDER misses a leading --option)
         args.rest = [*extra, *args.rest]
     try:
         return args.func(args)

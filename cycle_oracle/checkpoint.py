@@ -4,12 +4,20 @@ Layout: `<run>/checkpoints/step-000042/` holding
 - `*.safetensors`    tensors (adapters, encoder head, ...), one file per group;
 - `*.pt`             optimizer / RNG state (torch.save), and `<role>-rank<r>/` folders holding
                      each DeepSpeed rank's own checkpoint files (optimizer, scheduler);
-- `state.json`       step, data position, weight version, config, anything JSON;
+- `state.json`       the `CheckpointRecord`: the same fields for every stage (stage, step, model,
+                     layer, injection settings and norm, weight version, learner world size) plus
+                     the stage's own resume state (`extra`: data position, RNG);
 - `MANIFEST.json`    sha256 of every file, written last. A folder whose manifest does not match
                      is refused, so pickled state is only ever read from files this run wrote
                      (checked before any unpickling).
 A checkpoint is built in `.step-000042.tmp/` and renamed into place; `latest` is then replaced
 atomically. A crash at any point leaves the previous checkpoint intact.
+
+`load_trained(path)` is the one loader (init_from, --resume, describe, eval, the viewer and the
+experiments): it accepts a run folder, a checkpoint folder or a `warmup_then_grpo` folder, and
+`served_injection_norm` is the one injection-norm policy. Warmup and GRPO checkpoints hold the
+same tensor groups (`decoder_adapter`, `encoder`), so either can start a GRPO run or be described
+and evaluated; `--resume` continues only a run of the same stage (`require_stage`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,16 +59,67 @@ class CheckpointError(RuntimeError):
     pass
 
 
+@dataclass
+class CheckpointRecord:
+    """What every checkpoint says about itself (`state.json`), whichever stage wrote it."""
+
+    stage: str
+    """"warmup" or "grpo"."""
+    step: int
+    model: str
+    layer: int
+    """The read layer L (block count) the decoder was trained on."""
+    injection: dict
+    """`InjectionSettings` as JSON (placeholders, placeholder text, mode, scale)."""
+    injection_norm: float
+    """s in e_p <- s v/||v||: the norm the decoder was trained with (`served_injection_norm`)."""
+    weight_version: int
+    """The policy version (0 for warmup; GRPO counts syncs)."""
+    world_size: int
+    """Learner ranks that wrote the DeepSpeed state under `learner/`."""
+    extra: dict = field(default_factory=dict)
+    """The stage's own resume state (warmup: mixture position and RNG)."""
+
+    INJECTION_KEYS = ("num_placeholders", "placeholder", "mode")
+    """The injection settings a decoder is trained for: a run using it must set the same."""
+
+    def check_compatible(self, model: str, layer: int, injection: dict, where: str) -> None:
+        """Raise with the differing values unless a run with this model, layer and injection can use it."""
+        problems = []
+        if self.model != model:
+            problems.append(f"model {self.model!r} (this recipe: {model!r}; set model.name)")
+        if self.layer != layer:
+            problems.append(f"layer {self.layer} (this recipe reads layer {layer}; set model.layer)")
+        trained = {k: self.injection.get(k) for k in self.INJECTION_KEYS}
+        ours = {k: injection.get(k) for k in self.INJECTION_KEYS}
+        if trained != ours:
+            problems.append(f"injection {trained} (this recipe: {ours}; set injection.num_placeholders / placeholder / mode)")
+        if problems:
+            raise CheckpointError(f"{where} was trained with " + "; ".join(problems))
+
+
+def served_injection_norm(record: CheckpointRecord | None, computed: float) -> tuple[float, str | None]:
+    """The one injection-norm policy: a trained decoder is always served with the norm it was trained
+    with (the record's); a fresh decoder uses the norm this run computed. -> (norm, note when the
+    two differ)."""
+    if record is None:
+        return float(computed), None
+    norm = float(record.injection_norm)
+    if abs(norm - computed) > 1e-3 * max(abs(norm), 1.0):
+        return norm, f"injection norm {computed:.3f} from this run's corpus differs from the checkpoint's {norm:.3f}: using the checkpoint's"
+    return norm, None
+
+
 def save_checkpoint(
     run_dir: str | Path,
-    step: int,
+    record: CheckpointRecord,
     tensors: dict[str, dict[str, torch.Tensor]],
-    state: dict[str, Any],
     objects: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` checkpoints."""
+    """Write checkpoint `record.step` atomically; keep the newest `keep` checkpoints."""
+    step = record.step
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -74,7 +134,7 @@ def save_checkpoint(
         target = tmp / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+    (tmp / "state.json").write_text(json.dumps(asdict(record), indent=2, default=str))
     manifest = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
@@ -122,30 +182,68 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return tensors, state, objects
 
 
-def rng_state() -> dict[str, Any]:
-    import random
+@dataclass
+class TrainedCheckpoint:
+    """A loaded checkpoint: where it is, its record, its tensors and objects, and its run's recipe."""
 
-    import numpy as np
+    path: Path
+    run_dir: Path
+    record: CheckpointRecord
+    tensors: dict[str, dict[str, torch.Tensor]]
+    objects: dict[str, Any]
 
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), np_state[2], np_state[3], np_state[4]],
-    }
+    def config(self):
+        """The recipe the checkpoint's run was started with (`<run>/config.yaml`)."""
+        import yaml
+
+        from cycle_oracle.config import validate_recipe
+
+        cfg_path = self.run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"cannot find the recipe of checkpoint {self.path}: {cfg_path} is missing")
+        return validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path))
+
+    def learner_files(self) -> dict[str, bytes]:
+        return read_files(self.path, "learner")
+
+    def require_stage(self, stage: str, why: str) -> None:
+        if self.record.stage != stage:
+            raise CheckpointError(f"{self.path} is a {self.record.stage} checkpoint; {why} needs a {stage} checkpoint")
+
+    def require_tensors(self, *groups: str) -> None:
+        missing = [g for g in groups if g not in self.tensors]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.path} has no {', '.join(missing)} tensors (it holds {sorted(self.tensors)})")
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    import random
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """A run folder (its `latest` checkpoint), a `warmup_then_grpo` folder (its GRPO run, else its
+    warmup) or one checkpoint folder -> (checkpoint folder, run folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the folder does not exist (pass a run folder or <run>/checkpoints/step-N)")
+    if (path / "MANIFEST.json").is_file():
+        return path, path.parent.parent
+    for run_dir in (path, path / "grpo", path / "warmup"):
+        if (run_dir / "checkpoints").is_dir():
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise CheckpointError(f"run folder {run_dir} has no complete checkpoint yet (checkpoints/latest is missing)")
+            return ckpt, run_dir
+    raise CheckpointError(f"{path} is neither a run folder (with checkpoints/) nor a checkpoint folder (with MANIFEST.json)")
 
-    import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+def load_trained(path: str | Path) -> TrainedCheckpoint:
+    """The one checkpoint loader (see the module docstring)."""
+    ckpt, run_dir = resolve_checkpoint(path)
+    tensors, state, objects = load_checkpoint(ckpt)
+    known = {f for f in CheckpointRecord.__dataclass_fields__}
+    missing = known - set(state) - {"extra"}
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} has no {sorted(missing)} in state.json: it was written before the "
+                              f"checkpoint record (cycle-oracle 0.1); rerun the stage that wrote it")
+    record = CheckpointRecord(**{k: v for k, v in state.items() if k in known})
+    return TrainedCheckpoint(ckpt, run_dir, record, tensors, objects)
 
 
 def read_files(path: str | Path, prefix: str) -> dict[str, bytes]:

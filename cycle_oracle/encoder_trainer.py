@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cycle_oracle.batch import RolloutBatch
 from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruction_loss, reconstruction_metrics
 from cycle_oracle.models import load_causal_lm, load_tokenizer
 
@@ -38,12 +39,15 @@ def cycle_rewards(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, spac
 
 
 class EncoderTrainer:
+    """The encoder, its own optimiser (`encoder.optim`) and the corpus mean mu."""
+
     def __init__(self, model_path: str, cfg, layer: int, mean: torch.Tensor):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(model_path)
         self.encoder = ActivationEncoder(load_causal_lm(model_path, cfg.model.dtype), layer, cfg.encoder.lora)
         self.mean = mean.float()
-        self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=cfg.encoder.lr)
+        opt = cfg.encoder.optim
+        self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         self.updates = 0
 
     def _inputs(self, texts: Sequence[str]):
@@ -62,15 +66,17 @@ class EncoderTrainer:
             weights.extend(w[j][attn[j].bool()] for j in range(len(w)))
         return torch.cat(outs), weights
 
-    def score(self, texts: Sequence[str], vectors: torch.Tensor, usable: Sequence[bool]) -> tuple[torch.Tensor, dict]:
-        """Cycle rewards [N] for descriptions of `vectors` [N, d]; unusable ones get the penalty."""
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """Cycle rewards [N] for the batch's descriptions of its activations; samples not
+        `batch.usable` get the penalty. Also the reconstruction metrics of the usable ones."""
         g = self.cfg.grpo
-        usable_t = torch.tensor(list(usable), dtype=torch.bool)
+        vectors = batch.vectors.float()
+        usable = batch.usable if batch.usable is not None else torch.ones(len(batch), dtype=torch.bool)
         rewards = penalty_value(g.truncation_penalty, g.reward_space, vectors, self.mean)
         metrics = {}
-        if usable_t.any():
-            idx = usable_t.nonzero().squeeze(1)
-            v_hat, _ = self.reconstruct([texts[i] for i in idx.tolist()])
+        if usable.any():
+            idx = usable.nonzero().squeeze(1)
+            v_hat, _ = self.reconstruct([batch.texts[i] for i in idx.tolist()])
             rewards[idx] = cycle_rewards(v_hat, vectors[idx], self.mean, g.reward_space)
             metrics = reconstruction_metrics(v_hat, vectors[idx], self.mean)
         return rewards, metrics
@@ -87,7 +93,7 @@ class EncoderTrainer:
             loss = reconstruction_loss(self.cfg.encoder.loss, v_hat, vectors[i : i + batch_size].float())
             (loss * len(ids) / n).backward()
             total += loss.item() * len(ids)
-        torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.encoder.optim.grad_clip)
         self.optimizer.step()
         self.updates += 1
         return {"encoder_loss": total / n}

@@ -205,26 +205,26 @@ def truncated_importance_weights(
     return weights.detach(), stats
 
 
-def apply_kl_penalty_to_rewards(
-    rewards: torch.Tensor,
-    logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> torch.Tensor:
-    """Sequence rewards minus a detached k1 KL penalty (KL placement "reward").
+def sequence_kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence k1 KL, detached: logp, ref_logp, mask [N, T] -> [N]
+      KL_n = sum_t mask[n, t] * (logp[n, t] - ref_logp[n, t])
+    """
+    with torch.no_grad():
+        k1_per_token = kl_estimate(logp, ref_logp, "k1")
+        return torch.where(mask > 0, k1_per_token, torch.zeros_like(k1_per_token)).sum(-1)
 
-    rewards: [N] (or any shape with N elements, e.g. [B, K]), logp, ref_logp, mask: [N, T]
-      r'_n = r_n - kl_coef * sum_t mask[n, t] * (logp[n, t] - ref_logp[n, t])
+
+def apply_kl_penalty_to_rewards(rewards: torch.Tensor, sequence_kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Sequence rewards minus a detached KL penalty (KL placement "reward").
+
+    rewards: [N] (or any shape with N elements, e.g. [B, K]); sequence_kl: [N] from `sequence_kl_k1`
+      r'_n = r_n - kl_coef * KL_n
     The penalty is detached: it acts only through the score-function gradient
     (advantage * grad log pi), which in expectation is kl_coef * grad KL(pi || pi_ref) of
     the whole sequence. Apply before group_advantages; with std scaling the penalty is
     rescaled together with the reward.
     """
-    with torch.no_grad():
-        k1_per_token = kl_estimate(logp, ref_logp, "k1")
-        sequence_kl = torch.where(mask > 0, k1_per_token, torch.zeros_like(k1_per_token)).sum(-1)
-    return rewards - kl_coef * sequence_kl.to(rewards.dtype).view_as(rewards)
+    return rewards - kl_coef * sequence_kl.detach().to(rewards.dtype).view_as(rewards)
 
 
 def grpo_policy_loss(

@@ -1,9 +1,9 @@
 """The decoder learner: a PEFT LoRA decoder trained with DeepSpeed (no Ray here; `actors/learner.py`
 runs one of these per rank).
 
-- `sft_step`: warmup. Activations are read from the same model with the adapter disabled (the
+- `sft_micro_step`: warmup. Activations are read from the same model with the adapter disabled (the
   frozen target), injected, and the loss is cross-entropy on answer tokens only.
-- `grpo_step`: GRPO on a rollout batch. The learner recomputes the old-policy log-probs itself
+- `grpo_step`: GRPO on a `RolloutBatch` (cycle_oracle/batch.py; this rank's shard). The learner recomputes the old-policy log-probs itself
   (before any update), uses vLLM's sampling log-probs only for truncated importance sampling
   and the logged train/inference mismatch, and adds the KL to the reference (see grpo.py).
 DeepSpeed owns the optimizer, LR schedule, gradient clipping, accumulation and the
@@ -23,7 +23,8 @@ import torch
 
 from cycle_oracle.activations import pad_right, read_residual
 from cycle_oracle.decoder import DecoderBatch, build_batch, completion_logits, completion_mask, unflatten
-from cycle_oracle.grpo import grpo_policy_loss, masked_mean, token_entropy, token_logprobs, truncated_importance_weights
+from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, token_entropy, token_logprobs, truncated_importance_weights
 from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
 from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
 
@@ -39,16 +40,6 @@ class SftExample:
     """One position (its activation fills every placeholder) or one per placeholder."""
     question: str
     answer: str
-
-
-@dataclass
-class PolicySample:
-    """One rollout sample as the learner needs it."""
-
-    vector: torch.Tensor  # [d] the activation
-    token_ids: list[int]  # generated tokens
-    sampler_logprobs: list[float]  # vLLM's processed logprobs of token_ids
-    advantage: float
 
 
 def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1) -> dict:
@@ -84,9 +75,20 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
 
 
 class DecoderLearner:
-    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, grad_accum: int | None = None, reference_adapter: dict | None = None):
+    """One rank of the decoder's trainer. `stage` picks the optimiser settings: "warmup" uses
+    `decoder_optim` (with its gradient accumulation), "grpo" uses `grpo.decoder_optim` or else
+    `decoder_optim`, one optimizer step per minibatch."""
+
+    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, stage: str = "warmup",
+                 reference_adapter: dict | None = None):
         import deepspeed
 
+        if stage == "warmup":
+            optim, grad_accum = cfg.decoder_optim, None
+        elif stage == "grpo":
+            optim, grad_accum = cfg.grpo_decoder_optim(), 1
+        else:
+            raise ValueError(f"DecoderLearner stage {stage!r}; expected 'warmup' or 'grpo'")
         self.cfg = cfg
         self.layer = layer
         self.norm = injection_norm
@@ -95,7 +97,7 @@ class DecoderLearner:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg.optim, total_steps, grad_accum),
+            config=deepspeed_config(optim, total_steps, grad_accum),
         )
         self.model = self.engine.module
         self.reference = None
@@ -203,60 +205,68 @@ class DecoderLearner:
         return {"nll": ((nll * mask).sum(1) / mask.sum(1)).tolist(), "token_accuracy": ((correct * mask).sum(1) / mask.sum(1)).tolist()}
 
     # ---- GRPO ---------------------------------------------------------------------------
-    def _policy_batch(self, samples: Sequence[PolicySample], prompt: DecoderPrompt) -> DecoderBatch:
-        return build_batch([prompt] * len(samples), [s.token_ids for s in samples], self.tokenizer.pad_token_id)
+    def _policy_batch(self, batch: RolloutBatch, prompt: DecoderPrompt) -> DecoderBatch:
+        return build_batch([prompt] * len(batch), batch.token_ids, self.tokenizer.pad_token_id)
 
-    def policy_logprobs(self, samples: Sequence[PolicySample], temperature: float, grad: bool = False, with_entropy: bool = False):
-        batch = self._policy_batch(samples, self.description_prompt)
-        vectors = torch.stack([s.vector for s in samples])
+    def policy_logprobs(self, batch: RolloutBatch, grad: bool = False, with_entropy: bool = False):
+        """(log pi [N, T], completion mask [N, T], entropy [N, T] or None) at the batch's temperature."""
+        dec = self._policy_batch(batch, self.description_prompt)
         with torch.set_grad_enabled(grad):
-            logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
-            targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
-            logp = unflatten(token_logprobs(logits[None], targets[None], temperature)[0], batch)
-            entropy = unflatten(token_entropy(logits[None].detach(), temperature)[0], batch) if with_entropy else None
-        return logp, completion_mask(batch), entropy
+            logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
+            targets = dec.input_ids[:, 1:][dec.target_mask[:, 1:].bool()]
+            logp = unflatten(token_logprobs(logits[None], targets[None], batch.temperature)[0], dec)
+            entropy = unflatten(token_entropy(logits[None].detach(), batch.temperature)[0], dec) if with_entropy else None
+        return logp, completion_mask(dec), entropy
 
     @torch.no_grad()
-    def reference_logprobs(self, samples: Sequence[PolicySample], temperature: float) -> torch.Tensor:
-        vectors = torch.stack([s.vector for s in samples])
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         if self.reference is not None:  # warmup adapter, same prompt and activation
-            batch = self._policy_batch(samples, self.description_prompt)
-            logits = completion_logits(self.reference, batch, vectors, self.norm, self.cfg.injection.mode)
+            dec = self._policy_batch(batch, self.description_prompt)
+            logits = completion_logits(self.reference, dec, batch.vectors, self.norm, self.cfg.injection.mode)
         else:  # bare base model on the generated text only: no oracle prompt, no activation
-            batch = self._policy_batch(samples, self.reference_prompt)
+            dec = self._policy_batch(batch, self.reference_prompt)
             with self.model.disable_adapter():
-                logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
-        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
-        return unflatten(token_logprobs(logits[None], targets[None], temperature)[0], batch)
+                logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
+        targets = dec.input_ids[:, 1:][dec.target_mask[:, 1:].bool()]
+        return unflatten(token_logprobs(logits[None], targets[None], batch.temperature)[0], dec)
+
+    def _sampler_logprobs(self, batch: RolloutBatch, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for i, lps in enumerate(batch.sampler_logprobs):
+            out[i, : len(lps)] = torch.tensor(lps)
+        return out
 
     @torch.no_grad()
-    def sequence_kl(self, samples: Sequence[PolicySample], temperature: float) -> list[float]:
+    def sequence_kl(self, batch: RolloutBatch) -> list[float]:
         """sum_t k1_t = sum_t (log pi - log pi_ref) per sample (the "reward" KL placement)."""
-        logp, mask, _ = self.policy_logprobs(samples, temperature)
-        ref = self.reference_logprobs(samples, temperature)
-        return ((logp - ref[:, : logp.shape[1]]) * mask).sum(1).tolist()
+        logp, mask, _ = self.policy_logprobs(batch)
+        ref = self.reference_logprobs(batch)
+        return sequence_kl_k1(logp, ref[:, : logp.shape[1]], mask).tolist()
 
-    def grpo_step(self, samples: Sequence[PolicySample], temperature: float) -> dict:
+    @torch.no_grad()
+    def sync_error(self, probe: RolloutBatch) -> float:
+        """max_t |log pi_learner - log pi_sampler| over the probe's tokens (weight-sync verification)."""
+        self.engine.eval()
+        logp, mask, _ = self.policy_logprobs(probe)
+        diff = (logp - self._sampler_logprobs(probe, logp)).abs() * mask
+        return float(diff.max())
+
+    def grpo_step(self, batch: RolloutBatch) -> dict:
         """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch."""
         g = self.cfg.grpo
         self.engine.eval()
-        old_logp, mask, _ = self.policy_logprobs(samples, temperature)
-        sampler = torch.zeros_like(old_logp)
-        for i, s in enumerate(samples):
-            sampler[i, : len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
-        weights, is_stats = truncated_importance_weights(old_logp, sampler, mask, g.importance_cap)
-        ref_logp = self.reference_logprobs(samples, temperature) if g.kl_coef > 0 else None
-        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        old_logp, mask, _ = self.policy_logprobs(batch)
+        weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
+        ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
+        advantages = batch.advantages.float()
         self.engine.train()
         metrics: dict[str, float] = {}
-        n = len(samples)
-        order = torch.arange(n)
+        order = torch.arange(len(batch))
         steps = 0
         for _epoch in range(g.epochs_per_rollout):
             for chunk in order.chunk(g.minibatches_per_epoch):
                 idx = chunk.tolist()
-                sub = [samples[i] for i in idx]
-                logp, sub_mask, entropy = self.policy_logprobs(sub, temperature, grad=True, with_entropy=True)
+                logp, sub_mask, entropy = self.policy_logprobs(batch.select(idx), grad=True, with_entropy=True)
                 loss, m = grpo_policy_loss(
                     logp, old_logp[idx][:, : logp.shape[1]], advantages[idx], sub_mask,
                     clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,

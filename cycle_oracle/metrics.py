@@ -1,14 +1,9 @@
 """One metrics logger for every recipe: `metrics.jsonl` in the run folder and wandb (offline by
 default, disabled when WANDB_MODE=disabled as in tests), with the same names in both.
 
-A record is {"stage": "warmup" | "grpo" | "encoder_warmstart" | "eval", "step": int, <name>: value}; in
-wandb the key is "<stage>/<name>". Names used across the project:
-  loss, loss/<task>, lr, tokens_per_s, examples_seen                         (warmup)
-  reward_mean, reward_std, cosine, centred_cosine, fve, kl, entropy, clip_fraction,
-  importance_weight_mean, importance_weight_max, importance_capped_fraction, logp_mismatch,
-  description_tokens, truncation_rate, distinct_1, distinct_2, same_start_share,
-  zero_spread_fraction, encoder_loss, weight_version, time_rollout, time_score, time_learn,
-  time_sync, time_idle, time_step                                            (grpo)
+A record is {"stage": <stage>, "step": int, <name>: value}; in wandb the key is "<stage>/<name>".
+`METRICS` below is every name each stage logs (a `*` stands for a task or eval name); the logger
+refuses a name that is not listed, so a renamed metric cannot silently split a curve.
 """
 
 from __future__ import annotations
@@ -16,7 +11,35 @@ from __future__ import annotations
 import json
 import math
 import os
+from fnmatch import fnmatchcase
 from pathlib import Path
+
+_RECONSTRUCTION = ("cosine", "centred_cosine", "fve", "mean_baseline_cosine")
+_SYNC = ("time_sync", "weight_version", "sync_logprob_error", "sync_policy_changed")
+
+METRICS: dict[str, tuple[str, ...]] = {
+    "warmup": ("loss", "loss/*", "lr", "tokens_per_s", "examples_seen"),
+    "warmup_eval": ("*/nll_*", "*/token_accuracy_*", "*/items", "*/sources", "*/ranking_*"),
+    "encoder_warmstart": ("encoder_loss",),
+    "grpo_setup": _SYNC,
+    "grpo": (
+        "reward_mean", "reward_std", *_RECONSTRUCTION, "encoder_loss",
+        "kl", "entropy", "clip_fraction", "policy_loss", "ratio_mean",
+        "importance_weight_mean", "importance_weight_max", "importance_capped_fraction", "logp_mismatch",
+        "lr", "description_tokens", "truncation_rate", "zero_spread_fraction", "rollout_versions",
+        "distinct_1", "distinct_2", "same_start_share",
+        "time_rollout", "time_score", "time_learn", "time_idle", "time_step", *_SYNC,
+    ),
+    "describe": ("num_descriptions", "seconds"),
+    "eval": ("retrieval/*", "probes/*", "arithmetic/*"),
+}
+"""stage -> the metric names (fnmatch patterns) it logs: the one list of names in the project."""
+
+
+def unknown_metrics(stage: str, names) -> list[str]:
+    """Names that `METRICS[stage]` does not list (all of them for an unknown stage)."""
+    patterns = METRICS.get(stage, ())
+    return [n for n in names if not any(fnmatchcase(n, p) for p in patterns)]
 
 
 class MetricsLogger:
@@ -38,6 +61,10 @@ class MetricsLogger:
                 print(f"[metrics] wandb disabled: {type(err).__name__}: {err}")
 
     def log(self, stage: str, step: int, metrics: dict) -> None:
+        if stage not in METRICS:
+            raise ValueError(f"unknown metrics stage {stage!r}; expected one of {sorted(METRICS)} (cycle_oracle/metrics.py)")
+        if bad := unknown_metrics(stage, metrics):
+            raise ValueError(f"metric name(s) {bad} are not listed for stage {stage!r} in cycle_oracle/metrics.py METRICS")
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         self._file.write(json.dumps({"stage": stage, "step": step, **clean}, default=str) + "\n")
         self._file.flush()

@@ -17,21 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class Sample:
-    """One sampled description."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    """Per-token log-probabilities after temperature (vLLM's processed logprobs)."""
-    truncated: bool
-    """True when the sample hit max_new_tokens without an end token."""
+from cycle_oracle.batch import RolloutBatch
 
 
 @dataclass
@@ -110,9 +100,16 @@ class RolloutEngine:
         top_p: float,
         max_new_tokens: int,
         stop_token_ids: Iterable[int] = (),
-    ) -> list[list[Sample]]:
-        """K samples per request -> [len(requests)][n] samples, with processed logprobs."""
+        vectors: torch.Tensor | None = None,
+        version: int = 0,
+    ) -> RolloutBatch:
+        """n samples per request -> one RolloutBatch (request-major, processed logprobs, every sample
+        tagged with `version`); `vectors` [len(requests), d] are the activations behind the requests."""
         from vllm import SamplingParams
+
+        ks = {r.n for r in requests}
+        if len(ks) != 1:
+            raise ValueError(f"one RolloutBatch needs the same n for every request, got {sorted(ks)}")
 
         params = []
         for req in requests:
@@ -133,16 +130,21 @@ class RolloutEngine:
             )
         prompts = [{"prompt_embeds": r.prompt_embeds.detach().to(torch.float32).cpu()} for r in requests]
         outputs = self.llm.generate(prompts, params, lora_request=self._lora_request(), use_tqdm=False)
-        result = []
+        token_ids, logprobs, texts, truncated = [], [], [], []
         for out in outputs:
-            samples = []
             for c in out.outputs:
-                lps = [entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)]
-                samples.append(
-                    Sample(list(c.token_ids), c.text, lps, truncated=(c.finish_reason == "length"))
-                )
-            result.append(samples)
-        return result
+                token_ids.append(list(c.token_ids))
+                logprobs.append([entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)])
+                texts.append(c.text)
+                truncated.append(c.finish_reason == "length")
+        k = ks.pop()
+        if vectors is None:
+            vectors = torch.zeros(len(requests), 0)
+        return RolloutBatch(
+            vectors=vectors.float().cpu().repeat_interleave(k, dim=0), token_ids=token_ids, sampler_logprobs=logprobs,
+            texts=texts, truncated=torch.tensor(truncated, dtype=torch.bool),
+            versions=torch.full((len(texts),), version, dtype=torch.long), group_size=k, temperature=temperature,
+        )
 
     def load_merged_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named full tensors (merged decoder weights) into the running engine."""

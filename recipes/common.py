@@ -1,5 +1,7 @@
-"""Set-up every recipe driver shares: the run folder, the resolved model and layer, extraction of
-corpus activations (in a Ray task, so the driver holds no model), and the injection norm."""
+"""Set-up every recipe driver shares: the run folder, the resolved model and layer, the run's
+placement group (every role of the kind, `actors/placement.py`), extraction of corpus activations
+(a Ray task in the placement group's first bundle, so the driver holds no model), the injection
+norm, and loading a checkpoint to start from."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.cluster import init_ray, remote_get
-from cycle_oracle.checkpoint import atomic_write_text
+from actors.placement import Placement, init_ray, remote_get
+from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, atomic_write_text, load_trained, served_injection_norm
 from cycle_oracle.config import RecipeConfig, dump_recipe
 from cycle_oracle.metrics import MetricsLogger
 
@@ -26,6 +28,7 @@ class Run:
     layer: int
     n_layers: int
     metrics: MetricsLogger
+    placement: Placement
 
     def write_results(self, name: str, results: dict) -> Path:
         path = self.out / name
@@ -44,9 +47,15 @@ def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
     n_layers = int(json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"])
     layer = resolve_layer(cfg.model.layer, n_layers)
     init_ray(cfg)
+    placement = Placement(cfg, cfg.ray.setup_timeout_s)
     metrics = MetricsLogger(out, cfg.logging, cfg.model_dump(mode="json"), run_name=f"{out.name}-{stage}")
     print(f"[{stage}] model {cfg.model.name} ({n_layers} blocks), read layer {layer}, run folder {out}")
-    return Run(cfg, out, model_path, layer, n_layers, metrics)
+    return Run(cfg, out, model_path, layer, n_layers, metrics, placement)
+
+
+def finish_run(run: Run) -> None:
+    run.metrics.close()
+    run.placement.remove()
 
 
 @ray.remote
@@ -74,8 +83,9 @@ def extract_store(run: Run, documents, subdir: str = "activations"):
         store = ActivationStore(root)
         return store, float(json.loads((root / "embedding_norm.json").read_text())["embedding_norm"])
     t0 = time.time()
+    options, threads = run.placement.task_options()
     batches, emb_norm = remote_get(
-        extraction_task.options(num_cpus=run.cfg.learner.num_cpus).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, run.cfg.learner.threads),
+        extraction_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, threads),
         run.cfg.ray.setup_timeout_s, "activation extraction",
     )
     store = write_store(root, batches, run.cfg.model.name, run.layer, run.cfg.extraction.shard_size)
@@ -84,10 +94,45 @@ def extract_store(run: Run, documents, subdir: str = "activations"):
     return store, emb_norm
 
 
-def injection_norm(cfg: RecipeConfig, embedding_norm: float, layer_mean_norm: float) -> float:
+def injection_norm(run: Run, embedding_norm: float, layer_mean_norm: float, start: TrainedCheckpoint | None = None) -> float:
+    """The norm injected activations are scaled to: the recipe's choice (`injection.scale`) for a
+    fresh decoder, the checkpoint's for a trained one (`served_injection_norm`)."""
     from cycle_oracle.injection import target_norm
 
-    return target_norm(cfg.injection, embedding_norm, layer_mean_norm)
+    norm, note = served_injection_norm(start.record if start else None, target_norm(run.cfg.injection, embedding_norm, layer_mean_norm))
+    if note:
+        print(f"[{run.cfg.kind}] {note}")
+    return norm
+
+
+def load_start(run: Run) -> TrainedCheckpoint | None:
+    """The checkpoint `init_from` names (warmup or GRPO), checked against this run's model, layer and
+    injection; None without init_from."""
+    if not run.cfg.init_from:
+        return None
+    start = load_trained(run.cfg.init_from)
+    start.require_tensors("decoder_adapter")
+    start.record.check_compatible(run.cfg.model.name, run.layer, run.cfg.injection.model_dump(mode="json"), f"init_from {start.path}")
+    print(f"[{run.cfg.kind}] starting from the {start.record.stage} checkpoint {start.path} (step {start.record.step})")
+    return start
+
+
+def load_resume(run: Run, stage: str) -> TrainedCheckpoint | None:
+    """The run folder's latest checkpoint for `--resume` (None if it has none yet)."""
+    from cycle_oracle.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(run.out) is None:
+        return None
+    ckpt = load_trained(run.out)
+    ckpt.require_stage(stage, f"resuming a {stage} run")
+    return ckpt
+
+
+def record(run: Run, stage: str, step: int, norm: float, weight_version: int, world_size: int, **extra) -> CheckpointRecord:
+    """This run's checkpoint record at `step`."""
+    return CheckpointRecord(stage=stage, step=step, model=run.cfg.model.name, layer=run.layer,
+                            injection=run.cfg.injection.model_dump(mode="json"), injection_norm=float(norm),
+                            weight_version=weight_version, world_size=world_size, extra=extra)
 
 
 def source_windows(store, rows, tokenizer, tokens: int) -> list[str]:

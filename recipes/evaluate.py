@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cycle_oracle.config import load_recipe
 from cycle_oracle.corpus import load_documents
-from recipes.common import extract_store, start_run
+from recipes.common import extract_store, finish_run, start_run
 
 DEFAULT_EVAL_RECIPE = Path(__file__).with_name("eval_cpu.yaml")
 
@@ -32,33 +31,13 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
     else:  # the checkpoint's own recipe defines model, layer and instruction
         oracle = load_oracle(cfg.init_from, max_new_tokens=cfg.sampling.max_new_tokens)
     results = run_evals_from_settings(oracle, store, cfg.eval, run.out, seed=cfg.seed, data_dir=data_dir,
-                                      heldout_fraction=cfg.warmup.heldout_fraction, split_seed=cfg.seed,
+                                      heldout_fraction=cfg.split.heldout_fraction, split_seed=cfg.seed,
                                       probe_tasks=cfg.eval.probe_tasks, positions=cfg.eval.probe_positions,
                                       arithmetic_per_digits=cfg.eval.arithmetic_per_digits, judge=cfg.eval.judge)
     from cycle_oracle.evals.report import summarise
 
     summary = summarise(results)
     run.metrics.log("eval", 0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    run.metrics.close()
+    finish_run(run)
     results["summary"] = summary
     return results
-
-
-def main(args) -> int:
-    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
-    from cycle_oracle.cli import _default_out
-
-    recipe = args.recipe or str(DEFAULT_EVAL_RECIPE)
-    overrides = list(args.set or [])
-    if args.checkpoint:
-        overrides.append(f"init_from={args.checkpoint}")
-    cfg = load_recipe(recipe, overrides)
-    if cfg.kind != "eval":
-        cfg = cfg.model_copy(update={"kind": "eval"})
-    out = args.out or _default_out(recipe)
-    results = run(cfg, out, data_dir=args.data_dir)
-    import json
-
-    print(json.dumps(results.get("summary", {}), indent=2, default=float))
-    print(f"done: report in {out}/report.md")
-    return 0

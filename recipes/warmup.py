@@ -18,16 +18,16 @@ import ray
 import torch
 from rich.progress import Progress
 
-from actors.cluster import remote_get
 from actors.encoder import EncoderActor
 from actors.learner import LearnerGroup
+from actors.placement import remote_get
 from actors.rollout import RolloutActor
-from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_files, save_checkpoint
+from cycle_oracle.checkpoint import save_checkpoint
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.encoder import reconstruction_metrics
 from cycle_oracle.evals.controls import paired_difference
 from cycle_oracle.learner import SftExample
-from recipes.common import check_finite, Run, extract_store, injection_norm, source_windows, start_run
+from recipes.common import Run, check_finite, extract_store, finish_run, injection_norm, load_resume, record, source_windows, start_run
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
@@ -49,7 +49,7 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     else:
         generate, model_id = hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype), tok, batch_size=16), cfg.model.name
     return build_warmup_data(
-        cfg.warmup, tok, generate, cfg.description_instruction,
+        cfg.warmup, cfg.split.heldout_fraction, tok, generate, cfg.description_instruction,
         shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
         token_items_per_document=cfg.warmup.token_items_per_document,
         stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour,
@@ -77,8 +77,7 @@ def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 2
     chosen = rng.sample(contexts, min(max_contexts, len(contexts)))
     positions = [read_positions(it, rng, cfg.injection.num_placeholders) for it in chosen]
     positions = [[p] if isinstance(p, int) else list(p) for p in positions]
-    args = ("latentqa", [list(it.context_ids) for it in chosen], positions)
-    info = group.on_all("set_read_offset", [args] * group.world_size, "centring the LatentQA activations")[0]
+    info = group.set_read_offset("latentqa", [list(it.context_ids) for it in chosen], positions)
     print(f"[warmup] LatentQA activations centred on {info['contexts']} training contexts: they keep "
           f"{info['energy_share_kept']:.3f} of their energy")
     return info
@@ -133,7 +132,7 @@ def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Rando
         for mode, ctx in (("real", item), ("shuffled", other)):
             positions = read_positions(ctx, rng, num_placeholders)
             exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
-            nll = group.on_rank0("answer_scores", exs)["nll"]
+            nll = group.answer_scores(exs)["nll"]
             advance(1)
             hit = float(min(range(len(cands)), key=lambda i: nll[i]) == 0)
             hits[mode].append(hit)
@@ -175,7 +174,7 @@ def _heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int, progress: 
         for name, (examples, mode) in variants.items():
             scores = {"nll": [], "token_accuracy": []}
             for i in range(0, len(examples), 8):
-                s = group.on_rank0("answer_scores", examples[i : i + 8], mode)
+                s = group.answer_scores(examples[i : i + 8], mode)
                 for k in scores:
                     scores[k].extend(s[k])
                 progress.update(bar, advance=len(examples[i : i + 8]))
@@ -215,7 +214,7 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
     from cycle_oracle.models import load_tokenizer
 
     tokenizer = load_tokenizer(run.model_path)
-    train_rows, held_rows = store.split_by_document(cfg.warmup.heldout_fraction, seed)
+    train_rows, held_rows = store.split_by_document(cfg.split.heldout_fraction, seed)
     rng = random.Random(seed)
     train_rows = rng.sample(train_rows, min(cfg.warmup.encoder_samples, len(train_rows)))
     held_rows = rng.sample(held_rows, min(cfg.warmup.eval_items, len(held_rows)))
@@ -228,21 +227,16 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
 
         seeds = [request_seed(seed, step, r) for r in rows]
         temp = 0.0 if greedy else cfg.sampling.temperature
-        samples, _ = remote_get(rollout.sample.remote(vectors, seeds, n, temp, 1.0, max_new), t, "encoder warm-start descriptions")
-        texts, vecs = [], []
-        for row, group in zip(rows, samples):
-            for s in group:
-                if s.text.strip():
-                    texts.append(s.text)
-                    vecs.append(store.activations[row])
-        return texts, (torch.stack(vecs) if vecs else torch.zeros(0, store.activations.shape[1]))
+        batch = remote_get(rollout.sample.remote(vectors, seeds, n, temp, 1.0, max_new), t, "encoder warm-start descriptions")
+        keep = [i for i, text in enumerate(batch.texts) if text.strip()]
+        return [batch.texts[i] for i in keep], batch.vectors[keep]
 
     held_texts, held_vecs = describe(held_rows, False, 1, -1)  # sampled, as GRPO scores them
 
     def measure() -> dict:
         if not held_texts:
             return {}
-        v_hat, _ = remote_get(encoder.call.remote("reconstruct", held_texts), t, "encoder reconstruct")
+        v_hat, _ = remote_get(encoder.reconstruct.remote(held_texts), t, "encoder reconstruct")
         return reconstruction_metrics(v_hat, held_vecs, store.mean)
 
     before = measure()
@@ -258,46 +252,48 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
     batch = 16
     for step in range(cfg.warmup.encoder_steps):
         idx = rng.sample(range(len(texts)), min(batch, len(texts)))
-        m = remote_get(encoder.call.remote("train_step", [texts[i] for i in idx], vecs[idx]), t, "encoder train step")
+        m = remote_get(encoder.train_step.remote([texts[i] for i in idx], vecs[idx]), t, "encoder train step")
         losses.append(m["encoder_loss"])
         run.metrics.log("encoder_warmstart", step, m)
     after = measure()
     out = {}
     if window:  # the encoder reading the true source text of the held-out rows (a ceiling)
-        v_hat, _ = remote_get(encoder.call.remote("reconstruct", source_windows(store, held_rows, tokenizer, window)), t, "encoder reconstruct")
+        v_hat, _ = remote_get(encoder.reconstruct.remote(source_windows(store, held_rows, tokenizer, window)), t, "encoder reconstruct")
         out["heldout_source_window"] = reconstruction_metrics(v_hat, store.activations[held_rows], store.mean)
     return {**out, "heldout_before": before, "heldout_after": after, "train_pairs": len(texts), "heldout_pairs": len(held_texts),
             "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
 
 
 def run(cfg, out, resume: bool = False) -> dict:
+    if cfg.init_from:
+        raise ValueError(f"init_from={cfg.init_from!r}: the warmup always starts from the base model (init_from is for grpo, "
+                         f"describe and eval; --resume continues a warmup run)")
     run = start_run(cfg, out, "warmup")
     t = cfg.ray.get_timeout_s
+    options, threads = run.placement.task_options()
     train, heldout, data_report = remote_get(
-        build_data_task.options(num_cpus=cfg.learner.num_cpus).remote(run.model_path, cfg.model_dump(mode="json"), cfg.learner.threads, None),
+        build_data_task.options(**options).remote(run.model_path, cfg.model_dump(mode="json"), threads, None),
         cfg.ray.setup_timeout_s, "building the warmup data",
     )
     print(f"[warmup] data: {data_report}")
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
-    norm = injection_norm(cfg, emb_norm, store.mean_norm)
+    norm = injection_norm(run, emb_norm, store.mean_norm)
 
     from cycle_oracle.data.mixture import WarmupMixture
 
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
-    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps,
-                         [dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)] * cfg.learner.num_actors)
+    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement)
     centring = centre_latentqa(group, train.get("latentqa", []), cfg) if cfg.warmup.latentqa_centre else None
     rng = random.Random(cfg.seed)
     start = 0
-    if resume and (ckpt := latest_checkpoint(run.out)) is not None:
-        _, state, objects = load_checkpoint(ckpt)
-        group.restore(read_files(ckpt, "learner"), state["world_size"])
-        mixture.load_state_dict(state["mixture"])
-        rng.setstate(_tuple_state(state["rng"]))
-        start = state["step"]
-        print(f"[warmup] resumed from {ckpt} at step {start}")
+    if resume and (ckpt := load_resume(run, "warmup")) is not None:
+        group.restore(ckpt.learner_files(), ckpt.record.world_size)
+        mixture.load_state_dict(ckpt.record.extra["mixture"])
+        rng.setstate(_tuple_state(ckpt.record.extra["rng"]))
+        start = ckpt.record.step
+        print(f"[warmup] resumed from {ckpt.path} at step {start}")
 
-    ga, mbs = cfg.optim.grad_accum, cfg.optim.micro_batch_size
+    ga, mbs = cfg.decoder_optim.grad_accum, cfg.decoder_optim.micro_batch_size
     seen = start * ga * mbs * group.world_size
     with Progress() as progress:
         bar = progress.add_task("warmup", total=cfg.warmup.steps, completed=start)
@@ -307,7 +303,7 @@ def run(cfg, out, resume: bool = False) -> dict:
             tokens = 0.0
             for _micro in range(ga):
                 examples = [to_example(it, rng, cfg.injection.num_placeholders) for it in mixture.sample(mbs * group.world_size)]
-                results = group.on_all("sft_micro_step", group.shard(examples), "warmup micro-step")
+                results = group.sft_micro_step(examples)
                 for r in results:
                     tokens += r["tokens"]
                     for k, v in r.items():
@@ -327,32 +323,31 @@ def run(cfg, out, resume: bool = False) -> dict:
     results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
         results["train_fit"] = heldout_eval(group, train, cfg, cfg.seed + 2, "training-source")
-    adapter = group.on_rank0("adapter")
-    rollout = RolloutActor.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0)
-    encoder = EncoderActor.options(num_cpus=cfg.encoder_role.num_cpus, num_gpus=cfg.encoder_role.num_gpus).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, store.mean)
+    adapter = group.adapter()
+    config = cfg.model_dump(mode="json")
+    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, config, run.layer, norm, 0)
+    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean)
     remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
     results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)
-    enc_tensors, _enc_opt = remote_get(encoder.call.remote("state"), t, "encoder state")
+    enc_tensors, _enc_opt = remote_get(encoder.state.remote(), t, "encoder state")
     _save(run, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
     results["summary"] = _summary(results)
     run.write_results("results.json", results)
     run.metrics.log("warmup_eval", cfg.warmup.steps, _flatten(results["heldout"]))
-    run.metrics.close()
     group.shutdown()
     for a in (rollout, encoder):
         ray.kill(a)
+    finish_run(run)
     return results
 
 
 def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random, encoder_tensors, adapter=None) -> None:
     files = group.checkpoint_files()
-    tensors = {"decoder_adapter": adapter if adapter is not None else group.on_rank0("adapter")}
+    tensors = {"decoder_adapter": adapter if adapter is not None else group.adapter()}
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors
-    state = {"world_size": group.world_size, "mixture": mixture.state_dict(), "rng": list(_jsonable(rng.getstate())),
-             "layer": run.layer, "model": run.cfg.model.name, "stage": "warmup", "weight_version": 0, "injection_norm": group.norm,
-             "injection": run.cfg.injection.model_dump(mode="json")}
-    save_checkpoint(run.out, step, tensors, state, files=files, keep=run.cfg.logging.keep_checkpoints)
+    rec = record(run, "warmup", step, group.norm, 0, group.world_size, mixture=mixture.state_dict(), rng=list(_jsonable(rng.getstate())))
+    save_checkpoint(run.out, rec, tensors, files=files, keep=run.cfg.logging.keep_checkpoints)
 
 
 def _jsonable(state):

@@ -3,11 +3,19 @@
 import pytest
 import torch
 
-from cycle_oracle.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from cycle_oracle.checkpoint import CheckpointError, CheckpointRecord, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _record(step, stage="warmup", **kw):
+    fields = dict(stage=stage, step=step, model="tiny-random-llama", layer=1,
+                  injection={"num_placeholders": 1, "placeholder": " ?", "mode": "replace"}, injection_norm=2.0,
+                  weight_version=0, world_size=1)
+    fields.update(kw)
+    return CheckpointRecord(**fields)
 
 
 def _save(run_dir, step, keep=2):
-    return save_checkpoint(run_dir, step, {"decoder_adapter": {"w": torch.full((2, 2), float(step))}}, {"stage": "test"}, keep=keep)
+    return save_checkpoint(run_dir, _record(step), {"decoder_adapter": {"w": torch.full((2, 2), float(step))}}, keep=keep)
 
 
 def test_latest_pointer_retention_and_round_trip(tmp_path):

@@ -140,7 +140,12 @@ def test_load_oracle_uses_the_checkpoint_adapter_and_encoder(tmp_path, tiny_path
     with torch.no_grad():
         encoder.projection.weight.mul_(-1.0)
     enc_tensors = {k: v for k, v in encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
-    save_checkpoint(tmp_path, 7, {"decoder_adapter": adapter_state(decoder), "encoder": enc_tensors}, {"stage": "grpo"})
+    from cycle_oracle.checkpoint import CheckpointRecord
+    from cycle_oracle.injection import mean_embedding_norm
+
+    rec = CheckpointRecord(stage="grpo", step=7, model=str(tiny_path), layer=1, injection=cfg.injection.model_dump(mode="json"),
+                           injection_norm=mean_embedding_norm(decoder.get_input_embeddings()), weight_version=3, world_size=1)
+    save_checkpoint(tmp_path, rec, {"decoder_adapter": adapter_state(decoder), "encoder": enc_tensors})
 
     oracle = load_oracle(tmp_path)
     floor = load_oracle(None, model=str(tiny_path), layer="1", max_new_tokens=3)

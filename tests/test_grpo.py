@@ -13,6 +13,7 @@ from cycle_oracle.grpo import (
     DEFAULT_KL_ESTIMATOR,
     DEFAULT_KL_PLACEMENT,
     apply_kl_penalty_to_rewards,
+    sequence_kl_k1,
     group_advantages,
     grpo_policy_loss,
     kl_estimate,
@@ -230,7 +231,7 @@ def test_apply_kl_penalty_to_rewards_sums_detached_k1_over_valid_tokens():
     )
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     rewards = torch.tensor([1.0, 0.5])
-    penalised = apply_kl_penalty_to_rewards(rewards, logp, ref_logp, mask, kl_coef=0.1)
+    penalised = apply_kl_penalty_to_rewards(rewards, sequence_kl_k1(logp, ref_logp, mask), kl_coef=0.1)
     # Row 0: log 2 + 0 (padding ignored). Row 1: log(1/2) + log 2 + 0 = 0.
     expected = torch.tensor([1.0 - 0.1 * math.log(2.0), 0.5])
     torch.testing.assert_close(penalised, expected)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cycle_oracle.config import RecipeConfig
-from cycle_oracle.learner import DecoderLearner, PolicySample, SftExample, init_distributed
+from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.learner import DecoderLearner, SftExample, init_distributed
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 def cfg():
     return RecipeConfig(
         kind="warmup", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
-        optim={"lr": 1e-2, "warmup_steps": 0, "decay": "constant", "grad_accum": 1, "zero_stage": 2},
+        decoder_optim={"lr": 1e-2, "warmup_steps": 0, "decay": "constant", "grad_accum": 1, "zero_stage": 2},
         grpo={"kl_coef": 0.1},
     )
 
@@ -22,11 +23,19 @@ def cfg():
 def dist():
     import torch.distributed as td
 
-    from actors.cluster import free_port
+    from actors.placement import free_port
 
     init_distributed(0, 1, "127.0.0.1", free_port(), "gloo")
     yield
     td.destroy_process_group()
+
+
+def _batch(v: torch.Tensor, sequences: list[list[int]], advantages: list[float], temperature: float = 1.0) -> RolloutBatch:
+    """A RolloutBatch of one group: every sequence describes activation v, sampler logprobs 0."""
+    n = len(sequences)
+    return RolloutBatch(vectors=v[None].expand(n, -1).clone(), token_ids=sequences, sampler_logprobs=[[0.0] * len(s) for s in sequences],
+                        texts=[""] * n, truncated=torch.zeros(n, dtype=torch.bool), versions=torch.zeros(n, dtype=torch.long),
+                        group_size=n, temperature=temperature, advantages=torch.tensor(advantages))
 
 
 def _examples(tok):
@@ -69,14 +78,14 @@ def test_a_loaded_adapter_survives_the_next_optimizer_step(dist, cfg, tiny_path,
     fresh.load_adapter(warm)
     v = torch.randn(128)
     ids = tiny_tokenizer.encode(" a short description of it", add_special_tokens=False)
-    sample = [PolicySample(v, ids, [0.0] * len(ids), 1.0)]
-    assert abs(fresh.sequence_kl(sample, 1.0)[0]) < 1e-4, "the policy is the reference before any update: KL must be 0"
+    sample = _batch(v, [ids], [1.0])
+    assert abs(fresh.sequence_kl(sample)[0]) < 1e-4, "the policy is the reference before any update: KL must be 0"
     fresh.sft_micro_step(_examples(tiny_tokenizer))  # one small update on top of the loaded adapter
     after = fresh.adapter()
     moved = max(float((after[k] - warm[k]).abs().max()) for k in warm)
     size = max(float(warm[k].abs().max()) for k in warm)
     assert moved < 0.5 * size, f"the step moved the adapter by {moved} (its weights reach {size}): the load was undone"
-    assert abs(fresh.sequence_kl(sample, 1.0)[0]) > 1e-6, "after an update the policy differs from the reference"
+    assert abs(fresh.sequence_kl(sample)[0]) > 1e-6, "after an update the policy differs from the reference"
 
 
 def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):
@@ -85,16 +94,15 @@ def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, t
     v = torch.randn(128)
     good = tiny_tokenizer.encode(" good answer", add_special_tokens=False)
     bad = tiny_tokenizer.encode(" bad reply", add_special_tokens=False)
-    samples = [PolicySample(v, good, [0.0] * len(good), 1.0), PolicySample(v, bad, [0.0] * len(bad), -1.0)]
-    before, _, _ = learner.policy_logprobs(samples, 1.0)
-    for s, lp in zip(samples, before):
-        s.sampler_logprobs = lp[: len(s.token_ids)].tolist()
-    m = learner.grpo_step(samples, 1.0)
-    after, mask, _ = learner.policy_logprobs(samples, 1.0)
+    samples = _batch(v, [good, bad], [1.0, -1.0])
+    before, _, _ = learner.policy_logprobs(samples)
+    samples.sampler_logprobs = [lp[: len(ids)].tolist() for ids, lp in zip(samples.token_ids, before)]
+    m = learner.grpo_step(samples)
+    after, mask, _ = learner.policy_logprobs(samples)
     assert m["clip_fraction"] == 0.0  # one epoch: ratio 1, clipping inert
     assert abs(m["importance_logp_mismatch"]) < 1e-5
     assert float((after[0] - before[0]).sum()) > 0 > float((after[1] - before[1]).sum())
-    kl = learner.sequence_kl(samples, 1.0)
+    kl = learner.sequence_kl(samples)
     assert len(kl) == 2 and all(x == x for x in kl)
 
 
@@ -102,7 +110,7 @@ def test_several_read_positions_fill_the_placeholders_in_order(dist, tiny_path, 
     """num_placeholders=3: a LatentQA example's three positions go to the three placeholders; a
     one-position example repeats its activation; any other count is refused."""
     cfg3 = RecipeConfig(kind="warmup", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
-                        injection={"num_placeholders": 3}, optim={"lr": 1e-3, "warmup_steps": 0, "decay": "constant"})
+                        injection={"num_placeholders": 3}, decoder_optim={"lr": 1e-3, "warmup_steps": 0, "decay": "constant"})
     learner = DecoderLearner(str(tiny_path), cfg3, 1, 1.0, total_steps=2)
     ctx = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     single = learner.read_activations([ctx], [4])  # [1, d]

@@ -41,14 +41,14 @@ def _rewind(run_dir: Path, step: int) -> None:
 
 
 def test_cli_help_and_bad_recipes(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cycle_oracle.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "run" in out.stdout and "describe" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: grpo\ngrpo: {steps: two, bogus: 1}\n")
-    res = subprocess.run([sys.executable, "-m", "cycle_oracle.cli", "run", str(bad), "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run([sys.executable, "-m", "cli.main", "run", str(bad), "--dry-run"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2
     assert "grpo.steps" in res.stderr and "unknown key 'grpo.bogus'" in res.stderr
-    plan = subprocess.run([sys.executable, "-m", "cycle_oracle.cli", "run", "recipes/gpu_qwen3_8b_grpo.yaml", "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    plan = subprocess.run([sys.executable, "-m", "cli.main", "run", "recipes/gpu_qwen3_8b_grpo.yaml", "--dry-run"], capture_output=True, text=True, cwd=REPO)
     assert plan.returncode == 0 and "fits" in plan.stdout and "'GPU': 1" in plan.stdout
 
 

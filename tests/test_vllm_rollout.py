@@ -22,7 +22,8 @@ def _config(weight_sync: str) -> dict:
     return RecipeConfig(
         kind="grpo",
         model={"name": "tiny-random-llama", "layer": 1},
-        rollout={"weight_sync": weight_sync, "threads": 1, "num_cpus": 0.5, "max_model_len": 256, "kv_cache_gb": 1},
+        rollout={"weight_sync": weight_sync, "max_model_len": 256, "kv_cache_gb": 1},
+        resources={"rollout": {"threads": 1, "num_cpus": 0.5}},
         decoder_lora={"r": 4, "alpha": 8},
     ).model_dump(mode="json")
 
@@ -58,14 +59,16 @@ def test_hf_and_vllm_agree_and_read_the_activation(ray_local, tiny_path, tiny_to
     prompt = description_prompt(tiny_tokenizer, 1, RecipeConfig(kind="grpo").injection, RecipeConfig(kind="grpo").description_instruction)
     torch.manual_seed(0)
     vectors = torch.randn(2, 128) * 5
-    samples, version = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
-    assert version == 1 and len(samples) == 2 and all(len(s) == 3 for s in samples)
+    batch = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
+    assert batch.versions.tolist() == [1] * 6 and len(batch) == 6 and batch.num_activations == 2 and batch.group_size == 3
+    torch.testing.assert_close(batch.vectors, vectors.repeat_interleave(3, dim=0))
     worst = 0.0
     for row in range(2):
-        for s in samples[row]:
-            hf_own = _hf_logprobs(model, prompt, vectors[row], s.token_ids)
-            hf_other = _hf_logprobs(model, prompt, vectors[1 - row], s.token_ids)
-            vllm = torch.tensor(s.logprobs)
+        for j in range(3):
+            ids = batch.token_ids[row * 3 + j]
+            hf_own = _hf_logprobs(model, prompt, vectors[row], ids)
+            hf_other = _hf_logprobs(model, prompt, vectors[1 - row], ids)
+            vllm = torch.tensor(batch.sampler_logprobs[row * 3 + j])
             worst = max(worst, float((hf_own - vllm).abs().max()))
             assert not torch.allclose(hf_other, vllm, atol=1e-3), "vLLM served another activation's prefix"
     assert worst < 2e-3, f"vLLM vs HF processed logprobs differ by {worst}"
@@ -73,13 +76,13 @@ def test_hf_and_vllm_agree_and_read_the_activation(ray_local, tiny_path, tiny_to
     # A new version is served after sync: same seeds, different adapter -> different logprobs.
     model2 = _random_adapter(tiny_path, seed=2)
     ray.get(actor.sync.remote(adapter_state(model2), 2), timeout=600)
-    samples2, version2 = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
-    assert version2 == 2
-    s2 = samples2[0][0]
-    hf_new = _hf_logprobs(model2, prompt, vectors[0], s2.token_ids)
-    hf_old = _hf_logprobs(model, prompt, vectors[0], s2.token_ids)
-    assert float((hf_new - torch.tensor(s2.logprobs)).abs().max()) < 2e-3
-    assert not torch.allclose(hf_old, torch.tensor(s2.logprobs), atol=1e-3)
+    batch2 = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
+    assert batch2.versions.tolist() == [2] * 6
+    ids2, lp2 = batch2.token_ids[0], torch.tensor(batch2.sampler_logprobs[0])
+    hf_new = _hf_logprobs(model2, prompt, vectors[0], ids2)
+    hf_old = _hf_logprobs(model, prompt, vectors[0], ids2)
+    assert float((hf_new - lp2).abs().max()) < 2e-3
+    assert not torch.allclose(hf_old, lp2, atol=1e-3)
     ray.kill(actor)
 
 
@@ -96,9 +99,8 @@ def test_adapter_path_stress(ray_local, tiny_path, tiny_tokenizer):
     same = torch.randn(1, 128).expand(4, 128).contiguous()
     for call in range(12):
         vectors = same if call % 2 == 0 else torch.randn(4, 128)
-        samples, _ = ray.get(actor.sample.remote(vectors, [call * 10 + i for i in range(4)], 2, TEMPERATURE, 1.0, 6), timeout=600)
-        assert len(samples) == 4
-    s = samples[0][0]
-    diff = (_hf_logprobs(model, prompt, vectors[0], s.token_ids) - torch.tensor(s.logprobs)).abs().max()
+        batch = ray.get(actor.sample.remote(vectors, [call * 10 + i for i in range(4)], 2, TEMPERATURE, 1.0, 6), timeout=600)
+        assert batch.num_activations == 4
+    diff = (_hf_logprobs(model, prompt, vectors[0], batch.token_ids[0]) - torch.tensor(batch.sampler_logprobs[0])).abs().max()
     assert float(diff) < 2e-3, f"adapter path logprobs differ from HF by {float(diff)}"
     ray.kill(actor)

@@ -287,44 +287,29 @@ def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: 
 def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, layer: float | int | str | None = None, *, layer_norm: float | None = None, **kwargs) -> Oracle:
     """An HF oracle for a trained checkpoint, or the untrained floor when checkpoint is None.
 
-    checkpoint: a run folder (its `checkpoints/latest` is used) or one checkpoint folder
-    (`<run>/checkpoints/step-N`); the recipe is read from the run's `config.yaml`. Tensors used:
+    checkpoint: anything `checkpoint.load_trained` accepts (a run folder, a `warmup_then_grpo`
+    folder, or one checkpoint folder); the recipe is the run's `config.yaml`, the read layer and
+    injection norm are the checkpoint record's (`served_injection_norm`). Tensors used:
     `decoder_adapter` (PEFT LoRA state of the decoder) and `encoder` (LoRA + head of the encoder;
-    optional: a fresh encoder otherwise). layer_norm: the read layer's mean norm, needed only for
-    `injection.scale: layer_norm` (default: the injection norm the checkpoint recorded, else the
-    run's `activations/meta.json` mean_norm)."""
-    import json
-
-    import yaml
-
-    from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint
-    from cycle_oracle.config import validate_recipe
+    a fresh encoder if the checkpoint has none). layer_norm: the read layer's mean norm, used only
+    by the untrained floor with `injection.scale: layer_norm`."""
+    from cycle_oracle.checkpoint import load_trained
     from cycle_oracle.encoder import ActivationEncoder
-    from cycle_oracle.injection import mean_embedding_norm, target_norm
     from cycle_oracle.models import attach_lora, load_adapter_state, load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
 
     if isinstance(layer, str):
         layer = float(layer) if "." in layer else int(layer)
     if checkpoint is None:
         return untrained_hf_oracle(model or "smollm2-135m-instruct", 0.5 if layer is None else layer, layer_norm=layer_norm, **kwargs)
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():
-        run_dir, ckpt = path, latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"run folder {path} has no complete checkpoint (checkpoints/latest missing)")
-    else:
-        run_dir, ckpt = path.parent.parent, path
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"cannot find the recipe of checkpoint {ckpt}: {cfg_path} is missing")
-    cfg = validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path))
-    tensors, state, _ = load_checkpoint(ckpt)
-    if "decoder_adapter" not in tensors:
-        raise ValueError(f"checkpoint {ckpt} has no decoder_adapter tensors (groups: {sorted(tensors)})")
+    trained = load_trained(checkpoint)
+    trained.require_tensors("decoder_adapter")
+    cfg, rec, tensors = trained.config(), trained.record, trained.tensors
     model_path = resolve_model_path(model or cfg.model.name)
     tok = load_tokenizer(model_path)
     target = load_causal_lm(model_path, cfg.model.dtype)
-    L = resolve_layer(cfg.model.layer if layer is None else layer, num_layers(target))
+    L = rec.layer if layer is None else resolve_layer(layer, num_layers(target))
+    if L != rec.layer:
+        raise ValueError(f"checkpoint {trained.path} was trained at layer {rec.layer}; asked to read layer {L}")
     decoder = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
     load_adapter_state(decoder, tensors["decoder_adapter"])
     decoder.eval()
@@ -332,24 +317,16 @@ def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, 
     if "encoder" in tensors:
         unknown = set(tensors["encoder"]) - set(encoder.state_dict())
         if unknown:
-            raise ValueError(f"encoder tensors of {ckpt} do not fit this encoder: {sorted(unknown)[:3]}")
+            raise ValueError(f"encoder tensors of {trained.path} do not fit this encoder: {sorted(unknown)[:3]}")
         encoder.load_state_dict(tensors["encoder"], strict=False)
-    if layer_norm is None and state.get("injection_norm") is not None:  # the norm the decoder was trained with
-        norm = float(state["injection_norm"])
-    else:
-        if layer_norm is None and cfg.injection.scale == "layer_norm":
-            meta = run_dir / "activations" / "meta.json"
-            if not meta.is_file():
-                raise ValueError("injection.scale=layer_norm needs layer_norm=... (no activations/meta.json in the run folder)")
-            layer_norm = float(json.loads(meta.read_text())["mean_norm"])
-        norm = target_norm(cfg.injection, mean_embedding_norm(decoder.get_input_embeddings()), layer_norm)
     defaults = dict(
         num_placeholders=cfg.injection.num_placeholders, placeholder=cfg.injection.placeholder,
         encoder_max_tokens=cfg.encoder.max_description_tokens, max_context_tokens=cfg.model.max_context_tokens,
     )
     defaults.update(kwargs)
     max_new = defaults.pop("max_new_tokens", cfg.sampling.max_new_tokens)
-    oracle = make_hf_oracle(decoder, encoder, target, tok, L, norm, cfg.injection.mode, cfg.description_instruction, max_new, cfg.encoder.prefix, **defaults)
-    oracle.info.update({"model": cfg.model.name, "checkpoint": str(ckpt), "step": state.get("step"), "stage": state.get("stage"),
+    oracle = make_hf_oracle(decoder, encoder, target, tok, L, rec.injection_norm, cfg.injection.mode, cfg.description_instruction, max_new,
+                            cfg.encoder.prefix, **defaults)
+    oracle.info.update({"model": cfg.model.name, "checkpoint": str(trained.path), "step": rec.step, "stage": rec.stage,
                         "encoder": "from checkpoint" if "encoder" in tensors else "fresh (checkpoint has none)"})
     return oracle
