@@ -1,39 +1,22 @@
-"""scripts/bench.py: the FLOPs arithmetic (relations, not speeds), the matmul probe at a tiny size,
-the load probe and the Markdown summary of a synthetic result."""
+"""The `bench` package: the FLOPs arithmetic (relations, not speeds), the matmul probe at a tiny
+size, the load probe, the Markdown summary of a synthetic result, and its entry points."""
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import bench.case
+import bench.flops as bf
+import bench.machine
+import bench.main
+import bench.paper
+import bench.report
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bf():
-    return _load("bench_flops")
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return _load("bench")
-
-
-def test_parameter_counts_match_real_models(bf, tiny_model, tiny_path):
+def test_parameter_counts_match_real_models(tiny_model, tiny_path):
     shape = bf.shape_from_hf_config(json.loads((Path(tiny_path) / "config.json").read_text()), "tiny")
     blocks = sum(p.numel() for n, p in tiny_model.named_parameters() if ".layers." in n or n.endswith("model.norm.weight"))
     assert shape.blocks_params() == blocks
@@ -44,7 +27,7 @@ def test_parameter_counts_match_real_models(bf, tiny_model, tiny_path):
     assert bf.QWEN3_8B.head_params == 4096 * 151936
 
 
-def test_lora_parameters_on_a_real_adapter(bf, tiny_model, tiny_path):
+def test_lora_parameters_on_a_real_adapter(tiny_model, tiny_path):
     from cycle_oracle.config import LoraSettings
     from cycle_oracle.models import attach_lora
 
@@ -54,7 +37,7 @@ def test_lora_parameters_on_a_real_adapter(bf, tiny_model, tiny_path):
     assert shape.lora_params(4) == trainable
 
 
-def test_attention_convention(bf):
+def test_attention_convention():
     s = bf.SMOLLM2_135M
     T = 100
     full = bf.attention_flops(s, 0, T)
@@ -66,7 +49,7 @@ def test_attention_convention(bf):
     assert bf.forward_flops(s, T, 3) - bf.forward_flops(s, T, 0) == 3 * 2 * s.head_params
 
 
-def test_generation_flops_relations(bf):
+def test_generation_flops_relations():
     s = bf.SMOLLM2_135M
     g = bf.generation_flops(s, 50, 40)
     # the same tokens as one teacher-forced forward over prompt + generated (minus the last token),
@@ -83,7 +66,7 @@ def test_generation_flops_relations(bf):
     assert r1["generated_tokens"] == 2 * 4 * 40
 
 
-def test_learner_and_encoder_relations(bf):
+def test_learner_and_encoder_relations():
     s = bf.SMOLLM2_135M
     lora = s.lora_params(8)
     f = bf.learner_flops(s, 16, 60, 40, lora, "base", 5)
@@ -99,7 +82,7 @@ def test_learner_and_encoder_relations(bf):
     assert bf.encoder_flops(s, 30, 1, 50)["score"] > 1.9 * bf.encoder_flops(s, 15, 1, 50)["score"]
 
 
-def test_paper_step(bf):
+def test_paper_step():
     out = bf.grpo_step_on_paper(bf.GrpoPaperSetup())
     roles = {k: v for k, v in out["flops"].items() if k != "total"}
     assert out["flops"]["total"] == sum(roles.values())
@@ -111,17 +94,17 @@ def test_paper_step(bf):
     assert bf.mfu(1e12, 2.0, 1e12) == 0.5
 
 
-def test_matmul_probe_and_load_probe(bench):
-    r = bench.matmul_flops(64, "float32", threads=1, reps=3)
+def test_matmul_probe_and_load_probe():
+    r = bench.machine.matmul_flops(64, "float32", threads=1, reps=3)
     assert r["flops_per_s"] > 0 and r["best_s"] <= r["median_s"]
     assert r["flops_per_s"] >= r["flops_per_s_median"]
     for key in ("load1_start", "load1_end", "foreign_cores", "own_cores"):
         assert key in r and r[key] >= 0
-    rect = bench.matmul_flops(32, "float32", threads=1, reps=2, m=4, k=16)
+    rect = bench.machine.matmul_flops(32, "float32", threads=1, reps=2, m=4, k=16)
     assert (rect["m"], rect["k"], rect["n"]) == (4, 16, 32)
 
 
-def test_markdown_and_targets_from_a_synthetic_result(bench, bf):
+def test_markdown_and_targets_from_a_synthetic_result():
     pt = {"B": 2, "K": 2, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": 0.3, "load1_start": 0.1, "foreign_cores": 0.0}
     results = {
         "meta": {"model": {"name": "m"}, "date_utc": "now", "cpu": "cpu", "cpus": 2, "memory_gb": 1, "git": "x", "versions": {}},
@@ -130,23 +113,57 @@ def test_markdown_and_targets_from_a_synthetic_result(bench, bf):
         "hf": {"points": [dict(pt, tokens_per_s=25.0)]},
         "learner": {"points": [{"n_samples": 4, "mfu": 0.55}]},
         "e2e": {"e2e_plain": {"fractions": {"orchestration_plus_sync": 0.2}}},
-        "paper": bench.paper_section(),
+        "paper": bench.paper.paper_section(),
     }
-    t = bench.evaluate_targets(results)
+    t = bench.report.evaluate_targets(results)
     assert t["rollout_vs_hf"]["best"] == 4.0 and t["rollout_vs_hf"]["met"]
     assert not t["rollout_mfu"]["met"] and t["learner_mfu"]["met"]
     assert not t["orchestration_sync_share/e2e_plain"]["met"]
     results["targets"] = t
     del results["learner"], results["e2e"]  # partial records (enough for the targets)
-    md = bench.to_markdown(results)
+    md = bench.report.to_markdown(results)
     assert "| 2 | 2 | 100 |" in md and "4.00" in md and "## Targets" in md and "Qwen3-8B" in md
 
 
-def test_cli_forwards_bench_options(tmp_path):
-    """`cycle-oracle bench --sections ... --out ...` reaches scripts/bench.py with its options."""
-    from cycle_oracle.cli import main
-
+def test_main_takes_the_options_without_the_program_name(tmp_path):
+    """`bench.main.main(argv)` (what `cycle-oracle bench --sections ... --out ...` calls) runs the
+    sections it is given, with or without the `--` separator the CLI may pass through."""
     out = tmp_path / "paper.json"
-    assert main(["bench", "--sections", "paper", "--out", str(out)]) == 0
+    assert bench.main.main(["--sections", "paper", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["meta"]["sections"] == ["paper"] and "paper" in result
+    out2 = tmp_path / "paper2.json"
+    assert bench.main.main(["--", "--sections", "paper", "--out", str(out2)]) == 0
+    assert json.loads(out2.read_text())["meta"]["args"]["out"] == str(out2)
+
+
+def test_python_dash_m_bench_runs():
+    """`python -m bench` (how every case subprocess starts) is the same program."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: cycle-oracle bench" in proc.stdout and "--sections" in proc.stdout
+
+
+def test_a_case_runs_as_the_bench_module_in_a_fresh_interpreter(monkeypatch):
+    """run_case starts `python -m bench --_case JSON --_result FILE` from the repo root and reads FILE."""
+    seen = {}
+
+    def fake_run(cmd, cwd, env, **kw):
+        seen.update(cmd=cmd, cwd=cwd, env=env)
+        Path(cmd[cmd.index("--_result") + 1]).write_text(json.dumps({"case": "x", "points": []}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.case.subprocess, "run", fake_run)
+    out = bench.case.run_case({"kind": "hf", "name": "x"})
+    assert seen["cmd"][:3] == [sys.executable, "-m", "bench"]
+    assert json.loads(seen["cmd"][seen["cmd"].index("--_case") + 1]) == {"kind": "hf", "name": "x"}
+    assert Path(seen["cwd"]) == REPO and seen["env"]["PYTHONPATH"] == str(REPO)
+    assert out["points"] == [] and "case_wall_s" in out and "error" not in out
+
+
+def test_the_case_side_runs_the_kind_it_is_given(monkeypatch, tmp_path):
+    """`--_case JSON --_result FILE`: the case's kind picks the function, its record lands in FILE."""
+    monkeypatch.setitem(bench.case.CASES, "echo", lambda case: {"case": case["name"], "seconds": 1.5})
+    result = tmp_path / "result.json"
+    assert bench.main.main(["--_case", json.dumps({"kind": "echo", "name": "e"}), "--_result", str(result)]) == 0
+    assert json.loads(result.read_text()) == {"case": "e", "seconds": 1.5}

@@ -12,7 +12,7 @@ prompt and look at the decoder's distribution over the first answer token:
 A good starting point reads the activation (sensitivity clearly above 0) without wrecking the
 prompt (disruption moderate, entropy near the plain prompt's). Writes JSON to stdout or --out.
 
-    .venv/bin/python scripts/measure_injection_scale.py --model smollm2-135m-instruct --layer 0.5
+    .venv/bin/python -m experiments.injection_scale.measure_injection_scale --model smollm2-135m-instruct --layer 0.5
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Train on the warmup's training behaviours, test on its held-out behaviours (the 
 warmup, by label). Held-out accuracy next to the majority class says how much of the behaviour a
 single injected activation can carry, before any decoder is trained. JSON to stdout or --out.
 
-    .venv/bin/python scripts/probe_latentqa_positions.py --model smollm2-135m-instruct --layer 0.5
+    .venv/bin/python -m experiments.latentqa_probe_positions.probe_latentqa_positions --model smollm2-135m-instruct --layer 0.5
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model-FLOPs arithmetic for `scripts/bench.py` (pure Python, no torch; unit-tested).
+"""Model-FLOPs arithmetic for the benchmark (pure Python, no torch; unit-tested).
 
 Conventions (docs/BENCHMARKS.md repeats them):
 

@@ -14,7 +14,7 @@ plus how often the written quote contains the activation's own token or equals t
 If the sentence adds nothing, full and quote_only score alike; if the GRPO decoder only restates
 its input text, true_quote bounds it. JSON to stdout or --out.
 
-    .venv/bin/python scripts/measure_description_parts.py runs/long4 --out docs/measurements/x.json
+    .venv/bin/python -m experiments.description_parts.measure_description_parts runs/long4 --out /tmp/parts.json
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""What every case builds exactly as the recipes do: the recipe, the model's shape, the input
+embedding, the description prompt and injection norm, random activations and natural-text rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import flops as bf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe_config(recipe: str, overrides: list[str]):
+    from cycle_oracle.config import load_recipe
+
+    return load_recipe(REPO / recipe, overrides)
+
+
+def model_info(model: str) -> dict:
+    from cycle_oracle.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    config = json.loads((Path(path) / "config.json").read_text())
+    return {"path": str(path), "config": config, "shape": bf.shape_from_hf_config(config, model)}
+
+
+def input_embedding(path: str):
+    """The input embedding only (no full model load), as an nn.Embedding."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        weight = f.get_tensor(key).float()
+    return torch.nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+def case_model(case: dict):
+    """The case's model (path, config, shape), its recipe with the overrides, and the read layer."""
+    from cycle_oracle.models import resolve_layer
+
+    info = model_info(case["model"])
+    cfg = recipe_config(case["recipe"], case.get("overrides", []))
+    return info, cfg, resolve_layer(cfg.model.layer, info["shape"].n_layers)
+
+
+def prompt_setup(case: dict):
+    """Tokenizer, description prompt, injection norm and layer exactly as the GRPO recipe builds them."""
+    from cycle_oracle.injection import description_prompt, mean_embedding_norm, target_norm
+    from cycle_oracle.models import load_tokenizer
+
+    info, cfg, layer = case_model(case)
+    tok = load_tokenizer(info["path"])
+    prompt = description_prompt(tok, layer, cfg.injection, cfg.description_instruction)
+    emb = input_embedding(info["path"])
+    norm = target_norm(cfg.injection, mean_embedding_norm(emb), None)
+    return info, cfg, layer, tok, prompt, emb, norm
+
+
+def random_vectors(batch: int, d: int, seed: int):
+    import torch
+
+    return torch.randn(batch, d, generator=torch.Generator().manual_seed(seed)) * 10
+
+
+def prompt_embeds(emb, prompt, vectors, norm, mode):
+    from cycle_oracle.injection import decoder_inputs
+
+    n = vectors.shape[0]
+    return decoder_inputs(emb, [prompt.input_ids] * n, [prompt.placeholder_positions] * n, vectors, norm, mode)
+
+
+def corpus_token_rows(tok, n: int, length: int) -> list[list[int]]:
+    """n rows of exactly `length` token ids of natural text (the embedded corpus, cycled)."""
+    from cycle_oracle.corpus import embedded_passages
+
+    ids: list[int] = []
+    for doc in embedded_passages():
+        ids.extend(tok.encode(" " + doc.text, add_special_tokens=False))
+        if len(ids) >= n * length + 1:
+            break
+    while len(ids) < n * length:
+        ids = ids + ids
+    return [ids[i * length:(i + 1) * length] for i in range(n)]

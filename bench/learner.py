@@ -1,0 +1,80 @@
+"""Learner case: DecoderLearner.grpo_step (old + reference log-probs, policy forward + backward + step)."""
+
+from __future__ import annotations
+
+import time
+
+from bench import flops as bf
+from bench.inputs import case_model, corpus_token_rows, input_embedding, random_vectors
+from bench.load import measure, peak_rss_mb
+
+
+def case_learner(case: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
+    from cycle_oracle.injection import mean_embedding_norm, target_norm
+    from cycle_oracle.learner import DecoderLearner, PolicySample, init_distributed
+
+    info, cfg, layer = case_model(case)
+    shape = info["shape"]
+    norm = target_norm(cfg.injection, mean_embedding_norm(input_embedding(info["path"])), None)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    init_distributed(0, 1, "127.0.0.1", port, "gloo")
+    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000)
+    start_s = time.perf_counter() - t0
+    lora = shape.lora_params(cfg.decoder_lora.r)
+    T = case["completion_len"]
+    out = {"case": "learner", "threads": case["threads"], "start_s": start_s, "prompt_len": len(learner.description_prompt.input_ids),
+           "reference_prompt_len": len(learner.reference_prompt.input_ids), "completion_len": T, "lora_params": lora,
+           "kl_reference": cfg.grpo.kl_reference if cfg.grpo.kl_coef > 0 else None, "zero_stage": cfg.optim.zero_stage, "points": []}
+    temp = cfg.sampling.temperature
+    for n in case["n_samples"]:
+        rows = corpus_token_rows(learner.tokenizer, n, T)
+        vecs = random_vectors(n, shape.d_model, n)
+        adv = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        samples = [PolicySample(vecs[i], rows[i], [0.0] * T, float(adv[i])) for i in range(n)]
+        lp, _, _ = learner.policy_logprobs(samples, temp)  # sampler logprobs = the current policy's (ratio 1)
+        for i, s in enumerate(samples):
+            s.sampler_logprobs = lp[i, :T].tolist()
+        f = bf.learner_flops(shape, n, out["prompt_len"], T, lora, out["kl_reference"], out["reference_prompt_len"],
+                             cfg.grpo.epochs_per_rollout)
+        learner.grpo_step(samples, temp)  # warm-up
+        def once():
+            t0 = time.perf_counter()
+            learner.policy_logprobs(samples, temp)
+            t_old = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if out["kl_reference"]:
+                learner.reference_logprobs(samples, temp)
+            t_ref = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            learner.grpo_step(samples, temp)
+            t_step = time.perf_counter() - t0
+            return t_step, {"old_forward": t_old, "ref_forward": t_ref}
+
+        rec, timings = measure(once, case["reps"], case.get("quiet_wait_s", 0))
+        timings["step"] = rec["seconds"]
+        timings["policy_update"] = max(timings["step"] - timings["old_forward"] - timings["ref_forward"], 1e-9)
+        pieces = {
+            "old_forward": {"seconds": timings["old_forward"], "flops": f["old"]},
+            "ref_forward": {"seconds": timings["ref_forward"], "flops": f["ref"]},
+            "policy_update": {"seconds": timings["policy_update"], "flops": f["policy"], "note": "step - old - ref: forward + backward + AdamW step"},
+        }
+        for p in pieces.values():
+            p["flops_per_s"] = p["flops"] / p["seconds"] if p["seconds"] > 0 and p["flops"] else None
+        out["points"].append({"n_samples": n, **rec, "flops": f["total"], "flops_per_s": f["total"] / timings["step"],
+                              "trained_tokens": f["trained_tokens"], "processed_tokens": f["processed_tokens"],
+                              "trained_tokens_per_s": f["trained_tokens"] / timings["step"], "pieces": pieces})
+    out["peak_rss_mb"] = peak_rss_mb()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out

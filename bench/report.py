@@ -1,0 +1,225 @@
+"""The results file's conventions, the targets it is checked against, and its Markdown summary."""
+
+from __future__ import annotations
+
+TARGETS = {"rollout_mfu": 0.60, "rollout_vs_hf": 2.0, "learner_mfu": 0.50, "orchestration_sync_share": 0.10}
+
+
+CONVENTIONS = {
+    "flops": "forward = 2 * N_blocks per token + 2 * d * V per token whose logits are computed (generated tokens; learner "
+             "completion tokens; never prefill except its last position, never the encoder) + attention 4 * n_layers * "
+             "d_attn * (keys attended) per token (= 2 * n_layers * d_attn * T per token over a causal sequence of length T). "
+             "Embedding lookups are free. LoRA backward: input grads only for the frozen base (2x forward) + LoRA weight grads.",
+    "rollout_flops": "flops/mfu: generated tokens only (per generated token 2 N_blocks + 2 d V + attention over its context); "
+                     "flops_work/mfu_work: + the prefill of every sample's prompt (B*K prefills: what the engine computes with "
+                     "prefix caching off); flops_useful/mfu_useful: + one prefill per activation (B prefills)",
+    "learner_flops": "old-policy forward + reference forward (bare assistant header + completion, base model) + policy forward "
+                     "and backward, over prompt + completion tokens (padding excluded)",
+    "mfu": "model FLOP/s / dense fp32 2048^2 matmul FLOP/s measured with the same thread count in the same run",
+    "tokens_per_s": "rollout: generated tokens / wall time of one generate call (best of reps); learner: completion "
+                    "(trained) tokens / GRPO step time; encoder: description tokens (with prefix) / call time",
+    "load": "load1_start/end = 1-min load average; foreign_cores = CPU-seconds used by other processes during the "
+            "measurement / wall seconds (0 = quiet machine); own_cores = ours",
+}
+
+
+def _best(points: list[dict], key: str) -> dict | None:
+    pts = [p for p in points if p.get(key) is not None]
+    return max(pts, key=lambda p: p[key]) if pts else None
+
+
+def rollout_vs_hf(results: dict) -> list[dict]:
+    base = results.get("rollout", {}).get("cases", {}).get("bind01_nocache_nolora", {})
+    hf = results.get("hf", {})
+    out = []
+    by_point = {(p["B"], p["K"]): p for p in base.get("points", [])}
+    for p in hf.get("points", []):
+        v = by_point.get((p["B"], p["K"]))
+        if v:
+            out.append({"B": p["B"], "K": p["K"], "vllm_tokens_per_s": v["tokens_per_s"], "hf_tokens_per_s": p["tokens_per_s"],
+                        "ratio": v["tokens_per_s"] / p["tokens_per_s"]})
+    return out
+
+
+def evaluate_targets(results: dict) -> dict:
+    t: dict = {}
+    base = results.get("rollout", {}).get("cases", {}).get("bind01_nocache_nolora", {})
+    best = _best(base.get("points", []), "mfu")
+    if best:
+        t["rollout_mfu"] = {"target": TARGETS["rollout_mfu"], "best": best["mfu"], "at": f"B={best['B']} K={best['K']}",
+                            "met": best["mfu"] >= TARGETS["rollout_mfu"]}
+    ratios = rollout_vs_hf(results)
+    if ratios:
+        r = max(ratios, key=lambda x: x["ratio"])
+        t["rollout_vs_hf"] = {"target": TARGETS["rollout_vs_hf"], "best": r["ratio"], "at": f"B={r['B']} K={r['K']}",
+                              "all": [round(x["ratio"], 2) for x in ratios], "met": r["ratio"] >= TARGETS["rollout_vs_hf"]}
+    lp = _best(results.get("learner", {}).get("points", []), "mfu")
+    if lp:
+        t["learner_mfu"] = {"target": TARGETS["learner_mfu"], "best": lp["mfu"], "at": f"{lp['n_samples']} samples",
+                            "met": lp["mfu"] >= TARGETS["learner_mfu"]}
+    for name, run in results.get("e2e", {}).items():
+        if "fractions" in run:
+            share = run["fractions"]["orchestration_plus_sync"]
+            t[f"orchestration_sync_share/{name}"] = {"target": TARGETS["orchestration_sync_share"], "value": share,
+                                                     "met": share < TARGETS["orchestration_sync_share"]}
+    return t
+
+
+def _f(x, nd=1, pct=False):
+    if x is None:
+        return "-"
+    if pct:
+        return f"{100 * x:.{nd}f}%"
+    if isinstance(x, float) and abs(x) >= 1e9:
+        return f"{x / 1e9:.{nd}f} G"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _load_cell(p: dict) -> str:
+    if "load1_start" not in p:
+        return "-"
+    return f"{p['load1_start']:.2f} / {p.get('foreign_cores', 0):.2f}"
+
+
+def to_markdown(r: dict) -> str:
+    m = r["meta"]
+    L = [f"# cycle-oracle bench ({m['model']['name']}, {m['date_utc']})", "",
+         f"{m['cpu']} x {m['cpus']} cores, {m['memory_gb']} GiB; git {m['git']}; "
+         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+         "Load column: `load1 / foreign cores` = the 1-min load average when the measurement started / the average "
+         "number of cores other processes kept busy during it (0 = quiet).", ""]
+    mach = r.get("machine")
+    if mach:
+        L += ["## Machine limit (dense matmul, same run)", "", "| what | FLOP/s | load |", "|---|---|---|"]
+        for key in ("fp32", "fp32_same_size_as_bf16", "bf16", "fp32_end"):
+            if key in mach:
+                x = mach[key]
+                L.append(f"| {x['dtype']} {x['m']}x{x['k']} @ {x['k']}x{x['n']} ({key}) | {x['flops_per_s'] / 1e9:.1f} G | {_load_cell(x)} |")
+        for x in mach.get("decode_gemm", []):
+            L.append(f"| fp32 [{x['m']} x {x['k']}] @ [{x['k']} x {x['n']}] (decode-shaped) | {x['flops_per_s'] / 1e9:.1f} G | {_load_cell(x)} |")
+        L.append("")
+    ro = r.get("rollout", {}).get("cases", {})
+    base = ro.get("bind01_nocache_nolora")
+    hf_by = {(p["B"], p["K"]): p for p in r.get("hf", {}).get("points", [])}
+    if base and "points" in base:
+        L += [f"## Rollout: vLLM RolloutEngine, binding {base['binding']}, prefix caching off, no LoRA "
+              f"(prompt {base['prompt_len']} tokens, {base['new_tokens']} new tokens per sample, equal lengths)", "",
+              f"Engine start {base['engine_start_s']:.0f} s; peak RSS {base['peak_rss_mb']:.0f} MB.", "",
+              "MFU (gen) counts generated tokens only (2N incl. LM head + attention per generated token); MFU (work) adds the "
+              "prompt prefill of every sample (B x K prefills, what the engine computes with prefix caching off).", "",
+              "| B | K | gen tokens/s | samples/s | MFU (gen) | MFU (work) | HF generate tokens/s | vLLM / HF | load |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in base["points"]:
+            h = hf_by.get((p["B"], p["K"]))
+            L.append(f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {p['samples_per_s']:.2f} | {_f(p.get('mfu'), 1, True)} | {_f(p.get('mfu_work'), 1, True)} | "
+                     f"{_f(h['tokens_per_s'], 0) if h else '-'} | {_f(p['tokens_per_s'] / h['tokens_per_s'], 2) if h else '-'} | {_load_cell(p)} |")
+        if "sample_api" in base:
+            s = base["sample_api"]
+            L += ["", f"Through `RolloutEngine.sample` (natural lengths, EOS allowed), B={s['B']} K={s['K']}: "
+                      f"{s['tokens_per_s']:.0f} tokens/s, mean length {s['mean_length']:.1f} (load {_load_cell(s)})."]
+        L.append("")
+    if ro:
+        L += ["### Engine settings (separate engine starts)", "",
+              "| case | binding | prefix cache | LoRA | B x K | gen tokens/s | vs default | MFU (gen) | engine start s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+        base_by = {(p["B"], p["K"]): p for p in (base or {}).get("points", [])}
+        for name, c in ro.items():
+            if "error" in c:
+                L.append(f"| {name} | error: {c['error']} |||||||||")
+                continue
+            for p in c["points"]:
+                if name == "bind01_nocache_nolora" and (p["B"], p["K"]) not in {(pp["B"], pp["K"]) for cc in ro.values() if cc is not c for pp in cc.get("points", [])}:
+                    continue
+                b0 = base_by.get((p["B"], p["K"]))
+                L.append(f"| {name} | {c['binding']} | {'on' if c['prefix_caching'] else 'off'} | {c['lora'] or 'none'} | {p['B']}x{p['K']} | "
+                         f"{p['tokens_per_s']:.0f} | {_f(p['tokens_per_s'] / b0['tokens_per_s'], 2) if b0 else '-'} | {_f(p.get('mfu'), 1, True)} | "
+                         f"{c['engine_start_s']:.0f} | {_load_cell(p)} |")
+        ws = ro.get("merged_after_sync", {}).get("weight_sync")
+        if ws:
+            L += ["", f"Weight sync (merged mode): merge LoRA into {ws['tensors']} tensors ({ws['mb']:.0f} MB) {ws['merge_s']:.2f} s, "
+                      f"`reload_weights` into the running engine {ws['reload_s']:.2f} s."]
+        L.append("")
+    hf = r.get("hf")
+    if hf and "error" in hf:
+        L += [f"HF generate failed: {hf['error']}", ""]
+    elif hf and not (base and "points" in base):
+        L += ["## HF generate", "", "| B | K | gen tokens/s | MFU (gen) | MFU (work) | load |", "|---|---|---|---|---|---|"]
+        L += [f"| {p['B']} | {p['K']} | {p['tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | {_f(p.get('mfu_work'), 1, True)} | {_load_cell(p)} |" for p in hf["points"]]
+        L.append("")
+    enc = r.get("encoder")
+    if enc and "points" in enc:
+        L += [f"## Encoder (first {enc['layer']} blocks + LoRA r{enc['lora_rank']})", "",
+              "| texts | tokens/text | op | seconds | texts/s | tokens/s | MFU | load |", "|---|---|---|---|---|---|---|---|"]
+        for p in enc["points"]:
+            for op in ("score", "update"):
+                x = p[op]
+                L.append(f"| {p['n_texts']} | {p['mean_tokens']:.0f} | {op} | {x['seconds']:.2f} | {x['texts_per_s']:.1f} | {x['tokens_per_s']:.0f} | {_f(x.get('mfu'), 1, True)} | {_load_cell(x)} |")
+        L.append("")
+    le = r.get("learner")
+    variants = {"recipe": le, **r.get("learner_variants", {})} if le else {}
+    if le and "points" in le:
+        L += [f"## Learner: DecoderLearner.grpo_step (prompt {le['prompt_len']} + completion {le['completion_len']} tokens, "
+              f"KL reference {le['kl_reference']}, ZeRO {le['zero_stage']}; DeepSpeed start {le['start_s']:.0f} s)", "",
+              "| variant | samples | step s | trained tokens/s | MFU (step) | old fwd s / MFU | ref fwd s / MFU | policy fwd+bwd+step s / MFU | peak RSS MB | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for vname, v in variants.items():
+            if "points" not in v:
+                L.append(f"| {vname} | error: {v.get('error')} |||||||||")
+                continue
+            extra = [o for o in v.get("overrides", []) if not o.startswith("model.name=")]
+            for p in v["points"]:
+                pc = p["pieces"]
+                L.append(f"| {vname}{' (' + ', '.join(extra) + ')' if extra else ''} | {p['n_samples']} | {p['seconds']:.2f} | {p['trained_tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | "
+                         + " | ".join(f"{pc[k]['seconds']:.2f} / {_f(pc[k].get('mfu'), 1, True)}" for k in ("old_forward", "ref_forward", "policy_update"))
+                         + f" | {v.get('peak_rss_mb', 0):.0f} | {_load_cell(p)} |")
+        L.append("")
+    e2e = r.get("e2e", {})
+    if e2e:
+        L += [f"## End-to-end GRPO step ({m.get('e2e_recipe', '')} via `cycle-oracle run`; mean share of time_step over steps "
+              f"2..{m.get('args', {}).get('e2e_steps', '')})", "",
+              "`rollout` is the driver's wait for the step's samples (with overlap_rollout it is the part not hidden behind the "
+              "previous step); `idle` = time_step minus the four timed phases (driver work, advantages, logging, Ray calls).", "",
+              "| run | rollout actors | step s | rollout | score+enc update | learn | sync | idle | orchestration+sync | samples/s (step) | samples/s (rollout wait) | wall s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, x in e2e.items():
+            if "fractions" not in x:
+                L.append(f"| {name} | failed (rc {x.get('returncode')}) ||||||||||||")
+                continue
+            fr = x["fractions"]
+            L.append(f"| {name} | {x['rollout']['num_actors']} x {x['rollout']['threads']} thr | {x['mean_seconds']['step']:.1f} | "
+                     + " | ".join(_f(fr[k], 0, True) for k in ("rollout", "score", "learn", "sync", "idle", "orchestration_plus_sync"))
+                     + f" | {x['samples_per_s_step']:.3f} | {_f(x['samples_per_s_rollout'], 2)} | {x['wall_s']:.0f} | {_load_cell(x)} |")
+        L += ["", "### Peak memory per process (psutil RSS sampled every second over the whole run; USS every 5 s)", "",
+              "| run | role | peak RSS MB | peak USS MB |", "|---|---|---|---|"]
+        for name, x in e2e.items():
+            for role, recs in x.get("memory", {}).items():
+                for rec in recs:
+                    L.append(f"| {name} | {role} | {rec['peak_rss_mb']:.0f} | {_f(rec['peak_uss_mb'], 0)} |")
+            if x.get("memory_ray_other"):
+                o = x["memory_ray_other"]
+                L.append(f"| {name} | Ray daemons ({o['processes']} processes, sum) | {o['peak_rss_mb_sum']:.0f} | - |")
+        L.append("")
+    paper = r.get("paper")
+    if paper:
+        p = paper["qwen3_8b_8xh100_mfu40"]
+        s = p["setup"]
+        L += [f"## On paper: {s['model']}, B={s['batch']}, K={s['k']}, {s['description_len']}-token descriptions, prompt {s['prompt_len']}, "
+              f"encoder {s['read_layer']} blocks, LoRA r{s['lora_rank']}; {s['gpus']} GPUs x {s['gpu_peak_flops'] / 1e12:.0f} TFLOP/s at {100 * s['mfu']:.0f}% MFU", "",
+              "| role | TFLOP per step | share | seconds at stated MFU on all GPUs |", "|---|---|---|---|"]
+        for k, v in p["flops"].items():
+            if k == "total":
+                continue
+            L.append(f"| {k} | {v / 1e12:.0f} | {_f(p['share'][k], 1, True)} | {p['seconds_at_mfu'][k]:.3f} |")
+        L.append(f"| **total** | {p['flops']['total'] / 1e12:.0f} | 100% | {p['seconds_at_mfu']['total']:.3f} |")
+        L += ["", f"Decode is bandwidth-bound first: {s['description_len']} decode steps each reading {p['params']['total'] * s['bytes_per_param'] / 1e9:.1f} GB "
+                  f"of weights at {s['gpu_hbm_bytes_per_s'] / 1e12:.2f} TB/s = {p['rollout_decode_bandwidth_bound_s']:.2f} s per engine "
+                  f"(one engine per GPU, {p['sequences_per_engine']:.0f} sequences each), vs {p['rollout_seconds_at_mfu_all_gpus']:.2f} s of rollout FLOPs at the stated MFU.", ""]
+    t = r.get("targets", {})
+    if t:
+        L += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+        for k, v in t.items():
+            val = v.get("best", v.get("value"))
+            goal = f"< {v['target'] * 100:.0f}%" if "orchestration" in k else (f">= {v['target'] * 100:.0f}%" if "mfu" in k else f">= {v['target']}x")
+            meas = f"{val * 100:.1f}%" if ("mfu" in k or "orchestration" in k) else f"{val:.2f}x"
+            L.append(f"| {k} | {goal} | {meas}{' at ' + v['at'] if 'at' in v else ''} | {'yes' if v['met'] else 'no'} |")
+        L.append("")
+    L.append(f"Bench wall time {m.get('bench_wall_s', 0):.0f} s.")
+    return "\n".join(L) + "\n"

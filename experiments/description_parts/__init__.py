@@ -1,0 +1,1 @@
+"""Which part of a quoted description carries the activation (README.md)."""

@@ -1,0 +1,1 @@
+"""Which injection scale should be the default (README.md)."""
