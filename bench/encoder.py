@@ -14,6 +14,7 @@ def case_encoder(case: dict) -> dict:
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
+    from cycle_oracle.batch import RolloutBatch
     from cycle_oracle.encoder_trainer import EncoderTrainer
 
     info, cfg, layer = case_model(case)
@@ -28,10 +29,11 @@ def case_encoder(case: dict) -> dict:
         ids, attn, _ = trainer._inputs(texts)
         lengths = attn.sum(1).tolist()
         f = _encoder_flops(shape, layer, lengths, lora)
-        trainer.score(texts, vectors, [True] * n)  # warm-up
+        batch = RolloutBatch.of_texts(vectors, texts)
+        trainer.score(batch)  # warm-up
         trainer.train_step(texts, vectors)
         res = {"n_texts": n, "mean_tokens": sum(lengths) / n, "padded_tokens": int(attn.numel()), "tokens": int(sum(lengths))}
-        for what, fn, flops in (("score", lambda: trainer.score(texts, vectors, [True] * n), f["score"]),
+        for what, fn, flops in (("score", lambda: trainer.score(batch), f["score"]),
                                 ("update", lambda: trainer.train_step(texts, vectors), f["update"])):
             def once(fn=fn):
                 t0 = time.perf_counter()

@@ -15,7 +15,8 @@ def case_learner(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     from cycle_oracle.injection import mean_embedding_norm, target_norm
-    from cycle_oracle.learner import DecoderLearner, PolicySample, init_distributed
+    from cycle_oracle.batch import RolloutBatch
+    from cycle_oracle.learner import DecoderLearner, init_distributed
 
     info, cfg, layer = case_model(case)
     shape = info["shape"]
@@ -27,35 +28,36 @@ def case_learner(case: dict) -> dict:
         port = s.getsockname()[1]
     t0 = time.perf_counter()
     init_distributed(0, 1, "127.0.0.1", port, "gloo")
-    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000)
+    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000, stage="grpo")
     start_s = time.perf_counter() - t0
     lora = shape.lora_params(cfg.decoder_lora.r)
     T = case["completion_len"]
     out = {"case": "learner", "threads": case["threads"], "start_s": start_s, "prompt_len": len(learner.description_prompt.input_ids),
            "reference_prompt_len": len(learner.reference_prompt.input_ids), "completion_len": T, "lora_params": lora,
-           "kl_reference": cfg.grpo.kl_reference if cfg.grpo.kl_coef > 0 else None, "zero_stage": cfg.optim.zero_stage, "points": []}
+           "kl_reference": cfg.grpo.kl_reference if cfg.grpo.kl_coef > 0 else None, "zero_stage": cfg.grpo_decoder_optim().zero_stage, "points": []}
     temp = cfg.sampling.temperature
     for n in case["n_samples"]:
         rows = corpus_token_rows(learner.tokenizer, n, T)
         vecs = random_vectors(n, shape.d_model, n)
         adv = torch.randn(n, generator=torch.Generator().manual_seed(n))
-        samples = [PolicySample(vecs[i], rows[i], [0.0] * T, float(adv[i])) for i in range(n)]
-        lp, _, _ = learner.policy_logprobs(samples, temp)  # sampler logprobs = the current policy's (ratio 1)
-        for i, s in enumerate(samples):
-            s.sampler_logprobs = lp[i, :T].tolist()
+        samples = RolloutBatch(vectors=vecs, token_ids=rows, sampler_logprobs=[[0.0] * T for _ in range(n)], texts=[""] * n,
+                               truncated=torch.zeros(n, dtype=torch.bool), versions=torch.zeros(n, dtype=torch.long),
+                               group_size=1, temperature=temp, advantages=adv.float())
+        lp, _, _ = learner.policy_logprobs(samples)  # sampler logprobs = the current policy's (ratio 1)
+        samples.sampler_logprobs = [lp[i, :T].tolist() for i in range(n)]
         f = bf.learner_flops(shape, n, out["prompt_len"], T, lora, out["kl_reference"], out["reference_prompt_len"],
                              cfg.grpo.epochs_per_rollout)
-        learner.grpo_step(samples, temp)  # warm-up
+        learner.grpo_step(samples)  # warm-up
         def once():
             t0 = time.perf_counter()
-            learner.policy_logprobs(samples, temp)
+            learner.policy_logprobs(samples)
             t_old = time.perf_counter() - t0
             t0 = time.perf_counter()
             if out["kl_reference"]:
-                learner.reference_logprobs(samples, temp)
+                learner.reference_logprobs(samples)
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
-            learner.grpo_step(samples, temp)
+            learner.grpo_step(samples)
             t_step = time.perf_counter() - t0
             return t_step, {"old_forward": t_old, "ref_forward": t_ref}
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", help="run the case subprocesses under py-spy (raw stacks + a summary in the JSON; timings perturbed)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, tiny sizes (a smoke test of the harness)")
     ap.add_argument("--learner-variant", action="append", default=[], metavar="NAME:KEY=VAL[;KEY=VAL]",
-                    help="also run the learner case with these recipe overrides (e.g. zero0:optim.zero_stage=0)")
+                    help="also run the learner case with these recipe overrides (e.g. zero0:decoder_optim.zero_stage=0)")
     ap.add_argument("--merge-into", metavar="JSON", help="merge this invocation's sections into an existing results file (written to --out)")
     ap.add_argument("--rerender", metavar="JSON", help="recompute FLOPs, MFU and targets of an existing results file and rewrite it (and --md)")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if "scaling" in sections:
             if "e2e" not in sections:
                 runs.append(("e2e_plain", common))
-            two = ["rollout.num_actors=2", "rollout.num_cpus=0.35", "rollout.threads=1"]
+            two = ["resources.rollout.num_actors=2", "resources.rollout.num_cpus=0.35", "resources.rollout.threads=1"]
             runs.append(("e2e_two_rollout_actors", common + two))
         results.setdefault("e2e", {})
         results["meta"]["e2e_recipe"] = e2e_recipe

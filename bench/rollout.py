@@ -125,7 +125,7 @@ def case_engine(case: dict) -> dict:
         def once():
             t0 = time.perf_counter()
             res = engine.sample(reqs, 1.0, 1.0, case["new_tokens"], stop_token_ids=[eos])
-            return time.perf_counter() - t0, [len(s.token_ids) for g in res for s in g]
+            return time.perf_counter() - t0, res.completion_lengths()
 
         rec, lengths = measure(once, 1, case.get("quiet_wait_s", 0))
         out["sample_api"] = {"B": batch, "K": k, **rec, "generated_tokens": sum(lengths), "mean_length": sum(lengths) / len(lengths),

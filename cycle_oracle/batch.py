@@ -49,6 +49,15 @@ class RolloutBatch:
         if bad:
             raise ValueError(f"RolloutBatch fields must all have N={n} entries (vectors [N, d]); got {bad}")
 
+    @classmethod
+    def of_texts(cls, vectors: torch.Tensor, texts: Sequence[str]) -> "RolloutBatch":
+        """Descriptions that did not come from a rollout (no token ids or logprobs), e.g. to score
+        given texts against activations [N, d]."""
+        n = len(texts)
+        return cls(vectors=vectors, token_ids=[[] for _ in range(n)], sampler_logprobs=[[] for _ in range(n)], texts=list(texts),
+                   truncated=torch.zeros(n, dtype=torch.bool), versions=torch.zeros(n, dtype=torch.long), group_size=1,
+                   temperature=1.0, usable=torch.ones(n, dtype=torch.bool))
+
     def __len__(self) -> int:
         return self.vectors.shape[0]
 

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from cycle_oracle.activations import ActivationStore
-from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint
-from cycle_oracle.config import load_recipe
+from cycle_oracle.checkpoint import load_trained
 from cycle_oracle.data.description import split_quoted_description
 from cycle_oracle.encoder_trainer import EncoderTrainer
 from cycle_oracle.evals.controls import paired_difference
@@ -48,16 +47,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    cfg = load_recipe(args.run / "config.yaml")
+    trained = load_trained(args.run)
+    trained.require_tensors("encoder")
+    cfg = trained.config()
     results = json.loads((args.run / "results.json").read_text())
     store = ActivationStore(args.run / "activations")
-    ckpt = latest_checkpoint(args.run)
-    if ckpt is None:
-        raise SystemExit(f"no checkpoint in {args.run}/checkpoints")
-    tensors = load_checkpoint(ckpt)[0]
     torch.set_num_threads(2)
-    encoder = EncoderTrainer(str(resolve_model_path(cfg.model.name)), cfg, results["layer"], store.mean)
-    encoder.load_state(tensors["encoder"])
+    encoder = EncoderTrainer(str(resolve_model_path(cfg.model.name)), cfg, trained.record.layer, store.mean)
+    encoder.load_state(trained.tensors["encoder"])
+    ckpt = trained.path
     mean = store.mean.float()
 
     report: dict = {"run": str(args.run), "checkpoint": ckpt.name, "quote_tokens": args.quote_tokens}
