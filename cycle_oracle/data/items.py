@@ -1,14 +1,17 @@
-"""The one item type every warmup builder yields, the documents they read, and data-problem reporting.
+"""The one item type every warmup builder yields, the example the learner trains on, the documents
+they read, and data-problem reporting.
 
 A `WarmupItem` is what the supervised warmup consumes: the target reads `context_ids`, one position
 from `read_positions` is chosen (seeded) per use, its activation is injected into the decoder,
 which is trained to produce `answer` after `question`. Every split is by `source_id` (a document
-id, a document group such as a Wikipedia article, or a behaviour label), never by token.
+id, a document group such as a Wikipedia article, or a behaviour label), never by token. An
+`SftExample` is one use of an item, with its read position chosen.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +46,19 @@ class WarmupItem:
             raise ValueError(f"{self.task} item from {self.source_id!r}: read positions {bad} outside a {n}-token context")
         if not self.question.strip() or not self.answer.strip():
             raise ValueError(f"{self.task} item from {self.source_id!r} has an empty question or answer")
+
+
+@dataclass
+class SftExample:
+    """One supervised warmup example: the target reads context_ids, the activation at `position`
+    is injected into the decoder prompt built from `question`, and `answer` is learned."""
+
+    task: str
+    context_ids: list[int]
+    position: int | Sequence[int]
+    """One position (its activation fills every placeholder) or one per placeholder."""
+    question: str
+    answer: str
 
 
 @dataclass(frozen=True)
