@@ -25,8 +25,8 @@ from actors.rollout import RolloutActor
 from cycle_oracle.checkpoint import latest_checkpoint, load_checkpoint, read_files, save_checkpoint
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.encoder import reconstruction_metrics
-from cycle_oracle.evals.controls import paired_difference
 from cycle_oracle.learner import SftExample
+from cycle_oracle.stats import paired_difference
 from recipes.common import check_finite, Run, extract_store, injection_norm, source_windows, start_run
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from cycle_oracle.evals.arithmetic import Problem, first_digit_match, make_problems, numbers_in, states_answer
-from cycle_oracle.evals.controls import copy_rate, derangement, distinct_n, mean_copy_rate, paired_difference, same_start_share, shuffled_gap, words
+from cycle_oracle.evals.controls import copy_rate, derangement, mean_copy_rate, shuffled_gap, text_controls
 from cycle_oracle.evals.probes import accuracy_block, best_threshold, wilson_interval
 from cycle_oracle.evals.retrieval import chance_metrics, ranking_metrics, similarity_matrix, true_ranks
+from cycle_oracle.stats import distinct_n, paired_difference, same_start_share, text_diversity, words
 
 
 
@@ -108,6 +109,10 @@ def test_distinct_n_and_same_start_by_hand():
     assert same_start_share(descs, k=1) == pytest.approx(3 / 4)
     assert same_start_share(["a b", "c d"], k=4) == 0.5
     assert words("Hello, wörld! 42") == ["hello", "wörld", "42"]
+    # GRPO's per-step diversity metrics are the evals' text controls (undefined ones left out)
+    controls = text_controls(descs)
+    assert text_diversity(descs) == {k: controls[k] for k in ("distinct_1", "distinct_2", "same_start_share")}
+    assert text_diversity(["a"]) == {"distinct_1": 1.0, "same_start_share": 1.0} and text_diversity([]) == {}
 
 
 def test_paired_difference_interval_covers_the_shift_and_excludes_zero():
