@@ -478,7 +478,8 @@ def test_warmup_eval_controls_never_reuse_the_source():
     source, LatentQA read at several distinct positions (one per placeholder)."""
     import random
 
-    from recipes.warmup import other_source, read_positions, spread_by_source
+    from cycle_oracle.data.read_positions import read_positions
+    from cycle_oracle.evals.warmup import other_source, spread_by_source
 
     items = [WarmupItem("latentqa", f"b{b}", (1, 2, 3, 4, 5, 6), (2, 3, 4, 5), "Q?", f"A{b}") for b in range(3) for _ in range(10)]
     rng = random.Random(0)

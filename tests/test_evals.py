@@ -133,6 +133,76 @@ def test_shuffled_gap():
     assert shuffled_gap(torch.tensor([0.9, 0.7]), torch.tensor([0.5, 0.5])) == pytest.approx(0.3)
 
 
+# ---- the warmup's held-out eval, against a fake scorer ----------------------------------------
+
+def _source_scorer(calls: list):
+    """A deterministic stand-in for the learner's `answer_scores`: the answer "answer b" of source b
+    is cheap (NLL 0.5) when the activation comes from a context of source b (first token 100 + b),
+    dear (1.5) otherwise or with a zero activation (2.0). Question "Q2?" ignores the activation:
+    its NLL depends on the answer alone."""
+
+    def score_answers(examples, vector_override=None):
+        calls.append((len(examples), vector_override))
+        nll = []
+        for ex in examples:
+            answer_source = int(ex.answer.split()[-1])
+            if ex.question == "Q2?":
+                nll.append(1.0 + 0.1 * answer_source)
+            elif vector_override == "zero":
+                nll.append(2.0)
+            else:
+                nll.append(0.5 if ex.context_ids[0] == 100 + answer_source else 1.5)
+        return {"nll": nll, "token_accuracy": [float(v == 0.5) for v in nll]}
+
+    return score_answers
+
+
+def test_warmup_heldout_eval_measures_what_the_activation_buys():
+    from cycle_oracle.config import RecipeConfig
+    from cycle_oracle.data.items import WarmupItem
+    from cycle_oracle.evals.warmup import heldout_eval
+
+    def item(task, b, j, question):
+        return WarmupItem(task, f"b{b}", (100 + b, j, 7, 8, 9), (2, 3, 4), question, f"answer {b}")
+
+    heldout = {
+        "token_prediction": [item("token_prediction", b, j, "What comes next?") for b in range(5) for j in range(4)],
+        "latentqa": [item("latentqa", b, j, q) for b in range(5) for q in ("Q1?", "Q2?") for j in range(3)],
+        "description": [],
+    }
+    cfg = RecipeConfig(kind="warmup", injection={"num_placeholders": 2}, warmup={"eval_items": 10})
+    calls = []
+    out = heldout_eval(_source_scorer(calls), heldout, cfg, seed=0)
+    assert set(out) == {"token_prediction", "latentqa"}  # a task without items is left out
+    assert max(n for n, _ in calls) <= 8 and {mode for _, mode in calls} == {None, "zero"}
+
+    tp = out["token_prediction"]
+    assert tp["items"] == 10 and tp["sources"] == 5
+    assert (tp["nll_real"], tp["nll_shuffled"], tp["nll_zero"]) == pytest.approx((0.5, 1.5, 2.0))
+    assert tp["token_accuracy_real"] == 1.0 and tp["token_accuracy_shuffled"] == 0.0
+    assert tp["nll_gap_shuffled_minus_real"] == pytest.approx(1.0) and tp["nll_gap_ci_low"] > 0
+
+    lqa = out["latentqa"]
+    by_q = lqa["nll_gap_by_question"]
+    assert sum(row["items"] for row in by_q.values()) == lqa["items"] == 10
+    assert by_q["Q1?"]["nll_gap_shuffled_minus_real"] == pytest.approx(1.0)
+    assert by_q["Q2?"]["nll_gap_shuffled_minus_real"] == 0.0  # the activation does not inform Q2
+    assert lqa["nll_gap_shuffled_minus_real"] == pytest.approx(by_q["Q1?"]["items"] / 10)
+    # ranking among all five behaviours' answers: Q1 always right with the real activation, always
+    # wrong with another behaviour's; Q2 ranks the same either way
+    rank = lqa["ranking_by_question"]
+    assert lqa["ranking_items"] == 10 and lqa["ranking_candidates"] == 5
+    assert (rank["Q1?"]["top1_real"], rank["Q1?"]["top1_shuffled"]) == (1.0, 0.0)
+    assert rank["Q2?"]["top1_real"] == rank["Q2?"]["top1_shuffled"]
+    assert lqa["ranking_top1_real"] > lqa["ranking_top1_shuffled"]
+
+    # a scorer that ignores the activation shows no gap at all
+    blind = heldout_eval(lambda examples, mode=None: {"nll": [1.0] * len(examples), "token_accuracy": [0.0] * len(examples)},
+                         heldout, cfg, seed=0)
+    assert blind["token_prediction"]["nll_gap_shuffled_minus_real"] == 0.0
+    assert blind["token_prediction"]["nll_zero"] == blind["token_prediction"]["nll_real"]
+
+
 # ---- arithmetic parsing ---------------------------------------------------------------------
 
 def test_arithmetic_number_matching_by_hand():

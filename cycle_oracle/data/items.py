@@ -5,7 +5,7 @@ A `WarmupItem` is what the supervised warmup consumes: the target reads `context
 from `read_positions` is chosen (seeded) per use, its activation is injected into the decoder,
 which is trained to produce `answer` after `question`. Every split is by `source_id` (a document
 id, a document group such as a Wikipedia article, or a behaviour label), never by token. An
-`SftExample` is one use of an item, with its read position chosen.
+`SftExample` is one use of an item, its read position chosen (`data/read_positions.py`).
 """
 
 from __future__ import annotations
