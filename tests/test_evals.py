@@ -296,7 +296,8 @@ def tiny_oracle(tiny_model, tiny_path, tiny_tokenizer):
 
 
 def test_read_matches_extraction(tiny_oracle, tiny_model, tiny_tokenizer):
-    from cycle_oracle.activations import Document, extract
+    from cycle_oracle.activations import extract
+    from cycle_oracle.corpus import Document
 
     oracle, _ = tiny_oracle
     texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France, and", "Hi there"]
@@ -363,7 +364,8 @@ def test_describe_is_deterministic_and_encode_matches_encoder(tiny_oracle, tiny_
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_run_evals_end_to_end_on_the_tiny_model(tmp_path, tiny_oracle, tiny_model, tiny_tokenizer, shared_data):
-    from cycle_oracle.activations import Document, extract, write_store
+    from cycle_oracle.activations import extract, write_store
+    from cycle_oracle.corpus import Document
     from cycle_oracle.evals.run import run_evals
 
     from cycle_oracle.evals.oracle import make_hf_oracle

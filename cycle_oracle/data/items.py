@@ -1,5 +1,5 @@
-"""The one item type every warmup builder yields, the example the learner trains on, the documents
-they read, and data-problem reporting.
+"""The one item type every warmup builder yields, the example the learner trains on, and
+data-problem reporting (the documents builders read are `corpus.Document`).
 
 A `WarmupItem` is what the supervised warmup consumes: the target reads `context_ids`, one position
 from `read_positions` is chosen (seeded) per use, its activation is injected into the decoder,
@@ -59,20 +59,6 @@ class SftExample:
     """One position (its activation fills every placeholder) or one per placeholder."""
     question: str
     answer: str
-
-
-@dataclass(frozen=True)
-class TextDocument:
-    """A plain-text document for token prediction / description. `source_id` groups documents that
-    must land on the same side of a split (e.g. paragraphs of one article); defaults to doc_id."""
-
-    doc_id: str
-    text: str
-    source_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.source_id:
-            object.__setattr__(self, "source_id", self.doc_id)
 
 
 class MalformedDataError(ValueError):
