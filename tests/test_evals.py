@@ -1,5 +1,6 @@
-"""Evals: hand-checked maths and text controls, data loaders on the shared data, the HF oracle
-against independent code paths, and one small end-to-end `run_evals` on the tiny random Llama."""
+"""Evals: hand-checked maths and text controls, the warmup's held-out eval against fake scorers, data
+loaders on the shared data, the HF oracle against independent code paths, and one small end-to-end
+`run_evals` on the tiny random Llama."""
 
 import json
 import math

@@ -89,7 +89,13 @@ def latentqa_ranking(score_answers: AnswerScorer, heldout_items: list, rng: rand
 def heldout_eval(score_answers: AnswerScorer, heldout: dict, cfg, seed: int, label: str = "held-out") -> dict:
     """Answer NLL and token accuracy per task with the real activation, another source's (shuffled:
     a different document or behaviour, never the same one) and a zero activation; the NLL gap
-    shuffled - real with a paired 95% bootstrap interval over items."""
+    shuffled - real with a paired 95% bootstrap interval over items.
+
+    `heldout`: task -> WarmupItems (up to `cfg.warmup.eval_items` per task, spread over sources,
+    read at `cfg.injection.num_placeholders` positions). `score_answers(examples: list[SftExample],
+    vector_override: str | None = None) -> {"nll": [...], "token_accuracy": [...]}` scores a batch
+    of at most 8 examples, one value per example (mean over answer tokens); `vector_override="zero"`
+    injects zeros instead of the examples' activations."""
     with Progress() as progress:
         return _heldout_eval(score_answers, heldout, cfg, seed, progress, label)
 
