@@ -62,8 +62,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from cycle_oracle.activations import Document, extract, write_store
-    from cycle_oracle.corpus import load_documents
+    from cycle_oracle.activations import extract, write_store
+    from cycle_oracle.corpus import Document, load_documents
     from cycle_oracle.config import DataSource
     from cycle_oracle.models import load_causal_lm, load_tokenizer, resolve_layer, resolve_model_path, num_layers
 

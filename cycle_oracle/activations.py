@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -28,13 +28,8 @@ from cycle_oracle.checkpoint import atomic_write as _atomic_write
 from cycle_oracle.data.mixture import heldout_sources
 from cycle_oracle.models import decoder_blocks, num_layers
 
-
-@dataclass(frozen=True)
-class Document:
-    doc_id: str
-    text: str
-    group: str | None = None
-    """The unit splits are made by (e.g. the article a paragraph belongs to); default: doc_id."""
+if TYPE_CHECKING:
+    from cycle_oracle.corpus import Document
 
 
 class _StopForward(Exception):
@@ -139,7 +134,7 @@ def extract(
         for b, (doc, toks) in enumerate(zip(batch, token_lists)):
             for i in readable_positions(toks, positions, skip_first, special):
                 rows.append(hidden[b, i])
-                records.append({"doc_id": doc.doc_id, "group": doc.group or doc.doc_id, "token_index": i, "token": tokenizer.decode([toks[i]])})
+                records.append({"doc_id": doc.doc_id, "group": doc.group, "token_index": i, "token": tokenizer.decode([toks[i]])})
         yield (torch.stack(rows) if rows else hidden.new_zeros((0, hidden.shape[-1]))), records, dict(
             zip([d.doc_id for d in batch], token_lists)
         )

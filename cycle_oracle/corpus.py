@@ -1,19 +1,43 @@
-"""Source documents whose activations are described (describe, GRPO, retrieval).
+"""Documents, and the one loader of a `DataSource` (config.py) that every corpus reads through.
 
-Kinds (`DataSource.kind`): `embedded` (passages written for this project, shipped in the package),
-`text_files` (plain text; documents are paragraphs separated by blank lines, `= Heading =` lines
-dropped), `datasets` (a HF `datasets` name with a `text` column, where a hub is reachable).
+Kinds (`DataSource.kind`):
+- `embedded`: passages written for this project, shipped in the package (`embedded/passages.txt`).
+- `text_files`: plain text files. Documents are paragraphs (blocks separated by blank lines);
+  WikiText-style headings `= Title =` start a new article and are dropped, as are sub-headings
+  `= = Section = =`. Paragraphs of one article share a `group`, so a split never puts one article
+  on both sides.
+- `datasets`: a HF `datasets` name (and/or `paths` as data files) with a text column; needs a
+  reachable hub or local files, and fails with a clear message otherwise.
+
+The activation corpus (describe, GRPO, evals: `corpus`) and the warmup's token-prediction /
+description corpus (`warmup.corpus`, `data/token_prediction.load_corpus`) both read documents
+here, so a file yields the same doc ids, texts and groups for both. The one exception is
+`embedded` in the warmup, which means the target model's own replies (generated and cached there).
 """
 
 from __future__ import annotations
 
+import random
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cycle_oracle.activations import Document
-
 _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+    group: str = ""
+    """The unit splits are made by (the article a paragraph belongs to, the seed prompt of generated
+    replies, ...); defaults to doc_id."""
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.doc_id)
 
 
 def split_paragraphs(text: str, source: str, min_chars: int = 80) -> list[Document]:
@@ -44,30 +68,69 @@ def embedded_passages() -> list[Document]:
     return [Document(f"embedded:{i}", line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
 
 
-def load_documents(source, limit: int | None = None) -> list[Document]:
+def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[Document]:
+    """Paragraph documents of text files (`split_paragraphs`, ids `<file stem>:<n>`)."""
+    if not paths:
+        raise ValueError("corpus kind text_files needs `paths` (a list of text files)")
+    docs: list[Document] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file not found: {path} (set the corpus `paths` to existing text files)")
+        docs.extend(split_paragraphs(path.read_text(encoding="utf-8", errors="replace"), path.stem, min_chars))
+    if not docs:
+        raise ValueError(f"no documents of at least {min_chars} characters in {list(paths)}")
+    return docs
+
+
+def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str = "train") -> list[Document]:
+    """A HF `datasets` corpus: by name (hub or local script/folder) and/or local data files. Texts
+    are kept as the dataset has them; rows that are empty or only whitespace are skipped (the
+    document ids `<name>:<row>` still count them)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("corpus kind 'datasets' needs the `datasets` package: pip install datasets") from err
+    if not name and not paths:
+        raise ValueError("corpus kind 'datasets' needs a `name` (hub dataset) or `paths` (data files)")
+    builder = name
+    if not builder:
+        ext = Path(paths[0]).suffix.lower().lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(ext, "text")
+    try:
+        ds = datasets.load_dataset(builder, data_files=list(paths) or None, split=split)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"could not load the datasets corpus {name or list(paths)!r} ({type(err).__name__}: {err}). Offline machines "
+            f"should use kind=text_files with local paths (or, for the warmup corpus, kind=embedded)"
+        ) from err
+    columns = ds.column_names
+    column = "text" if "text" in columns else next((c for c in columns if ds.features[c].dtype == "string"), None)
+    if column is None:
+        raise ValueError(f"datasets corpus {builder!r} has no text column (columns: {columns})")
+    tag = name or Path(paths[0]).stem
+    return [Document(f"{tag}:{i}", str(row[column])) for i, row in enumerate(ds) if str(row[column] or "").strip()]
+
+
+def sample_documents(docs: list[Document], limit: int | None, seed: int) -> list[Document]:
+    """A seeded subset of `limit` documents in their original order (spread over the whole corpus)."""
+    if limit is None or limit >= len(docs):
+        return docs
+    keep = sorted(random.Random(f"docs:{seed}").sample(range(len(docs)), limit))
+    return [docs[i] for i in keep]
+
+
+def load_documents(source, limit: int | None = None, seed: int | None = None) -> list[Document]:
+    """The documents of a `DataSource`, at most `limit` and `source.max_documents`: the first ones,
+    or with a `seed` a seeded subset kept in corpus order (`sample_documents`)."""
     if source.kind == "embedded":
         docs = embedded_passages()
     elif source.kind == "text_files":
-        if not source.paths:
-            raise ValueError("corpus.kind=text_files needs corpus.paths (a list of text files)")
-        docs = []
-        for p in source.paths:
-            path = Path(p).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"corpus file not found: {path} (set corpus.paths to existing text files)")
-            docs.extend(split_paragraphs(path.read_text(encoding="utf-8", errors="replace"), path.stem))
+        docs = load_text_files(source.paths)
     elif source.kind == "datasets":
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(source.name, split="train")
-        except Exception as err:
-            raise FileNotFoundError(
-                f"could not load the datasets corpus {source.name!r} ({type(err).__name__}: {err}); offline machines "
-                f"should use corpus.kind=text_files with local paths"
-            ) from err
-        docs = [Document(f"{source.name}:{i}", row["text"]) for i, row in enumerate(ds) if row.get("text", "").strip()]
+        docs = load_datasets_corpus(source.name, source.paths)
     else:
         raise ValueError(f"corpus kind {source.kind!r} is not a document corpus (expected embedded, text_files or datasets)")
-    cap = min(x for x in (limit, source.max_documents) if x is not None) if (limit or source.max_documents) else None
-    return docs[:cap] if cap else docs
+    caps = [x for x in (limit, source.max_documents) if x]
+    cap = min(caps) if caps else None
+    return docs[:cap] if seed is None else sample_documents(docs, cap, seed)

@@ -16,30 +16,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cycle_oracle.activations import pad_right, read_residual
+from cycle_oracle.data.items import SftExample
 from cycle_oracle.decoder import DecoderBatch, build_batch, completion_logits, completion_mask, unflatten
 from cycle_oracle.batch import RolloutBatch
 from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, token_entropy, token_logprobs, truncated_importance_weights
 from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
 from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
-
-
-@dataclass
-class SftExample:
-    """One supervised warmup example: the target reads context_ids, the activation at `position`
-    is injected into the decoder prompt built from `question`, and `answer` is learned."""
-
-    task: str
-    context_ids: list[int]
-    position: int | Sequence[int]
-    """One position (its activation fills every placeholder) or one per placeholder."""
-    question: str
-    answer: str
 
 
 def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1) -> dict:

@@ -34,6 +34,7 @@ from cycle_oracle.corpus import load_documents
 from cycle_oracle.grpo import apply_kl_penalty_to_rewards, group_advantages
 from cycle_oracle.models import load_tokenizer
 from cycle_oracle.rollout import request_seed
+from cycle_oracle.stats import text_diversity
 from recipes.common import Run, check_finite, extract_store, finish_run, injection_norm, load_resume, load_start, record, source_windows, start_run
 
 SYNC_TOLERANCE = 2e-3
@@ -43,14 +44,6 @@ ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 def step_rows(train_rows: list[int], seed: int, step: int, batch: int) -> list[int]:
     """The B activations of a step: a function of (seed, step) only, so a resumed run picks the same."""
     return random.Random(f"{seed}:{step}").sample(train_rows, min(batch, len(train_rows)))
-
-
-def text_diversity(texts: list[str]) -> dict:
-    """distinct-1/2 over all descriptions and the share starting with the most common 4 words."""
-    from cycle_oracle.evals.controls import text_controls
-
-    c = text_controls(texts)
-    return {k: float(c[k]) for k in ("distinct_1", "distinct_2", "same_start_share") if c[k] is not None}
 
 
 class Roles:
@@ -310,7 +303,7 @@ def run(cfg, out, resume: bool = False) -> dict:
 def decoder_comparison(grpo: dict, warm: dict) -> dict:
     """Per held-out item, GRPO decoder's score minus the warmup decoder's (same pool, same encoder):
     mean, 95% bootstrap interval and share of items where GRPO is better."""
-    from cycle_oracle.evals.controls import paired_difference
+    from cycle_oracle.stats import paired_difference
 
     a, b = grpo["per_item"]["description"], warm["per_item"]["description"]
     return {k: paired_difference(torch.tensor(a[k]), torch.tensor(b[k])) for k in ("cosine", "centred_cosine")}

@@ -24,9 +24,9 @@ from actors.placement import remote_get
 from actors.rollout import RolloutActor
 from cycle_oracle.checkpoint import save_checkpoint
 from cycle_oracle.corpus import load_documents
+from cycle_oracle.data.read_positions import read_positions, to_example
 from cycle_oracle.encoder import reconstruction_metrics
-from cycle_oracle.evals.controls import paired_difference
-from cycle_oracle.learner import SftExample
+from cycle_oracle.evals.warmup import heldout_eval
 from recipes.common import Run, check_finite, extract_store, finish_run, injection_norm, load_resume, record, source_windows, start_run
 
 
@@ -56,16 +56,6 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     )
 
 
-def read_positions(item, rng: random.Random, num_placeholders: int) -> int | tuple[int, ...]:
-    """Where the target is read for one example: LatentQA reads up to `num_placeholders` distinct
-    readable positions (`warmup.latentqa_read`: the reply header by default; one per placeholder, in order),
-    the other tasks one position (repeated over the placeholders)."""
-    if item.task != "latentqa" or num_placeholders == 1:
-        return rng.choice(item.read_positions)
-    chosen = sorted(rng.sample(list(item.read_positions), min(num_placeholders, len(item.read_positions))))
-    return tuple(chosen + [chosen[-1]] * (num_placeholders - len(chosen)))
-
-
 def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 256) -> dict | None:
     """Every learner subtracts the mean LatentQA read-slot activation over (up to `max_contexts`)
     training contexts before injection (`warmup.latentqa_centre`). Deterministic in the seed and
@@ -81,131 +71,6 @@ def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 2
     print(f"[warmup] LatentQA activations centred on {info['contexts']} training contexts: they keep "
           f"{info['energy_share_kept']:.3f} of their energy")
     return info
-
-
-def to_example(item, rng: random.Random, num_placeholders: int = 1, context_from=None) -> SftExample:
-    """The item's question and answer; the activation from `context_from` (default: the item itself;
-    another source's item for the shuffled control)."""
-    ctx = context_from or item
-    return SftExample(item.task, list(ctx.context_ids), read_positions(ctx, rng, num_placeholders), item.question, item.answer)
-
-
-def other_source(items: list, rng: random.Random) -> list:
-    """For each item, an item of a different source document / behaviour (the shuffled control)."""
-    out = []
-    for item in items:
-        others = [x for x in items if x.source_id != item.source_id]
-        out.append(rng.choice(others) if others else item)
-    return out
-
-
-def spread_by_source(items: list, n: int, rng: random.Random) -> list:
-    """Up to n items, as many distinct sources as possible (round-robin over shuffled sources)."""
-    by_source: dict = {}
-    for it in items:
-        by_source.setdefault(it.source_id, []).append(it)
-    pools = [rng.sample(v, len(v)) for _k, v in sorted(by_source.items())]
-    rng.shuffle(pools)
-    out = []
-    while len(out) < n and any(pools):
-        for pool in pools:
-            if pool and len(out) < n:
-                out.append(pool.pop())
-    return out
-
-
-def latentqa_ranking(group: LearnerGroup, heldout_items: list, rng: random.Random, num_placeholders: int, n_items: int,
-                     n_candidates: int = 5, advance=lambda n: None) -> dict:
-    """Rank the true answer among other behaviours' answers by NLL, with the real activation and
-    with another behaviour's (shuffled control); the real-minus-shuffled top-1 gap gets a paired
-    95% bootstrap interval over items."""
-    if len(heldout_items) < n_candidates:
-        return {}
-    hits: dict[str, list[float]] = {"real": [], "shuffled": []}
-    items = spread_by_source(heldout_items, n_items, rng)
-    by_question: dict[str, dict[str, list[float]]] = {}
-    for item, other in zip(items, other_source(items, rng)):
-        wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.question == item.question and x.answer != item.answer})
-        if len(wrong) < n_candidates - 1:
-            wrong = sorted({x.answer for x in heldout_items if x.source_id != item.source_id and x.answer != item.answer})
-        cands = [item.answer] + rng.sample(wrong, min(n_candidates - 1, len(wrong)))
-        for mode, ctx in (("real", item), ("shuffled", other)):
-            positions = read_positions(ctx, rng, num_placeholders)
-            exs = [SftExample("latentqa", list(ctx.context_ids), positions, item.question, c) for c in cands]
-            nll = group.answer_scores(exs)["nll"]
-            advance(1)
-            hit = float(min(range(len(cands)), key=lambda i: nll[i]) == 0)
-            hits[mode].append(hit)
-            by_question.setdefault(item.question, {"real": [], "shuffled": []})[mode].append(hit)
-    n = len(items)
-    gap = paired_difference(torch.tensor(hits["real"]), torch.tensor(hits["shuffled"]), seed=0)
-    return {"ranking_top1_real": sum(hits["real"]) / n, "ranking_top1_shuffled": sum(hits["shuffled"]) / n,
-            "ranking_gap_ci_low": gap["ci_low"], "ranking_gap_ci_high": gap["ci_high"],
-            "ranking_candidates": n_candidates, "ranking_items": n,
-            "ranking_by_question": {q: {"items": len(h["real"]), "top1_real": sum(h["real"]) / len(h["real"]),
-                                        "top1_shuffled": sum(h["shuffled"]) / len(h["shuffled"])} for q, h in sorted(by_question.items())}}
-
-
-def heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int, label: str = "held-out") -> dict:
-    """Answer NLL and token accuracy per task with the real activation, another source's (shuffled:
-    a different document or behaviour, never the same one) and a zero activation; the NLL gap
-    shuffled - real with a paired 95% bootstrap interval over items."""
-    with Progress() as progress:
-        return _heldout_eval(group, heldout, cfg, seed, progress, label)
-
-
-def _heldout_eval(group: LearnerGroup, heldout: dict, cfg, seed: int, progress: Progress, label: str) -> dict:
-    rng = random.Random(seed)
-    p = cfg.injection.num_placeholders
-    n_eval = cfg.warmup.eval_items
-    out: dict[str, dict] = {}
-    for task, items in sorted(heldout.items()):
-        if not items:
-            continue
-        chosen = spread_by_source(items, n_eval, rng)
-        ranked = min(n_eval, len(items)) if task == "latentqa" else 0
-        bar = progress.add_task(f"{label} eval: {task}", total=3 * len(chosen) + 2 * ranked)  # 3 variants, 2 ranking modes
-        variants = {
-            "real": ([to_example(it, rng, p) for it in chosen], None),
-            "shuffled": ([to_example(it, rng, p, other) for it, other in zip(chosen, other_source(chosen, rng))], None),
-            "zero": ([to_example(it, rng, p) for it in chosen], "zero"),
-        }
-        res, nll_by_variant = {}, {}
-        for name, (examples, mode) in variants.items():
-            scores = {"nll": [], "token_accuracy": []}
-            for i in range(0, len(examples), 8):
-                s = group.answer_scores(examples[i : i + 8], mode)
-                for k in scores:
-                    scores[k].extend(s[k])
-                progress.update(bar, advance=len(examples[i : i + 8]))
-            nll_by_variant[name] = scores["nll"]
-            res[f"nll_{name}"] = sum(scores["nll"]) / len(scores["nll"])
-            res[f"token_accuracy_{name}"] = sum(scores["token_accuracy"]) / len(scores["token_accuracy"])
-        if len(chosen) >= 2:  # paired over items: > 0 when the real activation helps
-            gap = paired_difference(torch.tensor(nll_by_variant["shuffled"]), torch.tensor(nll_by_variant["real"]))
-            res["nll_gap_shuffled_minus_real"], res["nll_gap_ci_low"], res["nll_gap_ci_high"] = gap["mean"], gap["ci_low"], gap["ci_high"]
-        res["items"] = len(chosen)
-        res["sources"] = len({it.source_id for it in chosen})
-        if task == "latentqa":
-            res["nll_gap_by_question"] = gap_by_question(chosen, nll_by_variant)
-            res.update(latentqa_ranking(group, items, rng, p, n_eval, advance=lambda n: progress.update(bar, advance=n)))
-        out[task] = res
-    return out
-
-
-def gap_by_question(items: list, nll_by_variant: dict) -> dict:
-    """Mean NLL (real, shuffled) and gap per question: which questions the activation informs."""
-    out: dict[str, dict] = {}
-    for i, item in enumerate(items):
-        row = out.setdefault(item.question, {"items": 0, "nll_real": 0.0, "nll_shuffled": 0.0})
-        row["items"] += 1
-        row["nll_real"] += nll_by_variant["real"][i]
-        row["nll_shuffled"] += nll_by_variant["shuffled"][i]
-    for row in out.values():
-        row["nll_real"] /= row["items"]
-        row["nll_shuffled"] /= row["items"]
-        row["nll_gap_shuffled_minus_real"] = row["nll_shuffled"] - row["nll_real"]
-    return dict(sorted(out.items()))
 
 
 def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
@@ -320,9 +185,9 @@ def run(cfg, out, resume: bool = False) -> dict:
                 _save(run, group, step + 1, mixture, rng, None)
 
     results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
-    results["heldout"] = heldout_eval(group, heldout, cfg, cfg.seed + 1)
+    results["heldout"] = heldout_eval(group.answer_scores, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
-        results["train_fit"] = heldout_eval(group, train, cfg, cfg.seed + 2, "training-source")
+        results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
     adapter = group.adapter()
     config = cfg.model_dump(mode="json")
     rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, config, run.layer, norm, 0)

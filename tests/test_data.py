@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION, DataSource, WarmupSettings
-from cycle_oracle.data.items import MalformedDataError, TextDocument, WarmupItem
+from cycle_oracle.corpus import Document
+from cycle_oracle.data.items import MalformedDataError, WarmupItem
 
 
 class FakeGenerate:
@@ -266,33 +267,33 @@ WIKI_LIKE = """ = First Article =
 
 
 def test_split_documents_by_article(tmp_path):
-    from cycle_oracle.data.token_prediction import load_text_files
+    from cycle_oracle.corpus import load_documents, load_text_files
+    from cycle_oracle.data.token_prediction import load_corpus
 
     path = tmp_path / "wiki.raw"
     path.write_text(WIKI_LIKE)
     docs = load_text_files([path])
-    assert docs[0].source_id == docs[1].source_id != docs[2].source_id
+    assert docs[0].group == docs[1].group != docs[2].group
     assert not any("=" in d.text for d in docs)
     assert docs[2].text.startswith("The second article")
     # the warmup's documents are GRPO's and the evals' documents: same ids, same article groups
-    from cycle_oracle.config import DataSource
-    from cycle_oracle.corpus import load_documents
-
-    same = load_documents(DataSource(kind="text_files", paths=[str(path)]))
-    assert [(d.doc_id, d.group, d.text) for d in same] == [(d.doc_id, d.source_id, d.text) for d in docs]
+    source = DataSource(kind="text_files", paths=[str(path)])
+    warmup_docs, _ = load_corpus(source, None, num_documents=10)
+    assert [(d.doc_id, d.group, d.text) for d in load_documents(source)] == [(d.doc_id, d.group, d.text) for d in warmup_docs]
 
 
 def test_token_prediction_answers_are_the_true_tokens(tmp_path, tiny_tokenizer):
-    from cycle_oracle.data.token_prediction import load_text_files, token_prediction_items
+    from cycle_oracle.corpus import load_text_files
+    from cycle_oracle.data.token_prediction import token_prediction_items
 
     path = tmp_path / "wiki.raw"
     path.write_text(WIKI_LIKE)
     docs = load_text_files([path])
     items, stats = token_prediction_items(docs, tiny_tokenizer, seed=0, items_per_document=6, max_tokens=64)
     assert stats["items"] == len(items) >= 12
-    texts = {d.source_id: [] for d in docs}
+    texts = {d.group: [] for d in docs}
     for d in docs:
-        texts[d.source_id].append(tiny_tokenizer(d.text)["input_ids"][:64])
+        texts[d.group].append(tiny_tokenizer(d.text)["input_ids"][:64])
     directions = Counter()
     for it in items:
         m = re.fullmatch(r"What (?:is|are) the (previous|next) (?:(\d+) )?tokens?\?", it.question)
@@ -310,7 +311,7 @@ def test_token_prediction_answers_are_the_true_tokens(tmp_path, tiny_tokenizer):
 
 
 def test_datasets_corpus_from_local_files(tmp_path):
-    from cycle_oracle.data.token_prediction import load_datasets_corpus
+    from cycle_oracle.corpus import load_datasets_corpus
 
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"Document number {i} talks about topic {i}."}) + "\n" for i in range(5)))
@@ -326,7 +327,7 @@ def test_datasets_corpus_from_local_files(tmp_path):
 def test_description_targets_from_the_window_and_cached(tmp_path, tiny_tokenizer):
     from cycle_oracle.data.description import build_description_items
 
-    docs = [TextDocument(f"d{i}", f"Paragraph {i} is about the {w} and how people in the valley live next to it every day of the year.")
+    docs = [Document(f"d{i}", f"Paragraph {i} is about the {w} and how people in the valley live next to it every day of the year.")
             for i, w in enumerate(["river", "forest", "mountain", "lake"])]
     gen = FakeGenerate()
     instruction = "Describe this."
@@ -478,7 +479,8 @@ def test_warmup_eval_controls_never_reuse_the_source():
     source, LatentQA read at several distinct positions (one per placeholder)."""
     import random
 
-    from recipes.warmup import other_source, read_positions, spread_by_source
+    from cycle_oracle.data.read_positions import read_positions
+    from cycle_oracle.evals.warmup import other_source, spread_by_source
 
     items = [WarmupItem("latentqa", f"b{b}", (1, 2, 3, 4, 5, 6), (2, 3, 4, 5), "Q?", f"A{b}") for b in range(3) for _ in range(10)]
     rng = random.Random(0)

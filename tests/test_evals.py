@@ -1,5 +1,6 @@
-"""Evals: hand-checked maths and text controls, data loaders on the shared data, the HF oracle
-against independent code paths, and one small end-to-end `run_evals` on the tiny random Llama."""
+"""Evals: hand-checked maths and text controls, the warmup's held-out eval against fake scorers, data
+loaders on the shared data, the HF oracle against independent code paths, and one small end-to-end
+`run_evals` on the tiny random Llama."""
 
 import json
 import math
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from cycle_oracle.evals.arithmetic import Problem, first_digit_match, make_problems, numbers_in, states_answer
-from cycle_oracle.evals.controls import copy_rate, derangement, distinct_n, mean_copy_rate, paired_difference, same_start_share, shuffled_gap, words
+from cycle_oracle.evals.controls import copy_rate, derangement, mean_copy_rate, shuffled_gap, text_controls
 from cycle_oracle.evals.probes import accuracy_block, best_threshold, wilson_interval
 from cycle_oracle.evals.retrieval import chance_metrics, ranking_metrics, similarity_matrix, true_ranks
+from cycle_oracle.stats import distinct_n, paired_difference, same_start_share, text_diversity, words
 
 
 
@@ -108,6 +110,10 @@ def test_distinct_n_and_same_start_by_hand():
     assert same_start_share(descs, k=1) == pytest.approx(3 / 4)
     assert same_start_share(["a b", "c d"], k=4) == 0.5
     assert words("Hello, wörld! 42") == ["hello", "wörld", "42"]
+    # GRPO's per-step diversity metrics are the evals' text controls (undefined ones left out)
+    controls = text_controls(descs)
+    assert text_diversity(descs) == {k: controls[k] for k in ("distinct_1", "distinct_2", "same_start_share")}
+    assert text_diversity(["a"]) == {"distinct_1": 1.0, "same_start_share": 1.0} and text_diversity([]) == {}
 
 
 def test_paired_difference_interval_covers_the_shift_and_excludes_zero():
@@ -126,6 +132,76 @@ def test_paired_difference_interval_covers_the_shift_and_excludes_zero():
 
 def test_shuffled_gap():
     assert shuffled_gap(torch.tensor([0.9, 0.7]), torch.tensor([0.5, 0.5])) == pytest.approx(0.3)
+
+
+# ---- the warmup's held-out eval, against a fake scorer ----------------------------------------
+
+def _source_scorer(calls: list):
+    """A deterministic stand-in for the learner's `answer_scores`: the answer "answer b" of source b
+    is cheap (NLL 0.5) when the activation comes from a context of source b (first token 100 + b),
+    dear (1.5) otherwise or with a zero activation (2.0). Question "Q2?" ignores the activation:
+    its NLL depends on the answer alone."""
+
+    def score_answers(examples, vector_override=None):
+        calls.append((len(examples), vector_override))
+        nll = []
+        for ex in examples:
+            answer_source = int(ex.answer.split()[-1])
+            if ex.question == "Q2?":
+                nll.append(1.0 + 0.1 * answer_source)
+            elif vector_override == "zero":
+                nll.append(2.0)
+            else:
+                nll.append(0.5 if ex.context_ids[0] == 100 + answer_source else 1.5)
+        return {"nll": nll, "token_accuracy": [float(v == 0.5) for v in nll]}
+
+    return score_answers
+
+
+def test_warmup_heldout_eval_measures_what_the_activation_buys():
+    from cycle_oracle.config import RecipeConfig
+    from cycle_oracle.data.items import WarmupItem
+    from cycle_oracle.evals.warmup import heldout_eval
+
+    def item(task, b, j, question):
+        return WarmupItem(task, f"b{b}", (100 + b, j, 7, 8, 9), (2, 3, 4), question, f"answer {b}")
+
+    heldout = {
+        "token_prediction": [item("token_prediction", b, j, "What comes next?") for b in range(5) for j in range(4)],
+        "latentqa": [item("latentqa", b, j, q) for b in range(5) for q in ("Q1?", "Q2?") for j in range(3)],
+        "description": [],
+    }
+    cfg = RecipeConfig(kind="warmup", injection={"num_placeholders": 2}, warmup={"eval_items": 10})
+    calls = []
+    out = heldout_eval(_source_scorer(calls), heldout, cfg, seed=0)
+    assert set(out) == {"token_prediction", "latentqa"}  # a task without items is left out
+    assert max(n for n, _ in calls) <= 8 and {mode for _, mode in calls} == {None, "zero"}
+
+    tp = out["token_prediction"]
+    assert tp["items"] == 10 and tp["sources"] == 5
+    assert (tp["nll_real"], tp["nll_shuffled"], tp["nll_zero"]) == pytest.approx((0.5, 1.5, 2.0))
+    assert tp["token_accuracy_real"] == 1.0 and tp["token_accuracy_shuffled"] == 0.0
+    assert tp["nll_gap_shuffled_minus_real"] == pytest.approx(1.0) and tp["nll_gap_ci_low"] > 0
+
+    lqa = out["latentqa"]
+    by_q = lqa["nll_gap_by_question"]
+    assert sum(row["items"] for row in by_q.values()) == lqa["items"] == 10
+    assert by_q["Q1?"]["nll_gap_shuffled_minus_real"] == pytest.approx(1.0)
+    assert by_q["Q2?"]["nll_gap_shuffled_minus_real"] == 0.0  # the activation does not inform Q2
+    assert lqa["nll_gap_shuffled_minus_real"] == pytest.approx(by_q["Q1?"]["items"] / 10)
+    # ranking among all five behaviours' answers: Q1 always right with the real activation, always
+    # wrong with another behaviour's; Q2 ranks the same either way
+    rank = lqa["ranking_by_question"]
+    assert lqa["ranking_items"] == 10 and lqa["ranking_candidates"] == 5
+    assert (rank["Q1?"]["top1_real"], rank["Q1?"]["top1_shuffled"]) == (1.0, 0.0)
+    assert rank["Q2?"]["top1_real"] == rank["Q2?"]["top1_shuffled"]
+    assert lqa["ranking_top1_real"] > lqa["ranking_top1_shuffled"]
+
+    # a scorer that ignores the activation shows no gap at all
+    blind = heldout_eval(lambda examples, mode=None: {"nll": [1.0] * len(examples), "token_accuracy": [0.0] * len(examples)},
+                         heldout, cfg, seed=0)
+    assert blind["token_prediction"]["nll_gap_shuffled_minus_real"] == 0.0
+    assert blind["token_prediction"]["nll_zero"] == blind["token_prediction"]["nll_real"]
 
 
 # ---- arithmetic parsing ---------------------------------------------------------------------
@@ -221,7 +297,8 @@ def tiny_oracle(tiny_model, tiny_path, tiny_tokenizer):
 
 
 def test_read_matches_extraction(tiny_oracle, tiny_model, tiny_tokenizer):
-    from cycle_oracle.activations import Document, extract
+    from cycle_oracle.activations import extract
+    from cycle_oracle.corpus import Document
 
     oracle, _ = tiny_oracle
     texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France, and", "Hi there"]
@@ -288,7 +365,8 @@ def test_describe_is_deterministic_and_encode_matches_encoder(tiny_oracle, tiny_
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_run_evals_end_to_end_on_the_tiny_model(tmp_path, tiny_oracle, tiny_model, tiny_tokenizer, shared_data):
-    from cycle_oracle.activations import Document, extract, write_store
+    from cycle_oracle.activations import extract, write_store
+    from cycle_oracle.corpus import Document
     from cycle_oracle.evals.run import run_evals
 
     from cycle_oracle.evals.oracle import make_hf_oracle

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from cycle_oracle.activations import Document, ActivationStore, extract, pad_right, read_residual, write_store
+from cycle_oracle.activations import ActivationStore, extract, pad_right, read_residual, write_store
+from cycle_oracle.corpus import Document
 from cycle_oracle.config import InjectionSettings, LoraSettings
 from cycle_oracle.decoder import build_batch, completion_logprobs
 from cycle_oracle.encoder import ActivationEncoder, encoder_inputs, fve, scaled_mse_loss, cosine_loss

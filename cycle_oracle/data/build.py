@@ -114,7 +114,7 @@ def build_warmup_data(
         )
         corpus_info["seconds"] = round(time.time() - t0, 1)
         report["corpus"] = corpus_info
-        held = heldout_sources((d.source_id for d in docs), heldout_fraction, seed)
+        held = heldout_sources((d.group for d in docs), heldout_fraction, seed)
         if "token_prediction" in wanted:
             items, stats = token_prediction_items(docs, tokenizer, seed, token_items_per_document, max_context_tokens)
             train["token_prediction"], heldout["token_prediction"] = split_by_source(items, heldout_fraction, seed, held)

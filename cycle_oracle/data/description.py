@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cycle_oracle.corpus import Document
 from cycle_oracle.data.generation import (
     GenerateFn,
     cache_file,
@@ -36,7 +37,7 @@ from cycle_oracle.data.generation import (
     tokenizer_fingerprint,
     write_jsonl,
 )
-from cycle_oracle.data.items import TextDocument, WarmupItem, log
+from cycle_oracle.data.items import WarmupItem, log
 from cycle_oracle.data.token_prediction import content_span, tokenize_text
 
 DESCRIPTION_VERSION = 1
@@ -93,13 +94,13 @@ def description_prompt_text(passage: str) -> str:
 
 
 def choose_positions(
-    documents: Sequence[TextDocument],
+    documents: Sequence[Document],
     tokenizer,
     seed: int,
     items_per_document: int,
     max_tokens: int,
     min_position: int,
-) -> list[tuple[TextDocument, list[int], int]]:
+) -> list[tuple[Document, list[int], int]]:
     """(document, its tokens, p) for seeded positions p >= min_position tokens into the content."""
     special = set(tokenizer.all_special_ids)
     out = []
@@ -117,7 +118,7 @@ def choose_positions(
 
 
 def build_description_items(
-    documents: Sequence[TextDocument],
+    documents: Sequence[Document],
     tokenizer,
     generate_fn: GenerateFn,
     instruction: str,
@@ -185,7 +186,7 @@ def build_description_items(
         lead_ins += bool(_LEAD_IN.match(" ".join(row["raw"].split())))
         if quote_tokens:
             answer = f"{quoted_tail(tokenizer, ids, p, quote_tokens, special)} {answer}"
-        items.append(WarmupItem("description", doc.source_id, tuple(ids[: p + 1]), (p,), instruction, answer))
+        items.append(WarmupItem("description", doc.group, tuple(ids[: p + 1]), (p,), instruction, answer))
     if empty:
         log.info("description: %d unusable description(s) skipped (empty or cut off)", empty)
     info.update(positions=len(chosen), unusable_descriptions=empty, lead_ins=lead_ins, items=len(items))

@@ -1,14 +1,17 @@
-"""The one item type every warmup builder yields, the documents they read, and data-problem reporting.
+"""The one item type every warmup builder yields, the example the learner trains on, and
+data-problem reporting (the documents builders read are `corpus.Document`).
 
 A `WarmupItem` is what the supervised warmup consumes: the target reads `context_ids`, one position
 from `read_positions` is chosen (seeded) per use, its activation is injected into the decoder,
 which is trained to produce `answer` after `question`. Every split is by `source_id` (a document
-id, a document group such as a Wikipedia article, or a behaviour label), never by token.
+id, a document group such as a Wikipedia article, or a behaviour label), never by token. An
+`SftExample` is one use of an item, its read position chosen (`data/read_positions.py`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,18 +48,17 @@ class WarmupItem:
             raise ValueError(f"{self.task} item from {self.source_id!r} has an empty question or answer")
 
 
-@dataclass(frozen=True)
-class TextDocument:
-    """A plain-text document for token prediction / description. `source_id` groups documents that
-    must land on the same side of a split (e.g. paragraphs of one article); defaults to doc_id."""
+@dataclass
+class SftExample:
+    """One supervised warmup example: the target reads context_ids, the activation at `position`
+    is injected into the decoder prompt built from `question`, and `answer` is learned."""
 
-    doc_id: str
-    text: str
-    source_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.source_id:
-            object.__setattr__(self, "source_id", self.doc_id)
+    task: str
+    context_ids: list[int]
+    position: int | Sequence[int]
+    """One position (its activation fills every placeholder) or one per placeholder."""
+    question: str
+    answer: str
 
 
 class MalformedDataError(ValueError):

@@ -1,12 +1,8 @@
-"""Token prediction items from a text corpus, and the corpus loaders the warmup shares.
+"""Token prediction items from a text corpus, and the corpus the warmup's text tasks share.
 
 Corpus kinds (`WarmupSettings.corpus.kind`):
-- `text_files`: plain text files. Documents are paragraphs (blocks separated by blank lines);
-  WikiText-style headings `= Title =` start a new article and are dropped, as are sub-headings
-  `= = Section = =`. Paragraphs of one article share a `source_id`, so a split never puts one
-  article on both sides.
-- `datasets`: a HF `datasets` name (and/or `paths` as data files) with a text column; needs a
-  reachable hub or local files, and fails with a clear message otherwise.
+- `text_files`, `datasets`: the documents `corpus.load_documents` reads for every corpus (same ids,
+  texts and article groups as GRPO's and the evals'), a seeded subset, texts stripped.
 - `embedded`: the default for a fresh machine: the TARGET model's replies to the seed prompts in
   `embedded/seed_prompts.txt` (x a few framings), generated through `generate_fn` and cached.
 
@@ -22,9 +18,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from cycle_oracle.corpus import split_paragraphs
+from cycle_oracle.corpus import Document, load_documents
 from cycle_oracle.data.generation import (
     GenerateFn,
     cache_file,
@@ -34,7 +31,7 @@ from cycle_oracle.data.generation import (
     text_digest,
     write_jsonl,
 )
-from cycle_oracle.data.items import TextDocument, WarmupItem, log
+from cycle_oracle.data.items import WarmupItem, log
 
 CORPUS_VERSION = 1
 FRAMINGS = (
@@ -53,51 +50,7 @@ def question_for(direction: str, k: int) -> str:
     return f"What is the {direction} token?" if k == 1 else f"What are the {direction} {k} tokens?"
 
 
-# ---------------------------------------------------------------- corpus loading
-
-
-def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[TextDocument]:
-    """Paragraph documents of text files, with the same ids and article groups as the corpus that
-    GRPO and the evals read (`corpus.split_paragraphs`), so their splits agree."""
-    if not paths:
-        raise ValueError("corpus kind text_files needs `paths` (a list of text files)")
-    docs: list[TextDocument] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path} (set warmup.corpus.paths to existing text files)")
-        paragraphs = split_paragraphs(path.read_text(encoding="utf-8", errors="replace"), path.stem, min_chars)
-        docs.extend(TextDocument(d.doc_id, d.text, d.group or d.doc_id) for d in paragraphs)
-    if not docs:
-        raise ValueError(f"no documents of at least {min_chars} characters in {list(paths)}")
-    return docs
-
-
-def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str = "train") -> list[TextDocument]:
-    """A HF `datasets` corpus: by name (hub or local script/folder) and/or local data files."""
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("corpus kind 'datasets' needs the `datasets` package: pip install datasets") from err
-    if not name and not paths:
-        raise ValueError("corpus kind 'datasets' needs a `name` (hub dataset) or `paths` (data files)")
-    builder = name
-    if not builder:
-        ext = Path(paths[0]).suffix.lower().lstrip(".")
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(ext, "text")
-    try:
-        ds = datasets.load_dataset(builder, data_files=list(paths) or None, split=split)
-    except Exception as err:
-        raise FileNotFoundError(
-            f"could not load the datasets corpus {name or list(paths)!r} ({type(err).__name__}: {err}). Offline machines "
-            f"should use warmup.corpus.kind=text_files with local paths, or kind=embedded"
-        ) from err
-    columns = ds.column_names
-    column = "text" if "text" in columns else next((c for c in columns if ds.features[c].dtype == "string"), None)
-    if column is None:
-        raise ValueError(f"datasets corpus {builder!r} has no text column (columns: {columns})")
-    tag = name or Path(paths[0]).stem
-    return [TextDocument(f"{tag}:{i}", str(row[column]).strip()) for i, row in enumerate(ds) if str(row[column] or "").strip()]
+# ---------------------------------------------------------------- the warmup's corpus
 
 
 def embedded_corpus(
@@ -108,9 +61,9 @@ def embedded_corpus(
     model_id: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> tuple[list[TextDocument], dict]:
+) -> tuple[list[Document], dict]:
     """The target's replies to the embedded seed prompts (x framings), cached. Documents from one
-    seed prompt share a source_id (they are about the same topic)."""
+    seed prompt share a group (they are about the same topic)."""
     from cycle_oracle.data.embedded import embedded_text, seed_prompts
 
     prompts = seed_prompts()
@@ -149,17 +102,9 @@ def embedded_corpus(
         ]
         write_jsonl(path, rows, {**payload, "records": len(rows), "seconds": round(seconds, 1)})
         info = {"cache": str(path), "cached": False, "generated": len(rows), "seconds": round(seconds, 1)}
-    docs = [TextDocument(r["doc_id"], r["text"], r["source_id"]) for r in rows if r["text"].strip()]
+    docs = [Document(r["doc_id"], r["text"], r["source_id"]) for r in rows if r["text"].strip()]
     info["empty_documents"] = len(rows) - len(docs)
     return docs, info
-
-
-def sample_documents(docs: list[TextDocument], limit: int | None, seed: int) -> list[TextDocument]:
-    """A seeded subset of `limit` documents in their original order (spread over the whole corpus)."""
-    if limit is None or limit >= len(docs):
-        return docs
-    keep = sorted(random.Random(f"docs:{seed}").sample(range(len(docs)), limit))
-    return [docs[i] for i in keep]
 
 
 def load_corpus(
@@ -171,25 +116,25 @@ def load_corpus(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     max_new_tokens: int = 96,
-) -> tuple[list[TextDocument], dict]:
-    """Documents for token prediction / description from a `DataSource` (config.py)."""
-    limit = min(x for x in (num_documents, source.max_documents) if x is not None)
+) -> tuple[list[Document], dict]:
+    """Documents for token prediction / description from a `DataSource` (config.py): for `embedded`
+    the target's replies (`embedded_corpus`), otherwise a seeded subset of `corpus.load_documents`
+    with each text stripped (a `datasets` row may carry surrounding whitespace)."""
     info: dict = {"kind": source.kind}
     if source.kind == "embedded":
         if generate_fn is None:
             raise ValueError("the embedded corpus is written by the target model: pass a generate_fn")
+        limit = min(x for x in (num_documents, source.max_documents) if x is not None)
         docs, gen_info = embedded_corpus(generate_fn, limit, seed, max_new_tokens, model_id, cache_dir, progress)
         info.update(gen_info)
-    elif source.kind == "text_files":
-        docs = sample_documents(load_text_files(source.paths), limit, seed)
-        info["paths"] = list(source.paths)
-    elif source.kind == "datasets":
-        docs = sample_documents(load_datasets_corpus(source.name, source.paths), limit, seed)
-        info["name"] = source.name
     else:
-        raise ValueError(f"corpus kind {source.kind!r} is not a text corpus (expected embedded, text_files or datasets)")
+        docs = [replace(d, text=d.text.strip()) for d in load_documents(source, num_documents, seed)]
+        if source.kind == "text_files":
+            info["paths"] = list(source.paths)
+        else:
+            info["name"] = source.name
     info["documents"] = len(docs)
-    info["sources"] = len({d.source_id for d in docs})
+    info["sources"] = len({d.group for d in docs})
     return docs, info
 
 
@@ -208,7 +153,7 @@ def content_span(ids: Sequence[int], special: set[int]) -> tuple[int, int] | Non
 
 
 def token_prediction_items(
-    documents: Sequence[TextDocument],
+    documents: Sequence[Document],
     tokenizer,
     seed: int = 0,
     items_per_document: int = 4,
@@ -254,7 +199,7 @@ def token_prediction_items(
                 continue
             made.add((direction, k, p))
             items.append(
-                WarmupItem("token_prediction", doc.source_id, tuple(ids[: p + 1]), (p,), question_for(direction, k), answer)
+                WarmupItem("token_prediction", doc.group, tuple(ids[: p + 1]), (p,), question_for(direction, k), answer)
             )
     stats["items"] = len(items)
     if stats["too_short"]:

@@ -6,34 +6,19 @@ Pure text and number functions (unit-tested on hand-made examples):
       copy_n(d, s) = |{g in ngrams_n(d) : g in set(ngrams_n(s))}| / |ngrams_n(d)|
   (counted with repetition over d's n-grams; undefined when d has fewer than n words). A decoder
   that pastes the source scores 1; one that ignores it scores near the rate of common phrases.
-- distinct-n over a set of descriptions: |unique n-grams| / |all n-grams| (1 = no repetition).
-- same-start share: the largest share of descriptions that begin with the same first k words
-  (k = 4 by default; "The expression ..." template collapse shows up here).
 - shuffled-activation gap: mean cos(v_i, v_hat(d(v_i))) - mean cos(v_i, v_hat(d(v_pi(i)))): what the
   description of *this* activation buys over the description of another one from the same pool.
-
-Words are lower-cased runs of letters/digits (`\\w+`, Unicode), so punctuation never counts.
+- distinct-n and same-start share of the descriptions (defined in `cycle_oracle/stats.py`, with
+  the words and n-grams every control counts).
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text or "")]
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+from cycle_oracle.stats import distinct_n, most_common_start, ngrams, same_start_share, words
 
 
 def copy_rate(description: str, source: str, n: int = 2) -> float | None:
@@ -53,44 +38,9 @@ def mean_copy_rate(descriptions: Sequence[str], sources: Sequence[str], n: int =
     return sum(rates) / len(rates) if rates else None
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float | None:
-    """|unique n-grams| / |n-grams| pooled over all texts (None: no n-gram at all)."""
-    grams = [g for t in texts for g in ngrams(words(t), n)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
-def same_start_share(texts: Sequence[str], k: int = 4) -> float | None:
-    """Largest share of texts that start with the same first k words (a text with fewer than k
-    words is its own whole start). None for an empty list."""
-    if not texts:
-        return None
-    starts = Counter(tuple(words(t)[:k]) for t in texts)
-    return max(starts.values()) / len(texts)
-
-
-def most_common_start(texts: Sequence[str], k: int = 4) -> str:
-    if not texts:
-        return ""
-    return " ".join(Counter(tuple(words(t)[:k]) for t in texts).most_common(1)[0][0])
-
-
 def shuffled_gap(matched_cosines: torch.Tensor, shuffled_cosines: torch.Tensor) -> float:
     """mean(matched) - mean(shuffled): > 0 when the description carries this activation's information."""
     return float(matched_cosines.float().mean() - shuffled_cosines.float().mean())
-
-
-def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of d_i = a_i - b_i over items scored both ways, with a percentile bootstrap interval
-    (items resampled with replacement) and the share of items where a_i > b_i."""
-    a, b = a.double().flatten(), b.double().flatten()
-    if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"paired_difference needs two equal-length score lists of >= 2 items, got {a.numel()} and {b.numel()}")
-    d = a - b
-    g = torch.Generator().manual_seed(seed)
-    means = d[torch.randint(0, d.numel(), (n_boot, d.numel()), generator=g)].mean(1)
-    tail = (1 - level) / 2
-    return {"mean": float(d.mean()), "ci_low": float(means.quantile(tail)), "ci_high": float(means.quantile(1 - tail)),
-            "share_a_better": float((d > 0).double().mean()), "n": int(d.numel()), "level": level}
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:

@@ -29,9 +29,9 @@ from cycle_oracle.activations import ActivationStore
 from cycle_oracle.checkpoint import load_trained
 from cycle_oracle.data.description import split_quoted_description
 from cycle_oracle.encoder_trainer import EncoderTrainer
-from cycle_oracle.evals.controls import paired_difference
 from cycle_oracle.evals.retrieval import score_condition
 from cycle_oracle.models import resolve_model_path
+from cycle_oracle.stats import paired_difference
 
 DECODERS = {"grpo_decoder": "retrieval", "warmup_decoder": "retrieval_warmup_decoder"}
 
