@@ -39,3 +39,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning OpenMP
+    threads per process made generation several times slower; restore the setting afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,14 +16,7 @@ from cycle_oracle.stats import distinct_n, paired_difference, same_start_share, 
 
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning OpenMP
-    threads per process made generation several times slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---- retrieval maths ----------------------------------------------------------------------
 

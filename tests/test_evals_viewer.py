@@ -15,14 +15,7 @@ from cycle_oracle.evals.viewer import render_viewer, viewer_data, write_viewer
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning OpenMP
-    threads per process made generation several times slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOKENS = ["<bos>", "Paris", " is", " the", " capital", "</script>"]
