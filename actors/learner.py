@@ -42,6 +42,15 @@ class LearnerActor(DecoderLearner):
             dist.destroy_process_group()
 
 
+def combine_rank_metrics(results: list[dict]) -> dict:
+    """Per-rank learner metrics -> one record: `tokens` summed, `*_max` maxed, the rest averaged."""
+    out = {}
+    for k in results[0]:
+        values = [r[k] for r in results]
+        out[k] = sum(values) if k == "tokens" else max(values) if k.endswith("_max") else sum(values) / len(values)
+    return out
+
+
 class LearnerGroup:
     """Driver-side handle of the N learner ranks."""
 
@@ -86,12 +95,10 @@ class LearnerGroup:
     # ---- GRPO -------------------------------------------------------------------------------
     def grpo_step(self, batch: RolloutBatch) -> dict:
         """One GRPO update on the whole batch, sharded by sample; metrics averaged over ranks,
-        `tokens` summed."""
+        maxima maxed (`*_max`), `tokens` summed."""
         parts = shard_indices(len(batch), self.world_size)
         results = self._all([a.grpo_step.remote(batch.select(idx)) for a, idx in zip(self.actors, parts)], "GRPO learn step")
-        out = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-        out["tokens"] = sum(r["tokens"] for r in results)
-        return out
+        return combine_rank_metrics(results)
 
     def sequence_kl(self, batch: RolloutBatch) -> torch.Tensor:
         """[N] sum_t (log pi - log pi_ref) per sample, in the batch's sample order."""
@@ -138,4 +145,4 @@ class LearnerGroup:
             remote_get([a.shutdown.remote() for a in self.actors], 60, "learner shutdown")
         finally:
             for a in self.actors:
-                ray.kill(a)
+                ray.kill(a, no_restart=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -44,9 +45,19 @@ def init_ray(cfg) -> None:
 
 
 def remote_get(refs, timeout_s: float, what: str):
-    """ray.get with a timeout that names what was awaited."""
+    """ray.get with a timeout that names what was awaited. For a list, the first result that is an
+    error is raised at once (a dead learner rank must not leave the driver waiting on its peers,
+    which block in a collective)."""
+    deadline = time.time() + timeout_s
     try:
-        return ray.get(refs, timeout=timeout_s)
+        if isinstance(refs, list):
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.time()))
+                if not ready:
+                    raise ray.exceptions.GetTimeoutError(what)
+                ray.get(ready[0])  # raises the remote error, if any
+        return ray.get(refs, timeout=max(0.0, deadline - time.time()))
     except ray.exceptions.GetTimeoutError as err:
         raise RemoteTimeout(
             f"{what} did not finish within {timeout_s:.0f}s (pending actor or too few resources? "

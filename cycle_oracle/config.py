@@ -219,9 +219,11 @@ class GrpoSettings(Strict):
     kl_estimator: Literal["k1", "k2", "k3"] = "k2"
     kl_placement: Literal["loss", "reward"] = "loss"
     reward_space: Literal["raw", "centred"] = "centred"
-    truncation_penalty: float | Literal["mean_baseline"] = "mean_baseline"
-    """Reward of an empty or (if penalize_truncated) truncated description; "mean_baseline" = what
-    predicting the corpus mean scores (cos(mu, v) raw, 0 centred)."""
+    truncation_penalty: float | Literal["group_min"] = "group_min"
+    """Reward of an empty or (if penalize_truncated) truncated description: "group_min" = the lowest
+    usable reward of its group minus `truncation_penalty_margin` (so it never wins its group), or a
+    fixed number in reward units (`grpo.unusable_rewards`)."""
+    truncation_penalty_margin: float = Field(0.1, ge=0)
     penalize_truncated: bool = True
     """False: truncated descriptions are scored like finished ones (smoke tests on random models)."""
     train_encoder: bool = True
@@ -229,7 +231,14 @@ class GrpoSettings(Strict):
     """The decoder's optimiser for GRPO; None = the recipe's `decoder_optim` (set it when one recipe
     runs warmup then GRPO: RL wants a smaller lr than supervised warmup). The encoder's is `encoder.optim`."""
     overlap_rollout: bool = False
+    """Sample step s+1 while the learner trains on step s (one step off-policy; truncated importance
+    weights correct it). A `--resume` from a checkpoint re-samples its first step with the
+    checkpoint's (updated) policy, where the original run had sampled it with the policy before the
+    last update: resumed metrics match the original only without overlap."""
     sync_check: bool = True
+    max_role_restarts: int = Field(2, ge=0)
+    """How often a run survives the death of its encoder or a learner: every role then restarts
+    from the last checkpoint (rollout actors are restarted by Ray and re-synced on their own)."""
     max_minutes: float | None = Field(None, gt=0)
     """Wall-clock budget of the GRPO loop: after the step that crosses it the run checkpoints and
     goes on to its final eval (None: run all `steps`; the lr schedule is always sized by `steps`)."""
@@ -298,6 +307,17 @@ class RecipeConfig(Strict):
     def grpo_decoder_optim(self) -> OptimSettings:
         """The decoder's optimiser settings during GRPO."""
         return self.grpo.decoder_optim or self.decoder_optim
+
+    @model_validator(mode="after")
+    def _check_minibatches(self) -> "RecipeConfig":
+        g, ranks = self.grpo, self.resources.learner.num_actors
+        per_rank = (g.batch_activations * g.samples_per_activation) // ranks
+        if self.kind in ("grpo", "warmup_then_grpo") and per_rank < g.minibatches_per_epoch:
+            raise ValueError(
+                f"grpo.minibatches_per_epoch={g.minibatches_per_epoch}: each of the {ranks} learner rank(s) gets only {per_rank} "
+                f"of the B x K = {g.batch_activations} x {g.samples_per_activation} samples; every rank must make the same number "
+                f"of optimizer steps, so use at most {per_rank} minibatches or a larger batch")
+        return self
 
     @model_validator(mode="after")
     def _check_mixture(self) -> "RecipeConfig":

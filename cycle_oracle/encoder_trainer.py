@@ -4,9 +4,10 @@ co-train by regression. One trainer holds the encoder state and its optimizer.
 Reward for sample j of activation v (`grpo.reward_space`):
     raw:      r_j = cos(v_hat_j, v)
     centred:  r_j = cos(v_hat_j - mu, v - mu)        (mu = corpus mean at the read layer)
-A truncated or empty description gets `truncation_penalty`; the default "mean_baseline" is what
-predicting the corpus mean scores: cos(mu, v) in raw space, 0 in centred space (so one
-truncation does not swamp its group).
+The encoder learns the same objective the reward measures: with `reward_space: centred` its
+regression loss compares v_hat - mu with v - mu, in raw space v_hat with v (`regression_targets`).
+`score` leaves unusable (empty or penalised truncated) descriptions at NaN; the driver gives them
+the penalty of `grpo.unusable_rewards`, which needs the whole group.
 """
 
 from __future__ import annotations
@@ -20,21 +21,21 @@ from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, enco
 from cycle_oracle.models import load_causal_lm, load_tokenizer
 
 
-def penalty_value(penalty, space: str, v: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Reward given to an unusable description of each activation in v [N, d] -> [N]."""
-    if penalty == "mean_baseline":
-        if space == "raw":
-            return cosine(mean[None, :].expand_as(v), v)
-        return torch.zeros(v.shape[0])
-    return torch.full((v.shape[0],), float(penalty))
-
-
 def cycle_rewards(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, space: str) -> torch.Tensor:
     """[N, d], [N, d] -> [N] cosine rewards in raw or centred space (see module docstring)."""
     if space == "raw":
         return cosine(v_hat, v)
     if space == "centred":
         return centred_cosine(v_hat, v, mean)
+    raise ValueError(f"reward space {space!r}; expected 'raw' or 'centred'")
+
+
+def regression_targets(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the encoder's loss compares, in the reward's space: (v_hat, v) raw, (v_hat - mu, v - mu) centred."""
+    if space == "raw":
+        return v_hat, v
+    if space == "centred":
+        return v_hat - mean, v - mean
     raise ValueError(f"reward space {space!r}; expected 'raw' or 'centred'")
 
 
@@ -67,12 +68,12 @@ class EncoderTrainer:
         return torch.cat(outs), weights
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
-        """Cycle rewards [N] for the batch's descriptions of its activations; samples not
-        `batch.usable` get the penalty. Also the reconstruction metrics of the usable ones."""
+        """Cycle rewards [N] for the batch's descriptions of its activations (NaN where not
+        `batch.usable`: the driver assigns their penalty). Also the reconstruction metrics of the usable ones."""
         g = self.cfg.grpo
         vectors = batch.vectors.float()
         usable = batch.usable if batch.usable is not None else torch.ones(len(batch), dtype=torch.bool)
-        rewards = penalty_value(g.truncation_penalty, g.reward_space, vectors, self.mean)
+        rewards = torch.full((len(batch),), float("nan"))
         metrics = {}
         if usable.any():
             idx = usable.nonzero().squeeze(1)
@@ -82,7 +83,8 @@ class EncoderTrainer:
         return rewards, metrics
 
     def train_step(self, texts: Sequence[str], vectors: torch.Tensor, batch_size: int = 16) -> dict:
-        """One optimizer step of regression v_hat -> v over all (text, vector) pairs."""
+        """One optimizer step of regression v_hat -> v over all (text, vector) pairs, in the reward's
+        space (`regression_targets`)."""
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -90,7 +92,8 @@ class EncoderTrainer:
         for i in range(0, n, batch_size):
             ids, attn, pool = self._inputs(texts[i : i + batch_size])
             v_hat, _ = self.encoder(ids, attn, pool)
-            loss = reconstruction_loss(self.cfg.encoder.loss, v_hat, vectors[i : i + batch_size].float())
+            pred, target = regression_targets(v_hat.float(), vectors[i : i + batch_size].float(), self.mean, self.cfg.grpo.reward_space)
+            loss = reconstruction_loss(self.cfg.encoder.loss, pred, target)
             (loss * len(ids) / n).backward()
             total += loss.item() * len(ids)
         torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.encoder.optim.grad_clip)

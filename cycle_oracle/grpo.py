@@ -73,6 +73,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_x.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
+def unusable_rewards(rewards: torch.Tensor, usable: torch.Tensor, penalty: float | str, margin: float) -> torch.Tensor:
+    """Rewards [B, K] with every unusable sample (empty, or a penalised truncation) penalised.
+
+    penalty "group_min": r_bk = min_{j usable} r_bj - margin, below every usable sample of its
+      group, so an unusable sample never wins its group; a group with no usable sample gets
+      -1 - margin everywhere (all equal: zero advantage).
+    penalty c (a number): r_bk = c.
+    """
+    out = rewards.clone().float()
+    if isinstance(penalty, str):
+        if penalty != "group_min":
+            raise ValueError(f"truncation_penalty {penalty!r}; expected 'group_min' or a number")
+        floor = torch.where(usable, out, torch.full_like(out, float("inf"))).min(dim=1, keepdim=True).values
+        floor = torch.where(torch.isinf(floor), torch.full_like(floor, -1.0), floor) - margin
+        return torch.where(usable, out, floor.expand_as(out))
+    return torch.where(usable, out, torch.full_like(out, float(penalty)))
+
+
 def group_advantages(
     rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
 ) -> tuple[torch.Tensor, float]:

@@ -54,6 +54,19 @@ def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, mic
     }
 
 
+def data_parallel_tokens(mask: torch.Tensor) -> float:
+    """T_global / W: the data-parallel minibatch's token count over the world size (the local
+    count when no process group is running), the denominator that makes W ranks' averaged
+    gradient equal one learner's on the whole minibatch."""
+    import torch.distributed as dist
+
+    local = mask.sum().float().reshape(1)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(local)
+    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return float(local) / dist.get_world_size()
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> None:
     import deepspeed
 
@@ -239,19 +252,25 @@ class DecoderLearner:
         return float(diff.max())
 
     def grpo_step(self, batch: RolloutBatch) -> dict:
-        """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch."""
+        """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch.
+
+        Every pass runs with dropout off (eval mode), the gradient pass included, so the ratio
+        pi/pi_old compares one function, not two dropout masks. Each rank makes exactly
+        `minibatches_per_epoch` optimizer steps per epoch (`torch.tensor_split`; the schema keeps
+        every minibatch non-empty), and each minibatch's loss is a token mean over the whole
+        data-parallel minibatch: loss_r = sum_{r's tokens} l / (T_global / W), which DeepSpeed's
+        average over W ranks turns into sum_{all tokens} l / T_global, the single-learner loss."""
         g = self.cfg.grpo
         self.engine.eval()
         old_logp, mask, _ = self.policy_logprobs(batch)
         weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
         ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
         advantages = batch.advantages.float()
-        self.engine.train()
         metrics: dict[str, float] = {}
         order = torch.arange(len(batch))
         steps = 0
         for _epoch in range(g.epochs_per_rollout):
-            for chunk in order.chunk(g.minibatches_per_epoch):
+            for chunk in torch.tensor_split(order, g.minibatches_per_epoch):
                 idx = chunk.tolist()
                 logp, sub_mask, entropy = self.policy_logprobs(batch.select(idx), grad=True, with_entropy=True)
                 loss, m = grpo_policy_loss(
@@ -261,6 +280,7 @@ class DecoderLearner:
                     ref_logp=None if ref_logp is None else ref_logp[idx][:, : logp.shape[1]],
                     kl_coef=g.kl_coef if g.kl_placement == "loss" else 0.0,
                     kl_estimator=g.kl_estimator, kl_placement=g.kl_placement,
+                    num_tokens_for_mean=data_parallel_tokens(sub_mask),
                 )
                 self.engine.backward(loss)
                 self.engine.step()

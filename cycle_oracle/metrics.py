@@ -71,6 +71,20 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{stage}/{k}": v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)})
 
+    def rewind(self, stage: str, step: int) -> list[int]:
+        """Drop `stage`'s rows after `step` (a resumed or restarted run redoes those steps, so every
+        step keeps one row); rewritten atomically. -> the steps dropped."""
+        self._file.close()
+        rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        dropped = sorted({r["step"] for r in rows if r not in keep})
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        return dropped
+
     def close(self) -> None:
         self._file.close()
         if self._wandb is not None:

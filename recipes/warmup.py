@@ -157,6 +157,9 @@ def run(cfg, out, resume: bool = False) -> dict:
         rng.setstate(_tuple_state(ckpt.record.extra["rng"]))
         start = ckpt.record.step
         print(f"[warmup] resumed from {ckpt.path} at step {start}")
+    if resume:  # redone steps (and the evals after them) replace their earlier rows
+        for stage, after in (("warmup", start), ("encoder_warmstart", -1), ("warmup_eval", -1)):
+            run.metrics.rewind(stage, after)
 
     ga, mbs = cfg.decoder_optim.grad_accum, cfg.decoder_optim.micro_batch_size
     seen = start * ga * mbs * group.world_size

@@ -136,3 +136,95 @@ def test_several_read_positions_fill_the_placeholders_in_order(dist, tiny_path, 
     torch.testing.assert_close(centred[1], many[1])
     with pytest.raises(ValueError, match="one position list per context"):
         learner.set_read_offset("latentqa", [ctx], [])
+
+
+def _grpo_cfg(**grpo):
+    return RecipeConfig(kind="grpo", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
+                        decoder_optim={"lr": 1e-3, "warmup_steps": 0, "decay": "constant", "zero_stage": 0},
+                        grpo={"kl_coef": 0.0, **grpo})
+
+
+def _uneven_batch(tok) -> RolloutBatch:
+    """Three samples whose token counts differ a lot (2 ranks get 1+3 vs 7 tokens, or so)."""
+    texts = [" yes", " a much longer description of the thing here", " short one"]
+    seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
+    v = torch.randn(128, generator=torch.Generator().manual_seed(3))
+    return _batch(v, seqs, [1.0, -1.0, 0.5])
+
+
+def _gradients_of_one_grpo_step(learner, batch) -> dict[str, torch.Tensor]:
+    """The (data-parallel averaged) gradient DeepSpeed holds when grpo_step calls engine.step."""
+    grads = {}
+    original = learner.engine.step
+
+    def step(*a, **k):
+        for name, p in learner.engine.module.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                grads[name] = p.grad.detach().clone()
+        return original(*a, **k)
+
+    learner.engine.step = step
+    learner.grpo_step(batch)
+    learner.engine.step = original
+    return grads
+
+
+def _rank_gradients(rank: int, port: int, model_path: str, out_dir: str) -> None:
+    """One of 2 data-parallel ranks (spawned process): its shard of the uneven batch, one GRPO step."""
+    import torch.distributed as td
+
+    from cycle_oracle.batch import shard_indices
+    from cycle_oracle.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    init_distributed(rank, 2, "127.0.0.1", port, "gloo")
+    torch.manual_seed(0)
+    learner = DecoderLearner(model_path, _grpo_cfg(), 1, 1.0, total_steps=4, stage="grpo")
+    batch = _uneven_batch(load_tokenizer(model_path))
+    grads = _gradients_of_one_grpo_step(learner, batch.select(shard_indices(len(batch), 2)[rank]))
+    torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    td.destroy_process_group()
+
+
+def test_two_learners_on_uneven_shards_compute_the_single_learner_gradient(dist, tiny_path, tiny_tokenizer, tmp_path):
+    """The loss is a token mean over the whole data-parallel batch (all-reduced token count), not
+    per rank: a rank with fewer tokens must not weigh more per token."""
+    import torch.multiprocessing as mp
+
+    from actors.placement import free_port
+
+    torch.manual_seed(0)
+    single = DecoderLearner(str(tiny_path), _grpo_cfg(), 1, 1.0, total_steps=4, stage="grpo")
+    reference = _gradients_of_one_grpo_step(single, _uneven_batch(tiny_tokenizer))
+    mp.start_processes(_rank_gradients, args=(free_port(), str(tiny_path), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(grads) == set(reference) and reference
+        for name, g in reference.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=f"rank {rank} {name}")
+
+
+def test_every_rank_makes_the_asked_number_of_minibatch_steps(dist, tiny_path, tiny_tokenizer):
+    """6 samples in 4 minibatches: `chunk` gave 3 (ranks could disagree and hang); now exactly 4."""
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), _grpo_cfg(minibatches_per_epoch=4, batch_activations=3, samples_per_activation=2),
+                             1, 1.0, total_steps=8, stage="grpo")
+    seqs = [tiny_tokenizer.encode(f" sample number {i}", add_special_tokens=False) for i in range(6)]
+    before = learner.optimizer_steps
+    learner.grpo_step(_batch(torch.randn(128), seqs, [1.0, -1.0, 0.5, -0.5, 0.2, -0.2]))
+    assert learner.optimizer_steps - before == 4
+
+
+def test_lora_dropout_does_not_move_the_ratio(dist, tiny_path, tiny_tokenizer):
+    """Old log-probs and the gradient pass use one mode (dropout off): with one epoch and one
+    minibatch the ratio is exactly 1, whatever the LoRA dropout."""
+    cfg = RecipeConfig(kind="grpo", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8, "dropout": 0.5},
+                       decoder_optim={"lr": 1e-3, "warmup_steps": 0, "decay": "constant"}, grpo={"kl_coef": 0.0})
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=4, stage="grpo")
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # dropout on A's input only matters once B is non-zero
+    m = learner.grpo_step(_uneven_batch(tiny_tokenizer))
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] == 0.0

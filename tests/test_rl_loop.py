@@ -1,0 +1,80 @@
+"""RL-loop defects (each test fails on the code before its fix): the unusable-sample penalty, the
+encoder's objective vs the reward, rank metrics, minibatch counts, metrics rows of redone steps."""
+
+import json
+
+import pytest
+import torch
+
+from cycle_oracle.config import ConfigError, validate_recipe
+from cycle_oracle.grpo import group_advantages, unusable_rewards
+
+
+def test_an_unusable_sample_never_wins_its_group():
+    """The old default gave an unusable sample 0 (centred space), above usable samples with
+    negative rewards, so a truncation could win its group."""
+    rewards = torch.tensor([[-0.3, -0.1, float("nan")], [0.4, float("nan"), 0.6], [float("nan")] * 3])
+    usable = ~torch.isnan(rewards)
+    cfg = validate_recipe({"kind": "grpo"}).grpo
+    out = unusable_rewards(rewards, usable, cfg.truncation_penalty, cfg.truncation_penalty_margin)
+    for b in range(2):
+        assert out[b][~usable[b]].max() < out[b][usable[b]].min(), out[b]
+        torch.testing.assert_close(out[b][usable[b]], rewards[b][usable[b]])
+    assert torch.isfinite(out).all()
+    advantages, _ = group_advantages(out, True)
+    assert (advantages[0, 2] < advantages[0, :2]).all() and (advantages[1, 1] < advantages[1, [0, 2]]).all()
+    assert torch.equal(advantages[2], torch.zeros(3)), "a group with nothing usable teaches nothing"
+    fixed = unusable_rewards(rewards, usable, -0.5, 0.1)
+    assert fixed[0, 2] == -0.5 and fixed[2].eq(-0.5).all()
+
+
+def test_the_encoder_regresses_in_the_reward_space(tiny_path):
+    """With reward_space centred the encoder's loss is 1 - cos(v_hat - mu, v - mu), the reward it is
+    scored by (it used to regress raw cosine)."""
+    from cycle_oracle.encoder import centred_cosine, cosine
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+
+    texts = ["a cat sat on the mat", "the river flows north"]
+    v = torch.randn(2, 128, generator=torch.Generator().manual_seed(0)) * 3 + 5.0
+    mean = torch.full((128,), 5.0)
+    for space, measure in (("centred", lambda a, b: centred_cosine(a, b, mean)), ("raw", cosine)):
+        cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1}, "grpo": {"reward_space": space},
+                               "encoder": {"lora": {"r": 2, "alpha": 4}}})
+        torch.manual_seed(0)
+        trainer = EncoderTrainer(str(tiny_path), cfg, 1, mean)
+        v_hat, _ = trainer.reconstruct(texts)
+        expected = float((1 - measure(v_hat, v)).mean())
+        assert trainer.train_step(texts, v)["encoder_loss"] == pytest.approx(expected, abs=1e-5), space
+
+
+def test_rank_metrics_max_the_maxima():
+    from actors.learner import combine_rank_metrics
+
+    out = combine_rank_metrics([{"importance_weight_max": 1.2, "kl": 0.1, "tokens": 10.0},
+                                {"importance_weight_max": 2.9, "kl": 0.3, "tokens": 4.0}])
+    assert out == {"importance_weight_max": 2.9, "kl": pytest.approx(0.2), "tokens": 14.0}
+
+
+def test_minibatches_every_rank_can_fill_are_a_schema_check():
+    ok = {"kind": "grpo", "grpo": {"batch_activations": 3, "samples_per_activation": 2, "minibatches_per_epoch": 3},
+          "resources": {"learner": {"num_actors": 2}}}
+    validate_recipe(ok)
+    bad = {**ok, "grpo": {**ok["grpo"], "minibatches_per_epoch": 4}}
+    with pytest.raises(ConfigError, match="minibatches_per_epoch=4.*only 3"):
+        validate_recipe(bad)
+
+
+def test_redone_steps_replace_their_metrics_rows(tmp_path):
+    from cycle_oracle.config import LoggingSettings
+    from cycle_oracle.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, LoggingSettings(wandb_mode="disabled"), {})
+    for step in (1, 2, 3):
+        log.log("grpo", step, {"reward_mean": float(step)})
+    log.log("grpo_setup", 0, {"time_sync": 0.1})
+    assert log.rewind("grpo", 1) == [2, 3]
+    log.log("grpo", 2, {"reward_mean": 20.0})
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("grpo", 1), ("grpo_setup", 0), ("grpo", 2)]
+    assert rows[-1]["reward_mean"] == 20.0
