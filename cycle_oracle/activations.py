@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from cycle_oracle.checkpoint import atomic_write as _atomic_write
+from cycle_oracle.files import atomic_write as _atomic_write
 from cycle_oracle.data.mixture import heldout_sources
 from cycle_oracle.models import decoder_blocks, num_layers
 

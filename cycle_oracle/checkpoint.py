@@ -28,23 +28,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) then rename tmp over `path` (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+from cycle_oracle.files import atomic_write_text
 
 
 def _sha256(path: Path) -> str:

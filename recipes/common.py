@@ -15,7 +15,8 @@ import ray
 import torch
 
 from actors.placement import Placement, init_ray, remote_get
-from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, atomic_write_text, load_trained, served_injection_norm
+from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, served_injection_norm
+from cycle_oracle.files import atomic_write_text
 from cycle_oracle.config import RecipeConfig, dump_recipe
 from cycle_oracle.metrics import MetricsLogger
 

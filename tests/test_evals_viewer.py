@@ -113,7 +113,8 @@ def test_viewer_data_from_the_tiny_oracle(tiny_model, tiny_path, tiny_tokenizer)
 def test_load_oracle_uses_the_checkpoint_adapter_and_encoder(tmp_path, tiny_path, tiny_tokenizer):
     """A run folder written like the recipes write it (config.yaml + checkpoints/) loads into an
     oracle whose decoder and encoder are the checkpoint's, not fresh ones."""
-    from cycle_oracle.checkpoint import atomic_write_text, save_checkpoint
+    from cycle_oracle.checkpoint import save_checkpoint
+    from cycle_oracle.files import atomic_write_text
     from cycle_oracle.config import LoraSettings, dump_recipe, validate_recipe
     from cycle_oracle.encoder import ActivationEncoder
     from cycle_oracle.evals.oracle import load_oracle

@@ -18,7 +18,7 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cycle_oracle.checkpoint import atomic_write_text
+from cycle_oracle.files import atomic_write_text
 from cycle_oracle.config import load_recipe
 
 pytestmark = pytest.mark.slow

@@ -144,7 +144,7 @@ def test_a_grpo_checkpoint_carries_the_record_and_init_from_checks_its_injection
     """GRPO checkpoints used to lack the injection record, so init_from from one skipped the check."""
     from recipes.common import load_start, record
 
-    from cycle_oracle.checkpoint import atomic_write_text
+    from cycle_oracle.files import atomic_write_text
     from cycle_oracle.config import dump_recipe
 
     writer = _run(tmp_path / "g", injection={"num_placeholders": 1})

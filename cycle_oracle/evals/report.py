@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from cycle_oracle.checkpoint import atomic_write_text
+from cycle_oracle.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 ROUTE_ORDER = ("probe", "decoder", "judge", "reconstruction", "oracle")

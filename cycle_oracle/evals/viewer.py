@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cycle_oracle.checkpoint import atomic_write_text
+from cycle_oracle.files import atomic_write_text
 from cycle_oracle.encoder import cosine
 
 
