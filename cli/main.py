@@ -14,7 +14,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from cycle_oracle.config import ConfigError, load_recipe
+from cycle_oracle.config import load_recipe
+from cycle_oracle.errors import LayerError, UserError
 
 RECIPE_DRIVERS = {
     "describe": "recipes.describe",
@@ -36,6 +37,32 @@ def _load(args):
     return load_recipe(args.recipe, overrides)
 
 
+def check_model_and_layer(cfg) -> str:
+    """What `--dry-run` can check without starting anything: the model is a local folder, an
+    embedded name or (unchecked offline) a hub name, and the read layer fits its depth when its
+    config is local. Raises a UserError naming the bad value."""
+    from cycle_oracle.models import EMBEDDED_MODELS, ModelNotFoundError, cache_root, resolve_layer
+
+    name = cfg.model.name
+    folder = cache_root() / "models" / name if name in EMBEDDED_MODELS else Path(name).expanduser()
+    if folder.is_dir() and (name not in EMBEDDED_MODELS or (folder / "config.json").is_file()):
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ModelNotFoundError(f"model.name={name!r} is a folder without config.json; expected a HF model folder")
+        n_layers = int(json.loads(config.read_text())["num_hidden_layers"])
+        try:
+            layer = resolve_layer(cfg.model.layer, n_layers)
+        except LayerError as err:
+            raise LayerError(f"model.layer={cfg.model.layer!r} does not fit {name}: {err}") from None
+        return f"model folder {folder} ({n_layers} blocks): read layer {layer}"
+    if name in EMBEDDED_MODELS:
+        return f"embedded model {name} (its depth is checked when it is first loaded)"
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        return f"hub model {name} (not checked here: it is resolved on the machines that load it)"
+    raise ModelNotFoundError(f"model.name={name!r} is neither a local model folder, an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) "
+                             f"nor a hub name like 'Qwen/Qwen3-8B'")
+
+
 def cmd_run(args) -> int:
     cfg = _load(args)
     if args.dry_run:
@@ -43,6 +70,7 @@ def cmd_run(args) -> int:
 
         plan = placement_plan(cfg)
         print(f"recipe {args.recipe}: kind={cfg.kind}, model={cfg.model.name}, layer={cfg.model.layer}")
+        print(f"  {check_model_and_layer(cfg)}")
         for item in plan:
             print(f"  {item['role']}[{item['index']}]: {item['bundle']} threads={item['threads']}")
         shape = cfg.ray.cluster_shape
@@ -83,6 +111,8 @@ def cmd_extract(args) -> int:
 def cmd_describe(args) -> int:
     from cycle_oracle.evals.viewer import describe_texts_to_html
 
+    if args.file and not Path(args.file).is_file():
+        raise UserError(f"--file {args.file}: no such file (expected a text file, one text per line)")
     texts = [args.text] if args.text else Path(args.file).read_text().splitlines()
     describe_texts_to_html(args.checkpoint, [t for t in texts if t.strip()], args.html, model=args.model, layer=args.layer)
     print(f"wrote {args.html}")
@@ -118,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cycle-oracle",
         description="Train and evaluate a cycle-consistent activation oracle: an LLM that describes its own activations.",
     )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of its one-line message")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a recipe (YAML) on Ray", description="Validate a recipe and run it: warmup, grpo, warmup_then_grpo, describe or eval. Writes config.yaml, metrics.jsonl, checkpoints/ and results.json into --out.")
@@ -173,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = [*extra, *args.rest]
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(str(err), file=sys.stderr)
+    except UserError as err:  # our own errors: one message, no traceback (--debug shows it)
+        if args.debug:
+            raise
+        print(f"cycle-oracle {args.command}: {err}", file=sys.stderr)
         return 2
 
 

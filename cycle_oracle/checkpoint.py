@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cycle_oracle.errors import UserError
 from cycle_oracle.files import atomic_write_text
 
 
@@ -44,7 +45,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class CheckpointError(RuntimeError):
+PEFT_WEIGHTS = "adapter_model.safetensors"
+"""The weights file of a PEFT adapter folder (next to its adapter_config.json)."""
+
+
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -106,8 +111,11 @@ def save_checkpoint(
     objects: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
     keep: int = 2,
+    adapter_configs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `record.step` atomically; keep the newest `keep` checkpoints."""
+    """Write checkpoint `record.step` atomically; keep the newest `keep` checkpoints. Tensor groups
+    named in `adapter_configs` (group -> PEFT config) are written as PEFT adapter folders
+    (`<group>/adapter_config.json` + `adapter_model.safetensors`), the others as `<group>.safetensors`."""
     step = record.step
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -116,7 +124,13 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for group, tdict in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(tmp / f"{group}.safetensors"))
+        clean = {k: v.detach().cpu().contiguous() for k, v in tdict.items()}
+        if group in (adapter_configs or {}):  # a PEFT adapter folder: PeftModel.from_pretrained / vLLM LoRARequest load it as-is
+            (tmp / group).mkdir()
+            adapter_configs[group].save_pretrained(str(tmp / group))
+            save_file(clean, str(tmp / group / PEFT_WEIGHTS))
+        else:
+            save_file(clean, str(tmp / f"{group}.safetensors"))
     for group, obj in (objects or {}).items():
         torch.save(obj, tmp / f"{group}.pt")
     for rel, data in (files or {}).items():  # e.g. each DeepSpeed rank's own checkpoint files
@@ -166,6 +180,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     manifest = verify_checkpoint(path)
     top = [n for n in manifest if "/" not in n]
     tensors = {n[: -len(".safetensors")]: load_file(str(path / n)) for n in top if n.endswith(".safetensors")}
+    for n in manifest:  # PEFT adapter folders: <group>/adapter_model.safetensors
+        parts = n.split("/")
+        if len(parts) == 2 and parts[1] == PEFT_WEIGHTS:
+            tensors[parts[0]] = load_file(str(path / n))
     objects = {n[: -len(".pt")]: torch.load(path / n, weights_only=True) for n in top if n.endswith(".pt")}
     state = json.loads((path / "state.json").read_text())
     return tensors, state, objects

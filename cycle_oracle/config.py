@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cycle_oracle.errors import UserError
+
 DEFAULT_DESCRIPTION_INSTRUCTION = (
     "Describe in one or two sentences what the text at this point is about and what is likely to come next."
 )
@@ -340,7 +342,7 @@ class RecipeConfig(Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe that does not validate; the message names each bad key."""
 
 
@@ -422,7 +424,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {problem}; fix the file (a recipe is a YAML mapping, see recipes/)") from None
     return validate_recipe(apply_overrides(raw, list(overrides)), str(path))
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cycle_oracle.errors import DataSourceError
+
 _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
 
 
@@ -71,15 +73,15 @@ def embedded_passages() -> list[Document]:
 def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[Document]:
     """Paragraph documents of text files (`split_paragraphs`, ids `<file stem>:<n>`)."""
     if not paths:
-        raise ValueError("corpus kind text_files needs `paths` (a list of text files)")
+        raise DataSourceError("corpus kind text_files needs `paths` (a list of text files)")
     docs: list[Document] = []
     for p in paths:
         path = Path(p).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path} (set the corpus `paths` to existing text files)")
+            raise DataSourceError(f"corpus file not found: {path} (set the corpus `paths` to existing text files)")
         docs.extend(split_paragraphs(path.read_text(encoding="utf-8", errors="replace"), path.stem, min_chars))
     if not docs:
-        raise ValueError(f"no documents of at least {min_chars} characters in {list(paths)}")
+        raise DataSourceError(f"no documents of at least {min_chars} characters in {list(paths)}")
     return docs
 
 
@@ -92,7 +94,7 @@ def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str
     except ImportError as err:
         raise ImportError("corpus kind 'datasets' needs the `datasets` package: pip install datasets") from err
     if not name and not paths:
-        raise ValueError("corpus kind 'datasets' needs a `name` (hub dataset) or `paths` (data files)")
+        raise DataSourceError("corpus kind 'datasets' needs a `name` (hub dataset) or `paths` (data files)")
     builder = name
     if not builder:
         ext = Path(paths[0]).suffix.lower().lstrip(".")
@@ -100,14 +102,14 @@ def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str
     try:
         ds = datasets.load_dataset(builder, data_files=list(paths) or None, split=split)
     except Exception as err:
-        raise FileNotFoundError(
+        raise DataSourceError(
             f"could not load the datasets corpus {name or list(paths)!r} ({type(err).__name__}: {err}). Offline machines "
             f"should use kind=text_files with local paths (or, for the warmup corpus, kind=embedded)"
         ) from err
     columns = ds.column_names
     column = "text" if "text" in columns else next((c for c in columns if ds.features[c].dtype == "string"), None)
     if column is None:
-        raise ValueError(f"datasets corpus {builder!r} has no text column (columns: {columns})")
+        raise DataSourceError(f"datasets corpus {builder!r} has no text column (columns: {columns})")
     tag = name or Path(paths[0]).stem
     return [Document(f"{tag}:{i}", str(row[column])) for i, row in enumerate(ds) if str(row[column] or "").strip()]
 

@@ -304,10 +304,12 @@ class DecoderLearner:
 
     def save_state(self) -> dict[str, bytes]:
         """DeepSpeed checkpoint (adapter + optimizer + scheduler) as {relative path: bytes}, so the
-        driver can store it without a shared file system."""
+        driver can store it without a shared file system. The frozen base is left out
+        (`exclude_frozen_parameters`): it is the target model, which every run loads anyway."""
         tmp = Path(tempfile.mkdtemp(prefix="cycle-oracle-ds-"))
         try:
-            self.engine.save_checkpoint(str(tmp), tag="state", client_state={"optimizer_steps": self.optimizer_steps})
+            self.engine.save_checkpoint(str(tmp), tag="state", client_state={"optimizer_steps": self.optimizer_steps},
+                                        exclude_frozen_parameters=True)
             return {str(p.relative_to(tmp)): p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +320,8 @@ class DecoderLearner:
             for rel, data in files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
-            _, client = self.engine.load_checkpoint(str(tmp), tag="state")
+            # the module states hold only the trainable (LoRA) weights: the base comes from the model
+            _, client = self.engine.load_checkpoint(str(tmp), tag="state", load_module_strict=False)
             self.optimizer_steps = int((client or {}).get("optimizer_steps", 0))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cycle_oracle.errors import LayerError, UserError
+
 EMBEDDED_MODELS = ("smollm2-135m-instruct", "tiny-random-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 
@@ -181,15 +183,15 @@ def num_layers(model_or_config) -> int:
 def resolve_layer(layer: float | int, n_layers: int) -> int:
     """An int block count or a depth fraction in (0, 1) -> a valid read layer in 1..n_layers-1."""
     if isinstance(layer, bool):
-        raise ValueError(f"layer must be an int or a fraction, got {layer!r}")
+        raise LayerError(f"layer must be an int or a fraction, got {layer!r}")
     if isinstance(layer, float) and not layer.is_integer():
         if not 0.0 < layer < 1.0:
-            raise ValueError(f"layer fraction {layer} must be in (0, 1) (a fraction of the {n_layers}-block depth)")
+            raise LayerError(f"layer fraction {layer} must be in (0, 1) (a fraction of the {n_layers}-block depth)")
         resolved = max(1, min(n_layers - 1, round(layer * n_layers)))
         return resolved
     resolved = int(layer)
     if not 1 <= resolved <= n_layers - 1:
-        raise ValueError(
+        raise LayerError(
             f"layer {resolved} is out of range: this model has {n_layers} blocks, so the read layer must be in "
             f"1..{n_layers - 1} (residual stream after L blocks) or a fraction in (0, 1)"
         )

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from actors.placement import Placement, init_ray, remote_get
-from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, served_injection_norm
+from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, resolve_checkpoint, served_injection_norm
 from cycle_oracle.files import atomic_write_text
 from cycle_oracle.config import RecipeConfig, dump_recipe
 from cycle_oracle.metrics import MetricsLogger
@@ -40,6 +40,8 @@ class Run:
 def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
     from cycle_oracle.models import resolve_layer, resolve_model_path
 
+    if cfg.init_from:  # a missing or incomplete checkpoint is the user's to fix: say so before anything starts
+        resolve_checkpoint(cfg.init_from)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
@@ -127,6 +129,16 @@ def load_resume(run: Run, stage: str) -> TrainedCheckpoint | None:
     ckpt = load_trained(run.out)
     ckpt.require_stage(stage, f"resuming a {stage} run")
     return ckpt
+
+
+def checkpoint_adapter_configs(run: Run) -> dict:
+    """PEFT configs of the adapters a checkpoint stores as PEFT folders: the decoder's
+    (`<checkpoint>/decoder_adapter/`, loadable by `PeftModel.from_pretrained` and vLLM's `LoRARequest`)."""
+    from cycle_oracle.models import lora_config
+
+    config = lora_config(run.cfg.decoder_lora)
+    config.base_model_name_or_path = run.model_path
+    return {"decoder_adapter": config}
 
 
 def record(run: Run, stage: str, step: int, norm: float, weight_version: int, world_size: int, **extra) -> CheckpointRecord:

@@ -37,7 +37,7 @@ from cycle_oracle.grpo import apply_kl_penalty_to_rewards, group_advantages, unu
 from cycle_oracle.models import load_tokenizer
 from cycle_oracle.rollout import request_seed
 from cycle_oracle.stats import text_diversity
-from recipes.common import Run, check_finite, extract_store, finish_run, injection_norm, load_resume, load_start, record, source_windows, start_run
+from recipes.common import Run, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm, load_resume, load_start, record, source_windows, start_run
 
 SYNC_TOLERANCE = 2e-3
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -221,7 +221,6 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     rewards = unusable_rewards(batch.groups(rewards), batch.groups(batch.usable), g.truncation_penalty,
                                g.truncation_penalty_margin).reshape(-1)
     check_finite({"reward": float(rewards.sum())}, step)
-    time_score = time.time() - t0
     enc_metrics = {}
     if g.train_encoder and bool(batch.usable.any()):
         idx = batch.usable.nonzero().squeeze(1).tolist()
@@ -432,7 +431,8 @@ def save_grpo_checkpoint(roles: Roles, step: int) -> None:
     enc_tensors, enc_optim = remote_get(roles.encoder.state.remote(), roles.timeout, "encoder state")
     rec = record(roles.run, "grpo", step, roles.norm, roles.version, roles.learners.world_size)
     save_checkpoint(roles.run.out, rec, {"decoder_adapter": roles.learners.adapter(), "encoder": enc_tensors},
-                    objects={"encoder_optim": enc_optim}, files=files, keep=roles.cfg.logging.keep_checkpoints)
+                    objects={"encoder_optim": enc_optim}, files=files, keep=roles.cfg.logging.keep_checkpoints,
+                    adapter_configs=checkpoint_adapter_configs(roles.run))
 
 
 def final_retrieval(roles: Roles, controls=("shuffled", "zero", "context_only")) -> dict:

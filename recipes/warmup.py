@@ -27,7 +27,7 @@ from cycle_oracle.corpus import load_documents
 from cycle_oracle.data.read_positions import read_positions, to_example
 from cycle_oracle.encoder import reconstruction_metrics
 from cycle_oracle.evals.warmup import heldout_eval
-from recipes.common import Run, check_finite, extract_store, finish_run, injection_norm, load_resume, record, source_windows, start_run
+from recipes.common import Run, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm, load_resume, record, source_windows, start_run
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
@@ -215,7 +215,7 @@ def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random,
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors
     rec = record(run, "warmup", step, group.norm, 0, group.world_size, mixture=mixture.state_dict(), rng=list(_jsonable(rng.getstate())))
-    save_checkpoint(run.out, rec, tensors, files=files, keep=run.cfg.logging.keep_checkpoints)
+    save_checkpoint(run.out, rec, tensors, files=files, keep=run.cfg.logging.keep_checkpoints, adapter_configs=checkpoint_adapter_configs(run))
 
 
 def _jsonable(state):

@@ -53,6 +53,8 @@ def test_sft_learns_and_resume_reproduces_next_loss(dist, cfg, tiny_path, tiny_t
     saved = learner.save_state()
     adapter = learner.adapter()
     nxt = learner.sft_micro_step(ex)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in learner.model.parameters() if not p.requires_grad)
+    assert sum(len(b) for b in saved.values()) < frozen_bytes / 2, "the frozen base must stay out of the learner state"
 
     torch.manual_seed(123)  # a different init: only the checkpoint can make the losses agree
     fresh = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
@@ -228,3 +230,36 @@ def test_lora_dropout_does_not_move_the_ratio(dist, tiny_path, tiny_tokenizer):
                 p.normal_(0, 0.5)  # dropout on A's input only matters once B is non-zero
     m = learner.grpo_step(_uneven_batch(tiny_tokenizer))
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] == 0.0
+
+def test_a_checkpoint_decoder_is_a_peft_adapter_folder(dist, cfg, tiny_path, tiny_tokenizer, tmp_path):
+    """`<checkpoint>/decoder_adapter/` loads with PeftModel.from_pretrained as-is and gives the
+    learner's log-probs."""
+    from peft import PeftModel
+
+    from cycle_oracle.checkpoint import CheckpointRecord, load_trained, save_checkpoint
+    from cycle_oracle.decoder import build_batch, completion_logprobs
+    from cycle_oracle.models import load_causal_lm, lora_config
+
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=20)
+    for _ in range(3):
+        learner.sft_micro_step(_examples(tiny_tokenizer))
+    config = lora_config(cfg.decoder_lora)
+    config.base_model_name_or_path = str(tiny_path)
+    rec = CheckpointRecord("warmup", 3, "tiny-random-llama", 1, cfg.injection.model_dump(mode="json"), 1.0, 0, 1)
+    ckpt = save_checkpoint(tmp_path, rec, {"decoder_adapter": learner.adapter()}, adapter_configs={"decoder_adapter": config})
+    assert (ckpt / "decoder_adapter" / "adapter_config.json").is_file()
+    peft = PeftModel.from_pretrained(load_causal_lm(tiny_path), str(ckpt / "decoder_adapter")).eval()
+    v = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
+    seqs = [tiny_tokenizer.encode(t, add_special_tokens=False) for t in (" a short description", " another one here")]
+    batch = _batch(v[0], seqs, [0.0, 0.0], temperature=0.7)
+    batch.vectors = v
+    ours, mask, _ = learner.policy_logprobs(batch)
+    dec = build_batch([learner.description_prompt] * 2, seqs, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = completion_logprobs(peft, dec, v, 1.0, 0.7)
+    torch.testing.assert_close(theirs * mask, ours * mask, atol=1e-5, rtol=1e-5)
+    loaded = load_trained(tmp_path).tensors["decoder_adapter"]
+    assert set(loaded) == set(learner.adapter())
+    for k, t in learner.adapter().items():
+        torch.testing.assert_close(loaded[k], t)

@@ -104,3 +104,36 @@ def test_adapter_path_stress(ray_local, tiny_path, tiny_tokenizer):
     diff = (_hf_logprobs(model, prompt, vectors[0], batch.token_ids[0]) - torch.tensor(batch.sampler_logprobs[0])).abs().max()
     assert float(diff) < 2e-3, f"adapter path logprobs differ from HF by {float(diff)}"
     ray.kill(actor)
+
+
+@ray.remote
+def _serve_adapter_folder(model_path: str, folder: str, embeds: torch.Tensor, seeds: list[int]):
+    """vLLM's LoRA path serving a PEFT folder as it lies in a checkpoint (in a Ray worker: LLM()
+    only inside actors or tasks)."""
+    from cycle_oracle.rollout import RolloutEngine, SamplingRequest, configure_cpu_environment
+
+    configure_cpu_environment(1, None, 1)
+    engine = RolloutEngine(model_path, seed=0, max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=4)
+    engine.set_adapter(folder)
+    return engine.sample([SamplingRequest(embeds[i], seeds[i], 2) for i in range(len(seeds))], TEMPERATURE, 1.0, 6)
+
+
+def test_vllm_serves_a_checkpoint_decoder_folder_as_is(ray_local, tiny_path, tiny_tokenizer, tmp_path):
+    from cycle_oracle.checkpoint import CheckpointRecord, save_checkpoint
+    from cycle_oracle.injection import decoder_inputs
+    from cycle_oracle.models import lora_config
+
+    model = _random_adapter(tiny_path, seed=4)
+    settings = RecipeConfig(kind="grpo", decoder_lora={"r": 4, "alpha": 8})
+    config = lora_config(settings.decoder_lora)
+    config.base_model_name_or_path = str(tiny_path)
+    rec = CheckpointRecord("grpo", 1, "tiny-random-llama", 1, settings.injection.model_dump(mode="json"), NORM, 1, 1)
+    ckpt = save_checkpoint(tmp_path, rec, {"decoder_adapter": adapter_state(model)}, adapter_configs={"decoder_adapter": config})
+    prompt = description_prompt(tiny_tokenizer, 1, settings.injection, settings.description_instruction)
+    torch.manual_seed(0)
+    vectors = torch.randn(2, 128) * 5
+    embeds = decoder_inputs(model.get_input_embeddings(), [prompt.input_ids] * 2, [prompt.placeholder_positions] * 2, vectors, NORM, "replace")
+    batch = ray.get(_serve_adapter_folder.options(num_cpus=0.5).remote(str(tiny_path), str(ckpt / "decoder_adapter"), embeds.detach(), [5, 6]), timeout=900)
+    for i in range(len(batch)):
+        hf = _hf_logprobs(model, prompt, vectors[i // 2], batch.token_ids[i])
+        assert float((hf - torch.tensor(batch.sampler_logprobs[i])).abs().max()) < 2e-3

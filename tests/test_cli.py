@@ -1,0 +1,46 @@
+"""The command line for people: our own errors are one message naming the value, what was expected
+and how to fix it, with no traceback (`--debug` shows one); `--dry-run` checks what it can."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["describe", "--checkpoint", "/nope", "--text", "hi", "--html", "/tmp/x.html"], "no checkpoint at /nope: the folder does not exist"),
+    (["run", "recipes/smoke_grpo.yaml", "--dry-run", "--set", "model.layer=99"], "model.layer=99 does not fit tiny-random-llama"),
+    (["run", "recipes/smoke_grpo.yaml", "--dry-run", "--set", "model.name=/no/such/model"], "model.name='/no/such/model' is neither a local model folder"),
+    (["run", "recipes/smoke_grpo.yaml", "--dry-run", "--set", "grpo.steps=two"], "grpo.steps"),
+    (["run", "recipes/nope.yaml", "--dry-run"], "recipe file not found: recipes/nope.yaml"),
+    (["eval", "recipes/eval_smoke.yaml", "--checkpoint", "/nope"], "no checkpoint at /nope"),
+])
+def test_user_errors_are_one_message_without_a_traceback(args, message):
+    res = _cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: grpo\n  grpo: [\n")
+    res = _cli("run", str(bad), "--dry-run")
+    assert res.returncode == 2 and "is not valid YAML at line 2" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_debug_shows_the_traceback():
+    res = _cli("--debug", "run", "recipes/smoke_grpo.yaml", "--dry-run", "--set", "model.layer=99")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "LayerError" in res.stderr
+
+
+def test_dry_run_checks_model_and_layer():
+    res = _cli("run", "recipes/smoke_grpo.yaml", "--dry-run")
+    assert res.returncode == 0 and "(2 blocks): read layer 1" in res.stdout, res.stdout + res.stderr
