@@ -101,7 +101,17 @@ class DataSource(Strict):
     kind: Literal["embedded", "text_files", "datasets", "latentqa"] = "embedded"
     paths: list[str] = []
     name: str | None = None
-    """`datasets` name (where a hub is reachable)."""
+    """`datasets` name (where a hub is reachable), or a local dataset folder / script."""
+    config: str | None = None
+    """`datasets` configuration (e.g. wikitext's "wikitext-103-raw-v1": wikitext has no default)."""
+    split: str = "train"
+    text_column: str | None = None
+    """`datasets` column holding the text (default: `text`, else the first string column)."""
+    group_column: str | None = None
+    """`datasets` column whose value keeps rows on one side of the held-out split (e.g. an article id)."""
+    join_rows: bool = False
+    """`datasets` rows are lines of one text (wikitext): join them and cut paragraph documents grouped
+    by article, as `text_files` does."""
     max_documents: int | None = Field(None, ge=1)
 
 
@@ -159,7 +169,9 @@ class OptimSettings(Strict):
     grad_clip: float = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2] = 2
+    """DeepSpeed ZeRO stage. 3 is not offered: rank 0's forward-only calls (held-out scoring, sync
+    verification) and the adapter read-out assume each rank holds the whole (LoRA) model."""
 
 
 class WarmupSettings(Strict):

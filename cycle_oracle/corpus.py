@@ -85,10 +85,14 @@ def load_text_files(paths: Sequence[str | Path], min_chars: int = 80) -> list[Do
     return docs
 
 
-def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str = "train") -> list[Document]:
-    """A HF `datasets` corpus: by name (hub or local script/folder) and/or local data files. Texts
-    are kept as the dataset has them; rows that are empty or only whitespace are skipped (the
-    document ids `<name>:<row>` still count them)."""
+def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str = "train", *, config: str | None = None,
+                         text_column: str | None = None, group_column: str | None = None, join_rows: bool = False) -> list[Document]:
+    """A HF `datasets` corpus: by name (hub or local script/folder, with its `config`) and/or local
+    data files, one `split`. Each row's `text_column` (default: `text`, else the first string
+    column) is a document; rows that are empty or only whitespace are skipped (the document ids
+    `<name>:<row>` still count them). Documents are split by `group_column` when given (rows with
+    one value stay on one side). `join_rows`: the rows are lines of one text (wikitext), joined
+    and cut into paragraph documents grouped by article, as `text_files` does."""
     try:
         import datasets
     except ImportError as err:
@@ -100,18 +104,24 @@ def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str
         ext = Path(paths[0]).suffix.lower().lstrip(".")
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(ext, "text")
     try:
-        ds = datasets.load_dataset(builder, data_files=list(paths) or None, split=split)
+        ds = datasets.load_dataset(builder, config, data_files=list(paths) or None, split=split)
     except Exception as err:
         raise DataSourceError(
-            f"could not load the datasets corpus {name or list(paths)!r} ({type(err).__name__}: {err}). Offline machines "
-            f"should use kind=text_files with local paths (or, for the warmup corpus, kind=embedded)"
+            f"could not load the datasets corpus {name or list(paths)!r} (config {config!r}, split {split!r}; "
+            f"{type(err).__name__}: {err}). Offline machines should use kind=text_files with local paths "
+            f"(or, for the warmup corpus, kind=embedded)"
         ) from err
     columns = ds.column_names
-    column = "text" if "text" in columns else next((c for c in columns if ds.features[c].dtype == "string"), None)
-    if column is None:
-        raise DataSourceError(f"datasets corpus {builder!r} has no text column (columns: {columns})")
+    column = text_column or ("text" if "text" in columns else next((c for c in columns if ds.features[c].dtype == "string"), None))
+    if column is None or column not in columns:
+        raise DataSourceError(f"datasets corpus {builder!r} has no text column {column!r} (columns: {columns}); set text_column")
+    if group_column is not None and group_column not in columns:
+        raise DataSourceError(f"datasets corpus {builder!r} has no group_column {group_column!r} (columns: {columns})")
     tag = name or Path(paths[0]).stem
-    return [Document(f"{tag}:{i}", str(row[column])) for i, row in enumerate(ds) if str(row[column] or "").strip()]
+    if join_rows:
+        return split_paragraphs("\n".join(str(row[column] or "") for row in ds), tag)
+    return [Document(f"{tag}:{i}", str(row[column]), group=f"{tag}:{row[group_column]}" if group_column else None)
+            for i, row in enumerate(ds) if str(row[column] or "").strip()]
 
 
 def sample_documents(docs: list[Document], limit: int | None, seed: int) -> list[Document]:
@@ -130,7 +140,8 @@ def load_documents(source, limit: int | None = None, seed: int | None = None) ->
     elif source.kind == "text_files":
         docs = load_text_files(source.paths)
     elif source.kind == "datasets":
-        docs = load_datasets_corpus(source.name, source.paths)
+        docs = load_datasets_corpus(source.name, source.paths, source.split, config=source.config, text_column=source.text_column,
+                                    group_column=source.group_column, join_rows=source.join_rows)
     else:
         raise ValueError(f"corpus kind {source.kind!r} is not a document corpus (expected embedded, text_files or datasets)")
     caps = [x for x in (limit, source.max_documents) if x]

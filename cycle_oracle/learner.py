@@ -254,6 +254,11 @@ class DecoderLearner:
     def grpo_step(self, batch: RolloutBatch) -> dict:
         """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch.
 
+        With one epoch of one minibatch (the default and the GPU recipes) there is no separate
+        old-policy forward: pi_old is the policy being updated, so old log-probs are the gradient
+        pass's detached log-probs (overlap_rollout does not change that: the sampler's older policy
+        enters only through the truncated importance weights, computed from the same log-probs).
+
         Every pass runs with dropout off (eval mode), the gradient pass included, so the ratio
         pi/pi_old compares one function, not two dropout masks. Each rank makes exactly
         `minibatches_per_epoch` optimizer steps per epoch (`torch.tensor_split`; the schema keeps
@@ -262,8 +267,12 @@ class DecoderLearner:
         average over W ranks turns into sum_{all tokens} l / T_global, the single-learner loss."""
         g = self.cfg.grpo
         self.engine.eval()
-        old_logp, mask, _ = self.policy_logprobs(batch)
-        weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
+        # One update per rollout: the old policy is the current one, so its log-probs are the
+        # gradient pass's own, detached (ratio 1 by construction); no separate forward.
+        single_update = g.epochs_per_rollout == 1 and g.minibatches_per_epoch == 1
+        if not single_update:
+            old_logp, mask, _ = self.policy_logprobs(batch)
+            weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
         ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
         advantages = batch.advantages.float()
         metrics: dict[str, float] = {}
@@ -273,6 +282,9 @@ class DecoderLearner:
             for chunk in torch.tensor_split(order, g.minibatches_per_epoch):
                 idx = chunk.tolist()
                 logp, sub_mask, entropy = self.policy_logprobs(batch.select(idx), grad=True, with_entropy=True)
+                if single_update:
+                    old_logp, mask = logp.detach(), sub_mask
+                    weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
                 loss, m = grpo_policy_loss(
                     logp, old_logp[idx][:, : logp.shape[1]], advantages[idx], sub_mask,
                     clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,

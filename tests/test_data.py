@@ -321,6 +321,27 @@ def test_datasets_corpus_from_local_files(tmp_path):
         load_datasets_corpus(None, [str(tmp_path / "missing.jsonl")])
 
 
+def test_datasets_corpus_columns_groups_and_joined_rows(tmp_path):
+    """A `datasets` corpus names its text column and keeps rows of one group on one side of the
+    split; wikitext-like line rows are joined and cut into paragraphs grouped by article."""
+    from cycle_oracle.config import DataSource
+    from cycle_oracle.corpus import load_datasets_corpus, load_documents
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"Paragraph {i} of article {i // 2}.", "article": i // 2}) + "\n" for i in range(6)))
+    docs = load_documents(DataSource(kind="datasets", paths=[str(rows)], text_column="body", group_column="article"))
+    assert [d.group for d in docs] == ["rows:0", "rows:0", "rows:1", "rows:1", "rows:2", "rows:2"]
+    with pytest.raises(FileNotFoundError, match="no text column 'nope'"):
+        load_datasets_corpus(None, [str(rows)], text_column="nope")
+    lines = tmp_path / "wiki.jsonl"
+    text = [" = Cats = ", "", " Cats are small carnivorous mammals that people have kept as pets for thousands of years . ", "",
+            " = = Habits = = ", " A cat sleeps for most of the day and hunts at dusk , when its prey is most active . ", "",
+            " = Dogs = ", " Dogs were the first animals that humans domesticated , long before farming began anywhere . "]
+    lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    joined = load_datasets_corpus(None, [str(lines)], join_rows=True)
+    assert len(joined) == 3 and joined[0].group == joined[1].group != joined[2].group
+
+
 # ---------------------------------------------------------------- description
 
 

@@ -263,3 +263,43 @@ def test_a_checkpoint_decoder_is_a_peft_adapter_folder(dist, cfg, tiny_path, tin
     assert set(loaded) == set(learner.adapter())
     for k, t in learner.adapter().items():
         torch.testing.assert_close(loaded[k], t)
+
+
+def test_one_update_per_rollout_skips_the_old_policy_pass_with_the_same_gradient(dist, tiny_path, tiny_tokenizer):
+    """epochs 1 x minibatches 1: no separate old-policy forward; the loss and gradient equal the
+    two-pass computation (old log-probs from a no-grad forward, then the clipped surrogate)."""
+    from cycle_oracle.grpo import grpo_policy_loss, truncated_importance_weights
+
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), _grpo_cfg(), 1, 1.0, total_steps=4, stage="grpo")
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    batch = _uneven_batch(tiny_tokenizer)
+    batch.sampler_logprobs = [[-1.5] * len(ids) for ids in batch.token_ids]  # an off-policy sampler: IS weights matter
+    calls = {"n": 0}
+    original = learner.policy_logprobs
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    # the two-pass computation, by hand
+    old, mask, _ = learner.policy_logprobs(batch)
+    weights, _ = truncated_importance_weights(old, learner._sampler_logprobs(batch, old), mask, learner.cfg.grpo.importance_cap)
+    learner.engine.zero_grad()
+    logp, mask, _ = learner.policy_logprobs(batch, grad=True)
+    loss, _ = grpo_policy_loss(logp, old, batch.advantages, mask, importance_weights=weights)
+    loss.backward()
+    reference = {n: p.grad.detach().clone() for n, p in learner.engine.module.named_parameters() if p.requires_grad and p.grad is not None}
+    learner.engine.zero_grad()
+    for p in learner.engine.module.parameters():
+        p.grad = None
+
+    learner.policy_logprobs = counting
+    grads = _gradients_of_one_grpo_step(learner, batch)
+    assert calls["n"] == 1, "one forward (with grad) per update, no old-policy pass"
+    assert set(grads) == set(reference) and reference
+    for name, g in reference.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
