@@ -42,6 +42,12 @@ class LearnerActor(DecoderLearner):
             dist.destroy_process_group()
 
 
+@ray.remote(num_cpus=0)
+def _node_address_and_port() -> tuple[str, int]:
+    """(IP of this node, a port free on it): where learner rank 0 will listen."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
 def combine_rank_metrics(results: list[dict]) -> dict:
     """Per-rank learner metrics -> one record: `tokens` summed, `*_max` maxed, the rest averaged."""
     out = {}
@@ -59,15 +65,17 @@ class LearnerGroup:
         self.timeout = cfg.ray.get_timeout_s
         self.norm = injection_norm
         n = cfg.resources.learner.num_actors
-        addr = ray.util.get_node_ip_address()
-        port = free_port()
+        # the rendezvous lives on rank 0's node (not the driver's): ask that bundle for its address and a free port
+        addr, port = remote_get(_node_address_and_port.options(**placement.options("learner", 0)).remote(), self.timeout,
+                                "learner rank 0's node address")
         config = cfg.model_dump(mode="json")
         self.actors = [
             LearnerActor.options(**placement.options("learner", r)).remote(
                 model_path, config, layer, injection_norm, total_steps, stage, r, n, addr, port, reference_adapter)
             for r in range(n)
         ]
-        remote_get([a.ready.remote() for a in self.actors], self.timeout, f"{n} DeepSpeed learner(s) to start")
+        remote_get([a.ready.remote() for a in self.actors], self.timeout,
+                   f"{n} DeepSpeed learner(s) to start (process group rendezvous at rank 0's {addr}:{port})")
 
     @property
     def world_size(self) -> int:
