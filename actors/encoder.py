@@ -11,9 +11,11 @@ from cycle_oracle.encoder_trainer import EncoderTrainer
 
 @ray.remote
 class EncoderActor(EncoderTrainer):
-    def __init__(self, model_path: str, config: dict, layer: int, mean: torch.Tensor):
+    def __init__(self, model_path: str, config: dict, layer: int, mean: torch.Tensor, log_file: str | None = None):
+        from actors.logs import send_output_to
         from cycle_oracle.config import RecipeConfig
 
+        send_output_to(log_file)
         cfg = RecipeConfig.model_validate(config)
         torch.set_num_threads(cfg.resources.encoder.threads)
         torch.manual_seed(cfg.seed)

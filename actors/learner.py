@@ -22,9 +22,12 @@ class LearnerActor(DecoderLearner):
     """One data-parallel rank: joins the process group, then builds the DeepSpeed learner."""
 
     def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, total_steps: int, stage: str,
-                 rank: int, world_size: int, master_addr: str, master_port: int, reference_adapter: dict | None = None):
+                 rank: int, world_size: int, master_addr: str, master_port: int, reference_adapter: dict | None = None,
+                 log_file: str | None = None):
+        from actors.logs import send_output_to
         from cycle_oracle.config import RecipeConfig
 
+        send_output_to(log_file)
         cfg = RecipeConfig.model_validate(config)
         torch.set_num_threads(cfg.resources.learner.threads)
         torch.manual_seed(cfg.seed)
@@ -61,7 +64,7 @@ class LearnerGroup:
     """Driver-side handle of the N learner ranks."""
 
     def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, stage: str,
-                 placement: Placement, reference_adapter: dict | None = None):
+                 placement: Placement, reference_adapter: dict | None = None, log_dir: str | None = None):
         self.timeout = cfg.ray.get_timeout_s
         self.norm = injection_norm
         n = cfg.resources.learner.num_actors
@@ -71,7 +74,8 @@ class LearnerGroup:
         config = cfg.model_dump(mode="json")
         self.actors = [
             LearnerActor.options(**placement.options("learner", r)).remote(
-                model_path, config, layer, injection_norm, total_steps, stage, r, n, addr, port, reference_adapter)
+                model_path, config, layer, injection_norm, total_steps, stage, r, n, addr, port, reference_adapter,
+                f"{log_dir}/learner-{r}.log" if log_dir else None)
             for r in range(n)
         ]
         remote_get([a.ready.remote() for a in self.actors], self.timeout,

@@ -5,6 +5,7 @@ and the one way to wait on remote work (always with a timeout, so a pending acto
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -37,7 +38,9 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs: dict[str, Any] = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+    verbose = cfg.logging.verbose  # quiet: actors write to <run>/logs/ (actors/logs.py), Ray's own INFO lines stay off
+    kwargs: dict[str, Any] = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=verbose,
+                                  logging_level=logging.INFO if verbose else logging.WARNING)
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:

@@ -18,8 +18,12 @@ from cycle_oracle.batch import RolloutBatch
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, actor_index: int = 0):
+    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, actor_index: int = 0,
+                 log_file: str | None = None):
+        from actors.logs import send_output_to
         from cycle_oracle.config import RecipeConfig
+
+        send_output_to(log_file)
         from cycle_oracle.rollout import configure_cpu_environment
 
         self.cfg = RecipeConfig.model_validate(config)

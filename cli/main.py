@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -34,6 +36,8 @@ def _load(args):
     overrides = list(args.set or [])
     if getattr(args, "address", None):
         overrides.append(f"ray.address={args.address}")
+    if getattr(args, "verbose", False):
+        overrides.append("logging.verbose=true")
     return load_recipe(args.recipe, overrides)
 
 
@@ -158,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     r.add_argument("--address", help="join an existing Ray cluster (e.g. auto) instead of starting a local one")
     r.add_argument("--dry-run", action="store_true", help="validate the recipe and print its placement plan, start nothing")
+    r.add_argument("--verbose", action="store_true", help="show every actor's and library's output live (default: <run>/logs/)")
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("extract", help="extract activations to shards", description="Read residual-stream activations (layer L = after L blocks, no final norm) and write safetensors shards + metadata + corpus mean.")
@@ -202,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # bench forwards every option to bench.main (REMAINDER misses a leading --option)
         args.rest = [*extra, *args.rest]
+    if not getattr(args, "verbose", False):  # known-harmless library noise in the driver process, at its source
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return args.func(args)
     except UserError as err:  # our own errors: one message, no traceback (--debug shows it)

@@ -279,6 +279,9 @@ class LoggingSettings(Strict):
     """0: only at the end."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many of the newest checkpoints stay on disk."""
+    verbose: bool = False
+    """False: every actor's and task's output (library warnings included) goes to `<run>/logs/`
+    and the terminal shows our progress only; True (`--verbose`): everything live on the terminal."""
 
 
 class RaySettings(Strict):

@@ -31,6 +31,14 @@ class Run:
     metrics: MetricsLogger
     placement: Placement
 
+    @property
+    def log_dir(self) -> str | None:
+        """Where actors and tasks write their output (None with `logging.verbose`: the terminal)."""
+        return None if self.cfg.logging.verbose else str(self.out / "logs")
+
+    def log_file(self, name: str) -> str | None:
+        return f"{self.log_dir}/{name}.log" if self.log_dir else None
+
     def write_results(self, name: str, results: dict) -> Path:
         path = self.out / name
         atomic_write_text(path, json.dumps(results, indent=2, default=float))
@@ -62,8 +70,15 @@ def finish_run(run: Run) -> None:
 
 
 @ray.remote
-def extraction_task(model_path: str, config: dict, layer: int, documents: list, threads: int):
+def extraction_task(model_path: str, config: dict, layer: int, documents: list, threads: int, log_file: str | None = None):
     """Read corpus activations with the frozen target -> (batches, embedding norm)."""
+    from actors.logs import output_to
+
+    with output_to(log_file):
+        return _extract(model_path, config, layer, documents, threads)
+
+
+def _extract(model_path: str, config: dict, layer: int, documents: list, threads: int):
     from cycle_oracle.activations import extract
     from cycle_oracle.injection import mean_embedding_norm
     from cycle_oracle.models import load_causal_lm, load_tokenizer
@@ -88,7 +103,8 @@ def extract_store(run: Run, documents, subdir: str = "activations"):
     t0 = time.time()
     options, threads = run.placement.task_options()
     batches, emb_norm = remote_get(
-        extraction_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, threads),
+        extraction_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, threads,
+                                                  run.log_file("extraction")),
         run.cfg.ray.setup_timeout_s, "activation extraction",
     )
     store = write_store(root, batches, run.cfg.model.name, run.layer, run.cfg.extraction.shard_size)

@@ -71,13 +71,15 @@ class Roles:
                 raise ValueError("grpo.kl_reference=warmup needs init_from (a warmup checkpoint) to take the reference adapter from")
             ref = start.tensors["decoder_adapter"]
         config = cfg.model_dump(mode="json")
-        self.learners = LearnerGroup(run.model_path, cfg, run.layer, norm, total, "grpo", run.placement, reference_adapter=ref)
+        self.learners = LearnerGroup(run.model_path, cfg, run.layer, norm, total, "grpo", run.placement, reference_adapter=ref,
+                                     log_dir=run.log_dir)
         self.rollouts = [
             RolloutActor.options(**run.placement.options("rollout", i, max_restarts=3, max_task_retries=0, name=f"{run.out.name}-rollout-{i}" + (f"-r{incarnation}" if incarnation else "")))
-            .remote(run.model_path, config, run.layer, norm, i)
+            .remote(run.model_path, config, run.layer, norm, i, run.log_file(f"rollout-{i}"))
             for i in range(cfg.resources.rollout.num_actors)
         ]
-        self.encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean)
+        self.encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean,
+                                                                                   run.log_file("encoder"))
         self.tokenizer = load_tokenizer(run.model_path)
         self.version = 0
         self.probe = None  # (vector, sample tokens, logprobs) of the last verified sync

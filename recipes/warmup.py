@@ -31,7 +31,10 @@ from recipes.common import Run, check_finite, checkpoint_adapter_configs, extrac
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
-def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None):
+def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None, log_file: str | None = None):
+    from actors.logs import send_output_to
+
+    send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.data.build import build_warmup_data
     from cycle_oracle.data.generation import hf_generate_fn
@@ -137,7 +140,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     t = cfg.ray.get_timeout_s
     options, threads = run.placement.task_options()
     train, heldout, data_report = remote_get(
-        build_data_task.options(**options).remote(run.model_path, cfg.model_dump(mode="json"), threads, None),
+        build_data_task.options(**options).remote(run.model_path, cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data")),
         cfg.ray.setup_timeout_s, "building the warmup data",
     )
     print(f"[warmup] data: {data_report}")
@@ -147,7 +150,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     from cycle_oracle.data.mixture import WarmupMixture
 
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
-    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement)
+    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement, log_dir=run.log_dir)
     centring = centre_latentqa(group, train.get("latentqa", []), cfg) if cfg.warmup.latentqa_centre else None
     rng = random.Random(cfg.seed)
     start = 0
@@ -193,8 +196,10 @@ def run(cfg, out, resume: bool = False) -> dict:
         results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
     adapter = group.adapter()
     config = cfg.model_dump(mode="json")
-    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, config, run.layer, norm, 0)
-    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean)
+    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, config, run.layer, norm, 0,
+                                                                              run.log_file("rollout-0"))
+    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean,
+                                                                              run.log_file("encoder"))
     remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
     results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)
     enc_tensors, _enc_opt = remote_get(encoder.state.remote(), t, "encoder state")

@@ -44,3 +44,17 @@ def test_debug_shows_the_traceback():
 def test_dry_run_checks_model_and_layer():
     res = _cli("run", "recipes/smoke_grpo.yaml", "--dry-run")
     assert res.returncode == 0 and "(2 blocks): read layer 1" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_run_is_quiet_and_its_roles_log_to_the_run_folder(tmp_path):
+    """Library warnings (vLLM, Ray, DeepSpeed, transformers) go to <run>/logs/, not the terminal."""
+    out = tmp_path / "describe"
+    res = _cli("run", "recipes/smoke_describe.yaml", "--out", str(out), "--set", "ray.num_cpus=2")
+    printed = (res.stdout + res.stderr).splitlines()
+    assert res.returncode == 0, "\n".join(printed[-40:])
+    assert len(printed) < 40, "\n".join(printed)
+    assert not [line for line in printed if "WARNING" in line and "Token authentication" not in line], "\n".join(printed)
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    assert {"rollout-0.log", "extraction.log"} <= set(logs), sorted(logs)
+    assert "vllm" in logs["rollout-0.log"].lower()
