@@ -37,6 +37,8 @@ class _StopForward(Exception):
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.device.type == "meta":  # shapes only (device checks)
+        return
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).nonzero()
         raise FloatingPointError(f"{name} contains NaN/inf (first bad index {bad[0].tolist()}, shape {list(tensor.shape)})")
@@ -44,7 +46,11 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def read_residual(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-    """Residual stream after `layer` blocks. [B, T] ids -> [B, T, d] (float32)."""
+    """Residual stream after `layer` blocks. [B, T] ids -> [B, T, d] (float32, on the model's device)."""
+    from cycle_oracle.devices import model_device
+
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     n = num_layers(model)
     if not 1 <= layer <= n - 1:
         raise ValueError(f"layer {layer} is out of range for a {n}-block model; expected 1..{n - 1}")
@@ -133,9 +139,9 @@ def extract(
         rows, records = [], []
         for b, (doc, toks) in enumerate(zip(batch, token_lists)):
             for i in readable_positions(toks, positions, skip_first, special):
-                rows.append(hidden[b, i])
+                rows.append(hidden[b, i].cpu())
                 records.append({"doc_id": doc.doc_id, "group": doc.group, "token_index": i, "token": tokenizer.decode([toks[i]])})
-        yield (torch.stack(rows) if rows else hidden.new_zeros((0, hidden.shape[-1]))), records, dict(
+        yield (torch.stack(rows) if rows else torch.zeros((0, hidden.shape[-1]))), records, dict(
             zip([d.doc_id for d in batch], token_lists)
         )
 

@@ -35,6 +35,13 @@ class DecoderBatch:
     def num_targets(self) -> int:
         return int(self.target_mask.sum())
 
+    def to(self, device: torch.device | str) -> "DecoderBatch":
+        return DecoderBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.placeholder_positions, self.target_mask)))
+
+    def targets(self) -> torch.Tensor:
+        """The completion tokens [num_targets], row-major (what `completion_logits` predicts)."""
+        return self.input_ids[:, 1:][self.target_mask[:, 1:].bool()]
+
 
 def build_batch(prompts: Sequence[DecoderPrompt], completions: Sequence[Sequence[int]], pad_id: int) -> DecoderBatch:
     if len(prompts) != len(completions):
@@ -65,8 +72,12 @@ def completion_logits(
     norm: float,
     mode: str = "replace",
 ) -> torch.Tensor:
-    """Logits that predict each completion token: [num_targets, V] in row-major order of target_mask."""
+    """Logits that predict each completion token: [num_targets, V] in row-major order of target_mask,
+    float32, on the model's device (the batch and vectors are moved there)."""
     inner, lm_head, embedding = _causal_lm_parts(model)
+    device = embedding.weight.device
+    batch = batch.to(device)
+    vectors = vectors.to(device=device, dtype=embedding.weight.dtype)
     with torch.no_grad():
         embeds = embedding(batch.input_ids)
     embeds = inject(embeds, batch.placeholder_positions, vectors, norm, mode)
@@ -88,21 +99,20 @@ def completion_logprobs(
     """log pi(token) for every completion token, after temperature: padded [N, Tc] (0 beyond each
     completion's length; `completion_mask(batch)` marks the valid entries)."""
     logits = completion_logits(model, batch, vectors, norm, mode)
-    targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
-    flat = token_logprobs(logits[None], targets[None], temperature)[0]
+    flat = token_logprobs(logits[None], batch.targets().to(logits.device)[None], temperature)[0]
     return unflatten(flat, batch)
 
 
 def completion_mask(batch: DecoderBatch) -> torch.Tensor:
-    """[N, Tc] 1 for valid completion tokens."""
+    """[N, Tc] 1 for valid completion tokens (on the batch's device)."""
     lengths = batch.target_mask.sum(1)
     width = int(lengths.max()) if len(lengths) else 0
-    return (torch.arange(width)[None, :] < lengths[:, None]).float()
+    return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
 def unflatten(flat: torch.Tensor, batch: DecoderBatch) -> torch.Tensor:
-    """[num_targets] in row-major order -> [N, Tc] padded with zeros."""
-    mask = completion_mask(batch).bool()
+    """[num_targets] in row-major order -> [N, Tc] padded with zeros (on `flat`'s device)."""
+    mask = completion_mask(batch).bool().to(flat.device)
     out = flat.new_zeros(mask.shape)
     out[mask] = flat
     return out

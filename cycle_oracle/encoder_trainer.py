@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.devices import model_device, role_device, to_cpu
 from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruction_loss, reconstruction_metrics
 from cycle_oracle.models import load_causal_lm, load_tokenizer
 
@@ -46,25 +47,28 @@ class EncoderTrainer:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(model_path)
         self.encoder = ActivationEncoder(load_causal_lm(model_path, cfg.model.dtype), layer, cfg.encoder.lora)
-        self.mean = mean.float()
+        self.encoder.to(role_device(cfg.resources.encoder.num_gpus))
+        self.mean = mean.float().cpu()  # rewards are computed on the CPU, from v_hat brought back
         opt = cfg.encoder.optim
         self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         self.updates = 0
 
     def _inputs(self, texts: Sequence[str]):
+        """(ids, attention, pool mask) on the encoder's device."""
         e = self.cfg.encoder
-        return encoder_inputs(self.tokenizer, texts, e.prefix, e.max_description_tokens)
+        device = model_device(self.encoder)
+        return tuple(t.to(device) for t in encoder_inputs(self.tokenizer, texts, e.prefix, e.max_description_tokens))
 
     @torch.no_grad()
     def reconstruct(self, texts: Sequence[str], batch_size: int = 32) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """texts -> (v_hat [N, d], pooling weights per text over its tokens)."""
+        """texts -> (v_hat [N, d], pooling weights per text over its tokens), on the CPU."""
         self.encoder.eval()
         outs, weights = [], []
         for i in range(0, len(texts), batch_size):
             ids, attn, pool = self._inputs(texts[i : i + batch_size])
             v_hat, w = self.encoder(ids, attn, pool)
-            outs.append(v_hat)
-            weights.extend(w[j][attn[j].bool()] for j in range(len(w)))
+            outs.append(to_cpu(v_hat.float()))
+            weights.extend(to_cpu(w[j][attn[j].bool()]) for j in range(len(w)))
         return torch.cat(outs), weights
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
@@ -92,7 +96,8 @@ class EncoderTrainer:
         for i in range(0, n, batch_size):
             ids, attn, pool = self._inputs(texts[i : i + batch_size])
             v_hat, _ = self.encoder(ids, attn, pool)
-            pred, target = regression_targets(v_hat.float(), vectors[i : i + batch_size].float(), self.mean, self.cfg.grpo.reward_space)
+            target_v = vectors[i : i + batch_size].to(device=v_hat.device, dtype=torch.float32)
+            pred, target = regression_targets(v_hat.float(), target_v, self.mean.to(v_hat.device), self.cfg.grpo.reward_space)
             loss = reconstruction_loss(self.cfg.encoder.loss, pred, target)
             (loss * len(ids) / n).backward()
             total += loss.item() * len(ids)
@@ -103,7 +108,7 @@ class EncoderTrainer:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas."""
-        tensors = {k: v.detach().clone() for k, v in self.encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
+        tensors = {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
         return tensors, {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
 
     def load_state(self, tensors: dict[str, torch.Tensor], optim: dict | None = None) -> None:

@@ -89,7 +89,7 @@ def target_norm(settings, embedding_norm: float, layer_norm: float | None) -> fl
 def check_activations(vectors: torch.Tensor, d_model: int) -> None:
     if vectors.shape[-1] != d_model:
         raise ValueError(f"activation width {vectors.shape[-1]} does not match the decoder's d_model {d_model}")
-    if not torch.isfinite(vectors).all():
+    if vectors.device.type != "meta" and not torch.isfinite(vectors).all():
         raise FloatingPointError("activation to inject contains NaN/inf")
 
 
@@ -112,11 +112,12 @@ def inject(
         vectors = vectors[:, None, :].expand(B, placeholder_positions.shape[1], d)
     if vectors.shape[:2] != placeholder_positions.shape:
         raise ValueError(f"vectors {list(vectors.shape)} do not match placeholder positions {list(placeholder_positions.shape)}")
-    v = vectors.detach().to(embeddings.dtype)
+    v = vectors.detach().to(device=embeddings.device, dtype=embeddings.dtype)
     # A zero vector (the zero-activation control) stays zero thanks to the clamp.
     scaled = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm
     out = embeddings.clone()
-    rows = torch.arange(B)[:, None].expand_as(placeholder_positions)
+    placeholder_positions = placeholder_positions.to(embeddings.device)
+    rows = torch.arange(B, device=embeddings.device)[:, None].expand_as(placeholder_positions)
     if mode == "replace":
         out[rows, placeholder_positions] = scaled
     elif mode == "add":

@@ -22,6 +22,7 @@ import torch
 
 from cycle_oracle.activations import pad_right, read_residual
 from cycle_oracle.data.items import SftExample
+from cycle_oracle.devices import model_device
 from cycle_oracle.decoder import DecoderBatch, build_batch, completion_logits, completion_mask, unflatten
 from cycle_oracle.batch import RolloutBatch
 from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, token_entropy, token_logprobs, truncated_importance_weights
@@ -100,11 +101,12 @@ class DecoderLearner:
             config=deepspeed_config(optim, total_steps, grad_accum),
         )
         self.model = self.engine.module
+        self.device = model_device(self.model)  # DeepSpeed placed it on this rank's device (Ray's GPU, or the CPU)
         self.reference = None
         if reference_adapter is not None:  # kl_reference: warmup -> a frozen copy with that adapter
             ref = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
             load_adapter_state(ref, reference_adapter)
-            self.reference = ref.merge_and_unload().eval()
+            self.reference = ref.merge_and_unload().eval().to(self.device)
         self.description_prompt = build_decoder_prompt(self.tokenizer, layer, cfg.description_instruction, cfg.injection.num_placeholders, cfg.injection.placeholder)
         self.reference_prompt = reference_prompt(self.tokenizer)
         self.optimizer_steps = 0
@@ -119,8 +121,8 @@ class DecoderLearner:
         ids, mask = pad_right(contexts, self.tokenizer.pad_token_id)
         with self.model.disable_adapter():
             hidden = read_residual(self.model, ids, mask, self.layer)
-        index = torch.tensor([list(p) if isinstance(p, Sequence) else p for p in positions])
-        rows = torch.arange(len(positions))
+        index = torch.tensor([list(p) if isinstance(p, Sequence) else p for p in positions], device=hidden.device)
+        rows = torch.arange(len(positions), device=hidden.device)
         return hidden[rows[:, None], index] if index.dim() == 2 else hidden[rows, index]
 
     @torch.no_grad()
@@ -172,10 +174,10 @@ class DecoderLearner:
             raise ValueError(f"vector_override {vector_override!r}; expected None or 'zero' (a shuffled control "
                              f"passes another source's context in the examples)")
         logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
-        targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:].bool()]
+        targets = batch.targets().to(logits.device)
         nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
         correct = unflatten((logits.argmax(-1) == targets).float(), batch)
-        mask = completion_mask(batch)
+        mask = completion_mask(batch).to(logits.device)
         return nll, correct, mask
 
     def sft_micro_step(self, examples: Sequence[SftExample]) -> dict:
@@ -191,7 +193,7 @@ class DecoderLearner:
             self.optimizer_steps += 1
         out = {"loss": loss.item(), "tokens": float(mask.sum()), "lr": self.lr()}
         for task in sorted({e.task for e in examples}):
-            rows = torch.tensor([e.task == task for e in examples])
+            rows = torch.tensor([e.task == task for e in examples], device=nll.device)
             out[f"loss/{task}"] = ((nll[rows] * mask[rows]).sum() / mask[rows].sum()).item()
             out[f"tokens/{task}"] = float(mask[rows].sum())
         return out
@@ -213,10 +215,10 @@ class DecoderLearner:
         dec = self._policy_batch(batch, self.description_prompt)
         with torch.set_grad_enabled(grad):
             logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
-            targets = dec.input_ids[:, 1:][dec.target_mask[:, 1:].bool()]
+            targets = dec.targets().to(logits.device)
             logp = unflatten(token_logprobs(logits[None], targets[None], batch.temperature)[0], dec)
             entropy = unflatten(token_entropy(logits[None].detach(), batch.temperature)[0], dec) if with_entropy else None
-        return logp, completion_mask(dec), entropy
+        return logp, completion_mask(dec).to(logp.device), entropy
 
     @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -227,8 +229,7 @@ class DecoderLearner:
             dec = self._policy_batch(batch, self.reference_prompt)
             with self.model.disable_adapter():
                 logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
-        targets = dec.input_ids[:, 1:][dec.target_mask[:, 1:].bool()]
-        return unflatten(token_logprobs(logits[None], targets[None], batch.temperature)[0], dec)
+        return unflatten(token_logprobs(logits[None], dec.targets().to(logits.device)[None], batch.temperature)[0], dec)
 
     def _sampler_logprobs(self, batch: RolloutBatch, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(like)
@@ -274,7 +275,7 @@ class DecoderLearner:
             old_logp, mask, _ = self.policy_logprobs(batch)
             weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
         ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
-        advantages = batch.advantages.float()
+        advantages = batch.advantages.float().to(self.device)
         metrics: dict[str, float] = {}
         order = torch.arange(len(batch))
         steps = 0

@@ -86,7 +86,9 @@ def _extract(model_path: str, config: dict, layer: int, documents: list, threads
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype)
+    from cycle_oracle.devices import role_device
+
+    model = load_causal_lm(model_path, cfg.model.dtype).to(role_device(cfg.resources.learner.num_gpus))  # the first (learner) bundle
     e = cfg.extraction
     batches = list(extract(model, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
     return batches, mean_embedding_norm(model.get_input_embeddings())

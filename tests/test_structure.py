@@ -202,3 +202,47 @@ def test_the_logger_refuses_metric_names_it_does_not_list(tmp_path):
     logger.close()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["grpo", "warmup"]
+
+
+# ---------------------------------------------------------------- devices
+def _record_input_devices(module, seen: list) -> None:
+    """A device-recording hook: every tensor passed into `module` (positionally or by keyword)."""
+    def hook(_mod, args, kwargs):
+        seen.extend(t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_inputs_follow_the_model_device(tiny_path, tiny_tokenizer, monkeypatch):
+    """Every tensor a role builds goes to its model's device: with the model on `meta` (the CPU
+    machine's stand-in for a GPU), the tensors reaching the transformer (decoder log-probs,
+    residual reads, the encoder) must be on `meta` too, not where they were built (the CPU)."""
+    import torch.fx.experimental._config as fx_config
+
+    from cycle_oracle.activations import read_residual
+    from cycle_oracle.decoder import build_batch, completion_logits
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+    from cycle_oracle.injection import build_decoder_prompt
+    from cycle_oracle.models import load_causal_lm
+
+    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # boolean masks on meta: shapes are fake, devices real
+    model = load_causal_lm(tiny_path)
+    model.set_attn_implementation("eager")  # sdpa's mask check reads a value, which meta tensors do not have
+    model = model.to("meta")
+    seen: list[str] = []
+    _record_input_devices(model.model, seen)
+    prompt = build_decoder_prompt(tiny_tokenizer, 1, "What is this?", 1, " ?")
+    batch = build_batch([prompt, prompt], [[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id)  # on the CPU
+    assert completion_logits(model, batch, torch.randn(2, 128), 2.0).device.type == "meta"
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert read_residual(model, ids, torch.ones_like(ids), 1).device.type == "meta"
+    assert seen and set(seen) == {"meta"}, f"inputs reached the decoder on {sorted(set(seen))}"
+
+    cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1}, "encoder": {"lora": {"r": 2, "alpha": 4}}})
+    trainer = EncoderTrainer(str(tiny_path), cfg, 1, torch.zeros(128))
+    trainer.encoder.trunk.set_attn_implementation("eager")
+    trainer.encoder.to("meta")
+    seen.clear()
+    _record_input_devices(trainer.encoder.trunk, seen)
+    v_hat, _ = trainer.reconstruct(["a cat sat on the mat"])
+    assert v_hat.device.type == "meta" and v_hat.shape == (1, 128)
+    assert seen and set(seen) == {"meta"}, f"inputs reached the encoder on {sorted(set(seen))}"
