@@ -323,6 +323,13 @@ class DecoderLearner:
         try:
             self.engine.save_checkpoint(str(tmp), tag="state", client_state={"optimizer_steps": self.optimizer_steps},
                                         exclude_frozen_parameters=True)
+            # DeepSpeed keeps a tied frozen weight (lm_head = the embedding) under its second name: keep
+            # only the trainable tensors in the module states
+            trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+            for states in tmp.rglob("*model_states.pt"):
+                saved = torch.load(states, weights_only=False)
+                saved["module"] = {k: v for k, v in saved["module"].items() if k in trainable}
+                torch.save(saved, states)
             return {str(p.relative_to(tmp)): p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
