@@ -373,10 +373,9 @@ def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None) -> dict:
     if start_ckpt is None:
         return out
     t = roles.timeout
-    grpo_adapter = roles.learners.adapter()
-    final_encoder, final_optim = remote_get(roles.encoder.state.remote(), t, "final encoder state")
     frozen = "encoder" in start_ckpt.tensors
     if frozen:
+        final_encoder, final_optim = remote_get(roles.encoder.state.remote(), t, "final encoder state")
         remote_get(roles.encoder.load_state.remote(start_ckpt.tensors["encoder"]), t, "load the starting encoder (frozen)")
         grpo_frozen = final_retrieval(roles, controls=())
     roles.sync(start_ckpt.tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
@@ -387,7 +386,6 @@ def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None) -> dict:
         remote_get(roles.encoder.load_state.remote(final_encoder, final_optim), t, "restore the final encoder")
     out["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
     out["grpo_minus_warmup"] = decoder_comparison(out["retrieval"], out["retrieval_warmup_decoder"])
-    roles.sync(grpo_adapter, verify=False)
     return out
 
 
