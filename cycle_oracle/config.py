@@ -174,6 +174,22 @@ class OptimSettings(Strict):
     verification) and the adapter read-out assume each rank holds the whole (LoRA) model."""
 
 
+class MemorySettings(Strict):
+    """How the decoder learner fits a step in memory, in warmup and GRPO alike (the maths does
+    not change: tests check that micro-batched and one-pass gradients agree)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of storing them
+    (on in the GPU recipes)."""
+    micro_batch_tokens: int | None = Field(None, ge=16)
+    """Token budget (padded prompt + completion) of one forward/backward pass within a rank: a rank's
+    minibatch is cut into micro-batches under it and their gradients accumulate before its one
+    optimizer step; the loss stays a token mean over the whole data-parallel minibatch. None: one pass."""
+    logits_chunk_tokens: int = Field(1024, ge=1)
+    """Completion positions whose fp32 logits [chunk, V] exist at once; a chunk's logits are
+    recomputed in the backward pass, not stored."""
+
+
 class WarmupSettings(Strict):
     steps: int = Field(100, ge=1)
     mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
@@ -309,6 +325,7 @@ class RecipeConfig(Strict):
     rollout: RolloutSettings = RolloutSettings()
     resources: Resources = Resources()
     decoder_optim: OptimSettings = OptimSettings()
+    memory: MemorySettings = MemorySettings()
     split: SplitSettings = SplitSettings()
     warmup: WarmupSettings = WarmupSettings()
     grpo: GrpoSettings = GrpoSettings()

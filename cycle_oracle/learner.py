@@ -81,7 +81,9 @@ class DecoderLearner:
     `decoder_optim`, one optimizer step per minibatch."""
 
     def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, total_steps: int, stage: str = "warmup",
-                 reference_adapter: dict | None = None):
+                 reference_adapter: dict | None = None, model=None, tokenizer=None):
+        """`model`/`tokenizer`: a prebuilt HF causal LM (without LoRA) and its tokenizer instead of
+        loading `model_path` (the GPU memory probe builds a random-initialised 8B-shaped one)."""
         import deepspeed
 
         if stage == "warmup":
@@ -93,8 +95,8 @@ class DecoderLearner:
         self.cfg = cfg
         self.layer = layer
         self.norm = injection_norm
-        self.tokenizer = load_tokenizer(model_path)
-        model = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        model = attach_lora(model if model is not None else load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
