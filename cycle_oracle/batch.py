@@ -146,3 +146,30 @@ def regroup(parts: Sequence[RolloutBatch], activation_indices: Sequence[Sequence
     if sorted(start_of) != list(range(len(start_of))):
         raise ValueError(f"rollout parts cover activations {sorted(start_of)}, expected 0..{len(start_of) - 1}")
     return whole.select([start_of[b] + j for b in range(len(start_of)) for j in range(k)])
+
+
+def micro_batches(lengths: Sequence[int], token_budget: int | None, count: int | None = None) -> list[list[int]]:
+    """Sequences (by their padded lengths) cut into micro-batches for one rank's forward/backward
+    passes: longest first, greedily packed so rows x longest <= `token_budget` (a sequence longer than
+    the budget goes alone; None: one micro-batch). With `count` (the largest number any
+    data-parallel rank needs, so every rank makes the same number of backward passes, which ZeRO-2's
+    per-backward reductions require) the largest micro-batches are halved until there are `count`;
+    a rank still short gets empty ones (the learner runs them as zero-weight passes)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (token_budget is None or (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if count is not None:
+        if count < len(groups):
+            raise ValueError(f"micro_batches: {len(groups)} micro-batches are needed under the budget, fewer ({count}) were asked")
+        while len(groups) < count:
+            big = max(range(len(groups)), key=lambda g: len(groups[g])) if groups else None
+            if big is None or len(groups[big]) < 2:
+                groups.append([])
+                continue
+            half = len(groups[big]) // 2
+            groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
+    return groups

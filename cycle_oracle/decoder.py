@@ -65,15 +65,10 @@ def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Embeddi
     return lm.model, lm.lm_head, lm.get_input_embeddings()
 
 
-def completion_logits(
-    model: nn.Module,
-    batch: DecoderBatch,
-    vectors: torch.Tensor,
-    norm: float,
-    mode: str = "replace",
-) -> torch.Tensor:
-    """Logits that predict each completion token: [num_targets, V] in row-major order of target_mask,
-    float32, on the model's device (the batch and vectors are moved there)."""
+def completion_hidden(model: nn.Module, batch: DecoderBatch, vectors: torch.Tensor, norm: float, mode: str = "replace") -> tuple[torch.Tensor, nn.Module]:
+    """(final hidden states at the positions that predict each completion token [num_targets, d],
+    in row-major order of target_mask; the LM head), on the model's device (the batch and vectors
+    are moved there). Prompt positions never reach the LM head."""
     inner, lm_head, embedding = _causal_lm_parts(model)
     device = embedding.weight.device
     batch = batch.to(device)
@@ -84,8 +79,78 @@ def completion_logits(
     hidden = inner(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     # token t is predicted from position t-1
     predict_from = batch.target_mask[:, 1:].bool()
-    h = hidden[:, :-1][predict_from]
-    return lm_head(h).float()
+    return hidden[:, :-1][predict_from], lm_head
+
+
+def completion_logits(
+    model: nn.Module,
+    batch: DecoderBatch,
+    vectors: torch.Tensor,
+    norm: float,
+    mode: str = "replace",
+) -> torch.Tensor:
+    """Logits that predict each completion token: [num_targets, V] in row-major order of target_mask,
+    float32, on the model's device (all at once: evals and small batches; the learner uses
+    `completion_token_stats`, which never holds more than a chunk of them)."""
+    hidden, lm_head = completion_hidden(model, batch, vectors, norm, mode)
+    return lm_head(hidden).float()
+
+
+@dataclass
+class TokenStats:
+    """Per completion token, row-major [num_targets]: log pi(token) after temperature, and where
+    asked the entropy of the temperature-scaled distribution and whether the token is the argmax."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+
+
+def _chunk_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                 entropy: bool, correct: bool) -> tuple[torch.Tensor, ...]:
+    from cycle_oracle.grpo import token_entropy
+
+    logits = lm_head(hidden).float()  # [chunk, V], fp32 whatever the model's dtype
+    logp = token_logprobs(logits[None], targets[None], temperature)[0]
+    out = [logp]
+    with torch.no_grad():  # logged / scored, never differentiated
+        if entropy:
+            out.append(token_entropy(logits[None].detach(), temperature)[0])
+        if correct:
+            out.append((logits.argmax(-1) == targets).float())
+    return tuple(out)
+
+
+def completion_token_stats(
+    model: nn.Module,
+    batch: DecoderBatch,
+    vectors: torch.Tensor,
+    norm: float,
+    temperature: float = 1.0,
+    mode: str = "replace",
+    chunk_tokens: int = 1024,
+    entropy: bool = False,
+    correct: bool = False,
+) -> TokenStats:
+    """Log-probs (and entropy, argmax hits) of every completion token, computed from the LM head in
+    chunks of `chunk_tokens` positions: fp32 logits exist for one chunk at a time, and with a graph
+    each chunk's are recomputed in the backward pass (activation checkpointing of the head) instead
+    of being kept, so memory is O(chunk x V) rather than O(num_targets x V).
+        logp_t = log softmax(W h_t / temperature)[x_t]     (the same maths as `completion_logprobs`)"""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, lm_head = completion_hidden(model, batch, vectors, norm, mode)
+    targets = batch.targets().to(hidden.device)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, max(len(targets), 1), chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_stats, lm_head, h, t, temperature, entropy, correct, use_reentrant=False))
+        else:
+            parts.append(_chunk_stats(lm_head, h, t, temperature, entropy, correct))
+    columns = [torch.cat(c) for c in zip(*parts)]
+    logp = columns.pop(0)
+    return TokenStats(logp, columns.pop(0) if entropy else None, columns.pop(0) if correct else None)
 
 
 def completion_logprobs(

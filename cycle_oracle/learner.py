@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,15 +24,17 @@ import torch
 from cycle_oracle.activations import pad_right, read_residual
 from cycle_oracle.data.items import SftExample
 from cycle_oracle.devices import model_device
-from cycle_oracle.decoder import DecoderBatch, build_batch, completion_logits, completion_mask, unflatten
-from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.decoder import DecoderBatch, build_batch, completion_mask, completion_token_stats, unflatten
+from cycle_oracle.batch import RolloutBatch, micro_batches
 from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, token_entropy, token_logprobs, truncated_importance_weights
 from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
 from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
 
 
-def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1) -> dict:
-    """DeepSpeed config from the recipe's optimiser settings (CPU-safe: torch Adam, fp32)."""
+def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, micro_batch: int = 1, dtype: str = "float32") -> dict:
+    """DeepSpeed config from the recipe's optimiser settings (torch AdamW, CPU-safe). With a bf16 or
+    fp16 model DeepSpeed's mixed precision is on: the (LoRA) weights compute in that dtype while
+    the optimizer keeps fp32 master weights and moments."""
     # DeepSpeed's schedulers need >= 1 warmup step; "no warmup" = a warmup that starts at the peak.
     warmup = max(1, min(optim.warmup_steps, max(total_steps - 1, 1)))
     start = 0.0 if optim.warmup_steps > 0 else 1.0
@@ -52,20 +55,31 @@ def deepspeed_config(optim, total_steps: int, grad_accum: int | None = None, mic
         "scheduler": scheduler,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **({"bf16": {"enabled": True}} if dtype == "bfloat16" else {"fp16": {"enabled": True}} if dtype == "float16" else {}),
     }
 
 
-def data_parallel_tokens(mask: torch.Tensor) -> float:
+def data_parallel_tokens(local_tokens: float, device: torch.device | str = "cpu") -> float:
     """T_global / W: the data-parallel minibatch's token count over the world size (the local
     count when no process group is running), the denominator that makes W ranks' averaged
     gradient equal one learner's on the whole minibatch."""
     import torch.distributed as dist
 
-    local = mask.sum().float().reshape(1)
+    local = torch.tensor([float(local_tokens)], device=device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(local)
     dist.all_reduce(local, op=dist.ReduceOp.SUM)
     return float(local) / dist.get_world_size()
+
+
+def data_parallel_max(local: int, device: torch.device | str = "cpu") -> int:
+    """The largest `local` over the data-parallel ranks (the local value without a process group)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([float(local)], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> None:
@@ -97,10 +111,12 @@ class DecoderLearner:
         self.norm = injection_norm
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         model = attach_lora(model if model is not None else load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+        if cfg.memory.gradient_checkpointing:  # non-reentrant: the injected embeddings need no grad
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(optim, total_steps, grad_accum),
+            config=deepspeed_config(optim, total_steps, grad_accum, dtype=cfg.model.dtype),
         )
         self.model = self.engine.module
         self.device = model_device(self.model)  # DeepSpeed placed it on this rank's device (Ray's GPU, or the CPU)
@@ -145,12 +161,51 @@ class DecoderLearner:
         kept = ((vectors - mean).pow(2).sum(-1).mean() / vectors.pow(2).sum(-1).mean()).item()
         return {"task": task, "contexts": len(contexts), "energy_share_kept": kept, "offset_norm": mean.norm(dim=-1).mean().item()}
 
+    # ---- passes ---------------------------------------------------------------------------
+    def _micro_batches(self, lengths: Sequence[int], agree: bool) -> list[list[int]]:
+        """This rank's micro-batches under `memory.micro_batch_tokens`; with `agree`, as many as the
+        data-parallel rank that needs the most (every rank must make the same number of backward passes)."""
+        budget = self.cfg.memory.micro_batch_tokens
+        if not agree:
+            return micro_batches(lengths, budget)
+        return micro_batches(lengths, budget, data_parallel_max(len(micro_batches(lengths, budget)), self.device))
+
+    def _accumulate(self, groups: list[list[int]], backward_one: Callable[[list[int], float], None], boundary: bool = True) -> None:
+        """One backward pass per micro-batch, then one `engine.step()`: DeepSpeed's accumulation
+        boundary is ours (the last micro-batch of a call that ends an optimizer step), so gradients
+        of all micro-batches add up before the step. An empty micro-batch (a rank short of samples)
+        runs sample 0 with weight 0, so its ZeRO-2 reductions still meet the other ranks'."""
+        for j, group in enumerate(groups):
+            self.engine.set_gradient_accumulation_boundary(boundary and j == len(groups) - 1)
+            backward_one(group or [0], 1.0 if group else 0.0)
+        self.engine.step()
+
+    @contextmanager
+    def _gradient_pass(self):
+        """Dropout off in every GRPO pass (eval mode), while the transformer blocks report
+        `training` so that HF's gradient checkpointing, which runs only in training mode,
+        recomputes them (`memory.gradient_checkpointing`); their submodules stay in eval mode."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.engine.eval()
+        blocks = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)] if self.cfg.memory.gradient_checkpointing else []
+        for b in blocks:
+            b.training = True
+        try:
+            yield
+        finally:
+            for b in blocks:
+                b.training = False
+
     # ---- warmup -------------------------------------------------------------------------
-    def _sft_batch(self, examples: Sequence[SftExample]) -> tuple[DecoderBatch, torch.Tensor]:
+    def _sft_prompts(self, examples: Sequence[SftExample]) -> tuple[list[DecoderPrompt], list[list[int]]]:
         from cycle_oracle.injection import answer_ids
 
         prompts = [build_decoder_prompt(self.tokenizer, self.layer, e.question, self.cfg.injection.num_placeholders, self.cfg.injection.placeholder) for e in examples]
-        answers = [answer_ids(self.tokenizer, e.answer) for e in examples]
+        return prompts, [answer_ids(self.tokenizer, e.answer) for e in examples]
+
+    def _sft_batch(self, examples: Sequence[SftExample]) -> tuple[DecoderBatch, torch.Tensor]:
+        prompts, answers = self._sft_prompts(examples)
         vectors = self.read_activations([e.context_ids for e in examples], [self._placeholder_positions(e) for e in examples])
         for row, e in enumerate(examples):
             if e.task in self.read_offsets:
@@ -168,36 +223,50 @@ class DecoderLearner:
         return positions
 
     def _answer_token_losses(self, examples: Sequence[SftExample], vector_override: str | None = None):
-        """Per-example mean answer NLL [B] and argmax accuracy [B] (teacher-forced), with the graph."""
+        """Per-token answer NLL [B, T] and argmax hits [B, T] (teacher-forced), with the graph, and the mask."""
         batch, vectors = self._sft_batch(examples)
         if vector_override == "zero":  # control: no activation at all
             vectors = torch.zeros_like(vectors)
         elif vector_override is not None:
             raise ValueError(f"vector_override {vector_override!r}; expected None or 'zero' (a shuffled control "
                              f"passes another source's context in the examples)")
-        logits = completion_logits(self.engine, batch, vectors, self.norm, self.cfg.injection.mode)
-        targets = batch.targets().to(logits.device)
-        nll = unflatten(torch.nn.functional.cross_entropy(logits, targets, reduction="none"), batch)
-        correct = unflatten((logits.argmax(-1) == targets).float(), batch)
-        mask = completion_mask(batch).to(logits.device)
-        return nll, correct, mask
+        stats = completion_token_stats(self.engine, batch, vectors, self.norm, 1.0, self.cfg.injection.mode,
+                                       self.cfg.memory.logits_chunk_tokens, correct=True)
+        nll = -unflatten(stats.logp, batch)
+        correct = unflatten(stats.correct, batch)
+        return nll, correct, completion_mask(batch).to(nll.device)
 
     def sft_micro_step(self, examples: Sequence[SftExample]) -> dict:
-        """Forward + backward on one micro-batch; DeepSpeed steps the optimizer at accumulation
-        boundaries. Loss = mean NLL over all answer tokens of the micro-batch; also per task."""
+        """Forward + backward on one micro-batch of examples (in token-budget pieces, see
+        `memory.micro_batch_tokens`); DeepSpeed steps the optimizer at accumulation boundaries
+        (`decoder_optim.grad_accum` calls). Loss of a call = sum of answer-token NLL over the
+        data-parallel call's tokens T: loss_r = sum_{r's tokens} nll / (T / W), so the ranks'
+        averaged gradient is the token mean over the whole call. Metrics: this rank's token means."""
         self.engine.train()
-        nll, _, mask = self._answer_token_losses(examples)
-        loss = (nll * mask).sum() / mask.sum()
-        self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
+        prompts, answers = self._sft_prompts(examples)
+        lengths = [len(p.input_ids) + len(a) for p, a in zip(prompts, answers)]
+        local_tokens = sum(len(a) for a in answers)
+        denominator = data_parallel_tokens(local_tokens, self.device)
+        sums: dict[str, list[float]] = {}
+
+        def backward_one(group: list[int], weight: float) -> None:
+            part = [examples[i] for i in group]
+            nll, _, mask = self._answer_token_losses(part)
+            self.engine.backward(weight * (nll * mask).sum() / denominator)
+            if weight:
+                for row, e in enumerate(part):
+                    total = sums.setdefault(e.task, [0.0, 0.0])
+                    total[0] += float((nll[row] * mask[row]).sum().detach())
+                    total[1] += float(mask[row].sum())
+
+        boundary = (self.engine.micro_steps + 1) % self.engine.gradient_accumulation_steps() == 0
+        self._accumulate(self._micro_batches(lengths, agree=True), backward_one, boundary)
         if boundary:
             self.optimizer_steps += 1
-        out = {"loss": loss.item(), "tokens": float(mask.sum()), "lr": self.lr()}
-        for task in sorted({e.task for e in examples}):
-            rows = torch.tensor([e.task == task for e in examples], device=nll.device)
-            out[f"loss/{task}"] = ((nll[rows] * mask[rows]).sum() / mask[rows].sum()).item()
-            out[f"tokens/{task}"] = float(mask[rows].sum())
+        out = {"loss": sum(v[0] for v in sums.values()) / max(local_tokens, 1), "tokens": float(local_tokens), "lr": self.lr()}
+        for task in sorted(sums):
+            out[f"loss/{task}"] = sums[task][0] / max(sums[task][1], 1.0)
+            out[f"tokens/{task}"] = sums[task][1]
         return out
 
     @torch.no_grad()
@@ -205,33 +274,65 @@ class DecoderLearner:
         """Held-out scoring: per-example mean answer NLL and token accuracy (with the examples' own
         activations, or "zero"; the shuffled control is built by the caller from other sources)."""
         self.engine.eval()
-        nll, correct, mask = self._answer_token_losses(examples, vector_override)
-        return {"nll": ((nll * mask).sum(1) / mask.sum(1)).tolist(), "token_accuracy": ((correct * mask).sum(1) / mask.sum(1)).tolist()}
+        prompts, answers = self._sft_prompts(examples)
+        out: dict[str, list[float]] = {"nll": [0.0] * len(examples), "token_accuracy": [0.0] * len(examples)}
+        for group in self._micro_batches([len(p.input_ids) + len(a) for p, a in zip(prompts, answers)], agree=False):
+            nll, correct, mask = self._answer_token_losses([examples[i] for i in group], vector_override)
+            for row, i in enumerate(group):
+                out["nll"][i] = float((nll[row] * mask[row]).sum() / mask[row].sum())
+                out["token_accuracy"][i] = float((correct[row] * mask[row]).sum() / mask[row].sum())
+        return out
 
     # ---- GRPO ---------------------------------------------------------------------------
     def _policy_batch(self, batch: RolloutBatch, prompt: DecoderPrompt) -> DecoderBatch:
         return build_batch([prompt] * len(batch), batch.token_ids, self.tokenizer.pad_token_id)
 
-    def policy_logprobs(self, batch: RolloutBatch, grad: bool = False, with_entropy: bool = False):
-        """(log pi [N, T], completion mask [N, T], entropy [N, T] or None) at the batch's temperature."""
-        dec = self._policy_batch(batch, self.description_prompt)
-        with torch.set_grad_enabled(grad):
-            logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
-            targets = dec.targets().to(logits.device)
-            logp = unflatten(token_logprobs(logits[None], targets[None], batch.temperature)[0], dec)
-            entropy = unflatten(token_entropy(logits[None].detach(), batch.temperature)[0], dec) if with_entropy else None
+    def _lengths(self, batch: RolloutBatch, prompt: DecoderPrompt) -> list[int]:
+        return [len(prompt.input_ids) + len(ids) for ids in batch.token_ids]
+
+    def _token_logprobs(self, model, batch: RolloutBatch, prompt: DecoderPrompt, with_entropy: bool = False):
+        """(log pi [n, T], completion mask [n, T], entropy [n, T] or None) of `model` in one pass."""
+        dec = self._policy_batch(batch, prompt)
+        stats = completion_token_stats(model, dec, batch.vectors, self.norm, batch.temperature, self.cfg.injection.mode,
+                                       self.cfg.memory.logits_chunk_tokens, entropy=with_entropy)
+        logp = unflatten(stats.logp, dec)
+        entropy = unflatten(stats.entropy, dec) if with_entropy else None
         return logp, completion_mask(dec).to(logp.device), entropy
+
+    def _in_micro_batches(self, batch: RolloutBatch, prompt: DecoderPrompt, run) -> list[torch.Tensor | None]:
+        """A no-grad pass over the batch in micro-batches: `run(sub_batch)` -> [n, T_sub] tensors,
+        scattered back into [N, T] (zero-padded) in the batch's order."""
+        groups = self._micro_batches(self._lengths(batch, prompt), agree=False)
+        width = max((len(ids) for ids in batch.token_ids), default=0)
+        out: list[torch.Tensor | None] = []
+        for group in groups:
+            for k, t in enumerate(run(batch.select(group))):
+                if len(out) <= k:
+                    out.append(None if t is None else t.new_zeros(len(batch), width))
+                if t is not None:
+                    out[k][group, : t.shape[1]] = t
+        return out
+
+    def policy_logprobs(self, batch: RolloutBatch, grad: bool = False, with_entropy: bool = False):
+        """(log pi [N, T], completion mask [N, T], entropy [N, T] or None) at the batch's temperature.
+        Without grad the batch runs in micro-batches; a gradient call is one pass (`grpo_step`
+        micro-batches before calling it)."""
+        if grad:
+            return self._token_logprobs(self.engine, batch, self.description_prompt, with_entropy)
+        with torch.no_grad():
+            logp, mask, entropy = self._in_micro_batches(batch, self.description_prompt,
+                                                         lambda sub: self._token_logprobs(self.engine, sub, self.description_prompt, with_entropy))
+        return logp, mask, entropy
 
     @torch.no_grad()
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         if self.reference is not None:  # warmup adapter, same prompt and activation
-            dec = self._policy_batch(batch, self.description_prompt)
-            logits = completion_logits(self.reference, dec, batch.vectors, self.norm, self.cfg.injection.mode)
-        else:  # bare base model on the generated text only: no oracle prompt, no activation
-            dec = self._policy_batch(batch, self.reference_prompt)
-            with self.model.disable_adapter():
-                logits = completion_logits(self.engine, dec, batch.vectors, self.norm, self.cfg.injection.mode)
-        return unflatten(token_logprobs(logits[None], dec.targets().to(logits.device)[None], batch.temperature)[0], dec)
+            return self._in_micro_batches(batch, self.description_prompt,
+                                          lambda sub: self._token_logprobs(self.reference, sub, self.description_prompt)[:1])[0]
+        # bare base model on the generated text only: no oracle prompt, no activation
+        with self.model.disable_adapter():
+            return self._in_micro_batches(batch, self.reference_prompt,
+                                          lambda sub: self._token_logprobs(self.engine, sub, self.reference_prompt)[:1])[0]
 
     def _sampler_logprobs(self, batch: RolloutBatch, like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(like)
@@ -242,17 +343,19 @@ class DecoderLearner:
     @torch.no_grad()
     def sequence_kl(self, batch: RolloutBatch) -> list[float]:
         """sum_t k1_t = sum_t (log pi - log pi_ref) per sample (the "reward" KL placement)."""
+        self.engine.eval()
         logp, mask, _ = self.policy_logprobs(batch)
         ref = self.reference_logprobs(batch)
         return sequence_kl_k1(logp, ref[:, : logp.shape[1]], mask).tolist()
 
     @torch.no_grad()
-    def sync_error(self, probe: RolloutBatch) -> float:
-        """max_t |log pi_learner - log pi_sampler| over the probe's tokens (weight-sync verification)."""
+    def sync_error(self, probe: RolloutBatch) -> dict[str, float]:
+        """|log pi_learner - log pi_sampler| over the probe's tokens (weight-sync verification):
+        mean, 99th percentile and max, and the token count."""
         self.engine.eval()
         logp, mask, _ = self.policy_logprobs(probe)
-        diff = (logp - self._sampler_logprobs(probe, logp)).abs() * mask
-        return float(diff.max())
+        diff = (logp - self._sampler_logprobs(probe, logp)).abs()[mask.bool()].float().cpu()
+        return {"mean": float(diff.mean()), "p99": float(torch.quantile(diff, 0.99)), "max": float(diff.max()), "tokens": float(len(diff))}
 
     def grpo_step(self, batch: RolloutBatch) -> dict:
         """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch.
@@ -267,7 +370,9 @@ class DecoderLearner:
         `minibatches_per_epoch` optimizer steps per epoch (`torch.tensor_split`; the schema keeps
         every minibatch non-empty), and each minibatch's loss is a token mean over the whole
         data-parallel minibatch: loss_r = sum_{r's tokens} l / (T_global / W), which DeepSpeed's
-        average over W ranks turns into sum_{all tokens} l / T_global, the single-learner loss."""
+        average over W ranks turns into sum_{all tokens} l / T_global, the single-learner loss.
+        A minibatch runs in micro-batches under `memory.micro_batch_tokens` whose gradients add up
+        before its optimizer step (the same sum, so the same gradient)."""
         g = self.cfg.grpo
         self.engine.eval()
         # One update per rollout: the old policy is the current one, so its log-probs are the
@@ -275,39 +380,57 @@ class DecoderLearner:
         single_update = g.epochs_per_rollout == 1 and g.minibatches_per_epoch == 1
         if not single_update:
             old_logp, mask, _ = self.policy_logprobs(batch)
-            weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
+            weights, old_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
         ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
         advantages = batch.advantages.float().to(self.device)
-        metrics: dict[str, float] = {}
+        sums: dict[str, float] = {}  # token-weighted metric sums over every micro-batch of every update
+        maxima: dict[str, float] = {}
+        counted = 0.0
         order = torch.arange(len(batch))
-        steps = 0
         for _epoch in range(g.epochs_per_rollout):
             for chunk in torch.tensor_split(order, g.minibatches_per_epoch):
                 idx = chunk.tolist()
-                logp, sub_mask, entropy = self.policy_logprobs(batch.select(idx), grad=True, with_entropy=True)
-                if single_update:
-                    old_logp, mask = logp.detach(), sub_mask
-                    weights, is_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
-                loss, m = grpo_policy_loss(
-                    logp, old_logp[idx][:, : logp.shape[1]], advantages[idx], sub_mask,
-                    clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
-                    importance_weights=weights[idx][:, : logp.shape[1]],
-                    ref_logp=None if ref_logp is None else ref_logp[idx][:, : logp.shape[1]],
-                    kl_coef=g.kl_coef if g.kl_placement == "loss" else 0.0,
-                    kl_estimator=g.kl_estimator, kl_placement=g.kl_placement,
-                    num_tokens_for_mean=data_parallel_tokens(sub_mask),
-                )
-                self.engine.backward(loss)
-                self.engine.step()
+                minibatch = batch.select(idx)
+                denominator = data_parallel_tokens(sum(len(t) for t in minibatch.token_ids), self.device)
+
+                def backward_one(group: list[int], weight: float) -> None:
+                    nonlocal counted
+                    rows = [idx[i] for i in group]
+                    with self._gradient_pass():
+                        logp, sub_mask, entropy = self.policy_logprobs(minibatch.select(group), grad=True, with_entropy=True)
+                    width = logp.shape[1]
+                    if single_update:
+                        old = logp.detach()
+                        w, is_stats = truncated_importance_weights(old, self._sampler_logprobs(minibatch.select(group), old), sub_mask, g.importance_cap)
+                    else:
+                        old, w, is_stats = old_logp[rows][:, :width], weights[rows][:, :width], {}
+                    loss, m = grpo_policy_loss(
+                        logp, old, advantages[rows], sub_mask,
+                        clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, importance_weights=w,
+                        ref_logp=None if ref_logp is None else ref_logp[rows][:, :width],
+                        kl_coef=g.kl_coef if g.kl_placement == "loss" else 0.0,
+                        kl_estimator=g.kl_estimator, kl_placement=g.kl_placement,
+                        num_tokens_for_mean=denominator,
+                    )
+                    self.engine.backward(weight * loss)
+                    if weight:
+                        tokens = float(sub_mask.sum())
+                        m["entropy"] = float(masked_mean(entropy, sub_mask))
+                        m.update({f"importance_{k}": v for k, v in is_stats.items()})
+                        for k, v in m.items():
+                            if k.endswith("_max"):
+                                maxima[k] = max(maxima.get(k, float("-inf")), float(v))
+                            else:
+                                sums[k] = sums.get(k, 0.0) + float(v) * tokens
+                        counted += tokens
+
+                self._accumulate(self._micro_batches(self._lengths(minibatch, self.description_prompt), agree=True), backward_one)
                 self.optimizer_steps += 1
-                steps += 1
-                m["entropy"] = float(masked_mean(entropy, sub_mask))
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v)
-        out = {k: v / steps for k, v in metrics.items()}
-        out.update({f"importance_{k}": float(v) for k, v in is_stats.items()})
+        out = {k: v / max(counted, 1.0) for k, v in sums.items()} | maxima
+        if not single_update:  # the importance weights of the one old-policy pass
+            out.update({f"importance_{k}": float(v) for k, v in old_stats.items()})
         out["lr"] = self.lr()
-        out["tokens"] = float(mask.sum())
+        out["tokens"] = float(sum(len(t) for t in batch.token_ids))
         return out
 
     # ---- state --------------------------------------------------------------------------

@@ -370,3 +370,25 @@ def test_kl_in_loss_and_in_reward_placement():
         grpo_policy_loss(logp, logp.detach(), zero_advantage, mask, kl_coef=0.5)
     with pytest.raises(ValueError):
         grpo_policy_loss(logp, logp.detach(), zero_advantage, mask, kl_placement="advantage")
+
+
+def test_micro_batches_fit_the_budget_and_cover_every_sample_once():
+    from cycle_oracle.batch import micro_batches
+
+    lengths = [5, 40, 12, 7, 33, 9, 18]
+    groups = micro_batches(lengths, 48)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:  # padded size: rows x the longest row
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 48
+    assert micro_batches(lengths, None) == [sorted(range(7), key=lambda i: -lengths[i])]
+    assert micro_batches([100, 3], 50) == [[0], [1]]  # longer than the budget: alone
+
+
+def test_micro_batches_agree_on_a_count_by_halving_then_padding():
+    from cycle_oracle.batch import micro_batches
+
+    three = micro_batches([4, 4, 4, 4], None, count=3)
+    assert len(three) == 3 and sorted(i for g in three for i in g) == [0, 1, 2, 3]
+    assert micro_batches([4], None, count=3) == [[0], [], []]  # a rank short of samples: empty (zero-weight) passes
+    with pytest.raises(ValueError, match="fewer"):
+        micro_batches([10, 10, 10], 10, count=2)

@@ -303,3 +303,134 @@ def test_one_update_per_rollout_skips_the_old_policy_pass_with_the_same_gradient
     assert set(grads) == set(reference) and reference
     for name, g in reference.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _memory_cfg(stage: int = 0, **memory):
+    cfg = _grpo_cfg()
+    return cfg.model_copy(update={"memory": cfg.memory.model_copy(update=memory),
+                                  "decoder_optim": cfg.decoder_optim.model_copy(update={"zero_stage": stage})})
+
+
+def _random_lora_b(learner, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(learner.model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _gradients_of(learner, call) -> dict[str, torch.Tensor]:
+    """The gradient DeepSpeed holds when `call()` reaches engine.step (ZeRO stage 0: in p.grad)."""
+    grads = {}
+    original = learner.engine.step
+
+    def step(*a, **k):
+        grads.update({n: p.grad.detach().clone() for n, p in learner.engine.module.named_parameters() if p.requires_grad and p.grad is not None})
+        return original(*a, **k)
+
+    learner.engine.step = step
+    try:
+        call()
+    finally:
+        learner.engine.step = original
+    return grads
+
+
+def test_micro_batched_gradients_equal_the_one_pass_gradient(dist, tiny_path, tiny_tokenizer):
+    """A minibatch cut into token-budget micro-batches whose gradients accumulate before one step
+    (with gradient checkpointing and a 2-position logits chunk, too) gives the one-pass gradient,
+    for GRPO and for the warmup's SFT; checkpointing really recomputes the blocks."""
+    from cycle_oracle.models import decoder_blocks
+
+    learners = {}
+    for name, memory in {"one_pass": {}, "micro": {"micro_batch_tokens": 16},
+                         "micro_ckpt": {"micro_batch_tokens": 16, "gradient_checkpointing": True, "logits_chunk_tokens": 2}}.items():
+        torch.manual_seed(0)
+        learners[name] = DecoderLearner(str(tiny_path), _memory_cfg(**memory), 1, 1.0, total_steps=4, stage="grpo")
+        _random_lora_b(learners[name])
+    batch = _uneven_batch(tiny_tokenizer)
+    batch.sampler_logprobs = [[-1.5] * len(ids) for ids in batch.token_ids]
+    calls = {"n": 0}
+    block = decoder_blocks(learners["micro_ckpt"].model)[0]
+    forward = block.forward
+
+    def counting(*a, **k):  # (forward hooks do not fire on a checkpoint's recompute; the method runs)
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    block.forward = counting
+
+    grpo = {name: _gradients_of(l, lambda l=l: l.grpo_step(batch)) for name, l in learners.items()}
+    assert calls["n"] == 2 * len(batch), "checkpointing recomputes each micro-batch's blocks in the backward pass"
+    examples = _examples(tiny_tokenizer)
+    sft = {name: _gradients_of(l, lambda l=l: l.sft_micro_step(examples)) for name, l in learners.items()}
+    for grads in (grpo, sft):
+        reference = grads["one_pass"]
+        assert reference and any(float(g.abs().sum()) > 0 for g in reference.values())
+        for name in ("micro", "micro_ckpt"):
+            assert set(grads[name]) == set(reference)
+            for k, g in reference.items():
+                torch.testing.assert_close(grads[name][k], g, atol=1e-6, rtol=1e-4, msg=f"{name} {k}")
+
+
+def _rank_update(rank: int, port: int, model_path: str, out_dir: str, micro: int | None) -> None:
+    """One of 2 ZeRO-2 ranks (spawned): its shard of the uneven batch, one GRPO step -> its adapter."""
+    import torch.distributed as td
+
+    from cycle_oracle.batch import shard_indices
+    from cycle_oracle.models import load_tokenizer
+
+    torch.set_num_threads(1)
+    init_distributed(rank, 2, "127.0.0.1", port, "gloo")
+    torch.manual_seed(0)
+    learner = DecoderLearner(model_path, _memory_cfg(stage=2, micro_batch_tokens=micro), 1, 1.0, total_steps=4, stage="grpo")
+    _random_lora_b(learner)
+    batch = _uneven_batch(load_tokenizer(model_path))
+    learner.grpo_step(batch.select(shard_indices(len(batch), 2)[rank]))
+    torch.save(learner.adapter(), f"{out_dir}/rank{rank}.pt")
+    td.destroy_process_group()
+
+
+def test_zero2_ranks_needing_different_micro_batch_counts_agree_and_match_one_learner(dist, tiny_path, tiny_tokenizer, tmp_path):
+    """Rank 0 holds two sequences (two micro-batches under the budget), rank 1 one: ZeRO-2 reduces at
+    every backward, so the ranks must make the same number of passes (rank 1 adds a zero-weight
+    one) or they hang; the update equals one learner's on the whole batch."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from actors.placement import free_port
+
+    torch.manual_seed(0)
+    single = DecoderLearner(str(tiny_path), _memory_cfg(stage=2), 1, 1.0, total_steps=4, stage="grpo")
+    _random_lora_b(single)
+    single.grpo_step(_uneven_batch(tiny_tokenizer))
+    reference = single.adapter()
+    ctx = mp.start_processes(_rank_update, args=(free_port(), str(tiny_path), str(tmp_path), 16), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ZeRO-2 ranks did not finish: their backward passes did not pair up")
+    for rank in (0, 1):
+        adapter = torch.load(tmp_path / f"rank{rank}.pt")
+        for k, v in reference.items():
+            torch.testing.assert_close(adapter[k], v, atol=1e-6, rtol=1e-4, msg=f"rank {rank} {k}")
+
+
+def test_a_bf16_learner_trains_with_fp32_master_weights_and_fp32_logprobs(dist, tiny_path, tiny_tokenizer):
+    cfg = _memory_cfg(stage=2, micro_batch_tokens=16)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=4, stage="grpo")
+    assert learner.engine.bfloat16_enabled()
+    assert {p.dtype for p in learner.model.parameters()} == {torch.bfloat16}
+    batch = _uneven_batch(tiny_tokenizer)
+    logp, mask, _ = learner.policy_logprobs(batch)
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    before = learner.adapter()
+    m = learner.grpo_step(batch)
+    assert all(v == v for v in m.values()), m
+    assert any(not torch.equal(before[k], v) for k, v in learner.adapter().items()), "the bf16 step must move the adapter"
+    assert learner.sft_micro_step(_examples(tiny_tokenizer))["loss"] > 0
