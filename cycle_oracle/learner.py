@@ -118,6 +118,9 @@ class DecoderLearner:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(optim, total_steps, grad_accum, dtype=cfg.model.dtype),
         )
+        # DeepSpeed's schedulers start before iteration 0, where WarmupCosineLR's ratio is 0: the
+        # first optimizer step would have lr 0 even without warmup. Start them at iteration 0.
+        self.engine.lr_scheduler.step(0)
         self.model = self.engine.module
         self.device = model_device(self.model)  # DeepSpeed placed it on this rank's device (Ray's GPU, or the CPU)
         self.reference = None

@@ -434,3 +434,17 @@ def test_a_bf16_learner_trains_with_fp32_master_weights_and_fp32_logprobs(dist, 
     assert all(v == v for v in m.values()), m
     assert any(not torch.equal(before[k], v) for k, v in learner.adapter().items()), "the bf16 step must move the adapter"
     assert learner.sft_micro_step(_examples(tiny_tokenizer))["loss"] > 0
+
+
+def test_the_first_optimizer_step_without_warmup_uses_the_peak_lr(dist, tiny_path, tiny_tokenizer):
+    """`warmup_steps: 0` with cosine decay (every recipe's default): DeepSpeed's WarmupCosineLR set
+    lr 0 before its first iteration, so GRPO's (and the warmup's) first update did nothing."""
+    cfg = RecipeConfig(kind="grpo", model={"name": "tiny-random-llama", "layer": 1}, decoder_lora={"r": 4, "alpha": 8},
+                       decoder_optim={"lr": 1e-3, "warmup_steps": 0, "decay": "cosine"}, grpo={"kl_coef": 0.0, "steps": 10})
+    torch.manual_seed(0)
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=10, stage="grpo")
+    assert learner.lr() == pytest.approx(1e-3)
+    before = learner.adapter()
+    learner.grpo_step(_uneven_batch(tiny_tokenizer))
+    moved = max(float((learner.adapter()[k] - v).abs().max()) for k, v in before.items())
+    assert moved == pytest.approx(1e-3, rel=0.05), "Adam's first step moves each weight by about lr"
