@@ -118,8 +118,8 @@ class LearnerGroup:
         kl = self._all([a.sequence_kl.remote(batch.select(idx)) for a, idx in zip(self.actors, parts)], "sequence KL")
         return gather_in_order(kl, parts, len(batch))
 
-    def sync_error(self, probe: RolloutBatch) -> float:
-        """Rank 0's largest |log pi_learner - log pi_sampler| over the probe's tokens."""
+    def sync_error(self, probe: RolloutBatch) -> dict[str, float]:
+        """Rank 0's |log pi_learner - log pi_sampler| over the probe's tokens: mean, p99, max, tokens."""
         return self._all(self.actors[0].sync_error.remote(probe), "sync verification")
 
     # ---- weights and state ------------------------------------------------------------------

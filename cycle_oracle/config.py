@@ -266,6 +266,9 @@ class GrpoSettings(Strict):
     checkpoint's (updated) policy, where the original run had sampled it with the policy before the
     last update: resumed metrics match the original only without overlap."""
     sync_check: bool = True
+    sync_tolerance: dict[Literal["mean", "p99"], float] | None = None
+    """Bounds on |log pi_learner - log pi_served| over the sync probe's tokens ({mean: .., p99: ..});
+    None: the bounds measured for `model.dtype` (recipes/grpo.py SYNC_TOLERANCE)."""
     max_role_restarts: int = Field(2, ge=0)
     """How often a run survives the death of its encoder or a learner: every role then restarts
     from the last checkpoint (rollout actors are restarted by Ray and re-synced on their own)."""

@@ -222,7 +222,7 @@ def test_smoke_grpo_two_nodes_role_deaths_resume_and_eval(tmp_path, shared_data)
     m = _metrics(out, "grpo")
     for step in range(1, 6):
         assert -1.0 <= m[step]["reward_mean"] <= 1.0
-        assert m[step]["sync_logprob_error"] < 2e-3
+        assert m[step]["sync_logprob_error_p99"] < grpo.SYNC_TOLERANCE["float32"]["p99"]
     for step in range(2, 6):  # every step trains on samples of the version served after the previous step
         assert m[step]["rollout_versions"] == m[step - 1]["weight_version"], (step, m[step - 1]["weight_version"], m[step]["rollout_versions"])
     assert results["retrieval"]["n"] >= 2
