@@ -86,16 +86,18 @@ class EncoderTrainer:
             metrics = reconstruction_metrics(v_hat, vectors[idx], self.mean)
         return rewards, metrics
 
-    def train_step(self, texts: Sequence[str], vectors: torch.Tensor, batch_size: int = 16) -> dict:
+    def _regression_step(self, texts: Sequence[str], vectors: torch.Tensor, batch_size: int = 16) -> tuple[float, torch.Tensor]:
         """One optimizer step of regression v_hat -> v over all (text, vector) pairs, in the reward's
-        space (`regression_targets`)."""
+        space (`regression_targets`) -> (mean loss, the v_hat of the forward before the step, detached, on the CPU)."""
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         n = len(texts)
+        outs = []
         for i in range(0, n, batch_size):
             ids, attn, pool = self._inputs(texts[i : i + batch_size])
             v_hat, _ = self.encoder(ids, attn, pool)
+            outs.append(to_cpu(v_hat.detach().float()))
             target_v = vectors[i : i + batch_size].to(device=v_hat.device, dtype=torch.float32)
             pred, target = regression_targets(v_hat.float(), target_v, self.mean.to(v_hat.device), self.cfg.grpo.reward_space)
             loss = reconstruction_loss(self.cfg.encoder.loss, pred, target)
@@ -104,7 +106,33 @@ class EncoderTrainer:
         torch.nn.utils.clip_grad_norm_(self.encoder.trainable_parameters(), self.cfg.encoder.optim.grad_clip)
         self.optimizer.step()
         self.updates += 1
-        return {"encoder_loss": total / n}
+        return total / n, torch.cat(outs)
+
+    def train_step(self, texts: Sequence[str], vectors: torch.Tensor, batch_size: int = 16) -> dict:
+        """One optimizer step of regression v_hat -> v over all (text, vector) pairs, in the reward's
+        space (`regression_targets`)."""
+        return {"encoder_loss": self._regression_step(texts, vectors, batch_size)[0]}
+
+    def score_and_train(self, batch: RolloutBatch, anchor_texts: Sequence[str] = (), anchor_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, dict]:
+        """`score(batch)`, then `train_step` on its usable descriptions (and the anchor pairs, e.g.
+        source windows), with one encoder forward per description: the rewards come from the
+        detached v_hat of the forward whose loss is then back-propagated, so they are the rewards of
+        the encoder before this update, as `score` gives them. One function in train and eval mode
+        needs a dropout-free encoder: with `encoder.lora.dropout` > 0 this is the two calls.
+        -> (rewards [N] with NaN where unusable, reconstruction metrics, {"encoder_loss"})."""
+        usable = batch.usable if batch.usable is not None else torch.ones(len(batch), dtype=torch.bool)
+        idx = usable.nonzero().squeeze(1)
+        texts = [batch.texts[i] for i in idx.tolist()] + list(anchor_texts)
+        anchors = anchor_vectors if anchor_vectors is not None else batch.vectors[:0]
+        vectors = torch.cat([batch.vectors[idx].float(), anchors.float()])
+        if self.cfg.encoder.lora.dropout > 0 or not len(idx):
+            rewards, metrics = self.score(batch)
+            return rewards, metrics, self.train_step(texts, vectors) if texts else {}
+        loss, v_hat = self._regression_step(texts, vectors)
+        v_hat, v = v_hat[: len(idx)], batch.vectors[idx].float()
+        rewards = torch.full((len(batch),), float("nan"))
+        rewards[idx] = cycle_rewards(v_hat, v, self.mean, self.cfg.grpo.reward_space)
+        return rewards, reconstruction_metrics(v_hat, v, self.mean), {"encoder_loss": loss}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas."""

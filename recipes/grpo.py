@@ -236,18 +236,19 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
                                  for text, trunc in zip(batch.texts, batch.truncated.tolist())], dtype=torch.bool)
 
     t0 = time.time()
-    rewards, recon = remote_get(roles.encoder.score.remote(batch), t, "encoder scoring")
+    enc_metrics = {}
+    if g.train_encoder and bool(batch.usable.any()):  # score, then co-train on the same forward (rewards: the encoder before its update)
+        anchor_texts, anchor_vectors = [], None
+        if cfg.encoder.source_window_tokens:  # the source-text anchor (EncoderSettings.source_window_tokens)
+            anchor_texts = source_windows(roles.store, rows, roles.tokenizer, cfg.encoder.source_window_tokens)
+            anchor_vectors = roles.store.activations[rows]
+        rewards, recon, enc_metrics = remote_get(roles.encoder.score_and_train.remote(batch, anchor_texts, anchor_vectors), t,
+                                                 "encoder scoring and update")
+    else:
+        rewards, recon = remote_get(roles.encoder.score.remote(batch), t, "encoder scoring")
     rewards = unusable_rewards(batch.groups(rewards), batch.groups(batch.usable), g.truncation_penalty,
                                g.truncation_penalty_margin).reshape(-1)
     check_finite({"reward": float(rewards.sum())}, step)
-    enc_metrics = {}
-    if g.train_encoder and bool(batch.usable.any()):
-        idx = batch.usable.nonzero().squeeze(1).tolist()
-        enc_texts, enc_vectors = [batch.texts[i] for i in idx], batch.vectors[idx]
-        if cfg.encoder.source_window_tokens:  # the source-text anchor (EncoderSettings.source_window_tokens)
-            enc_texts += source_windows(roles.store, rows, roles.tokenizer, cfg.encoder.source_window_tokens)
-            enc_vectors = torch.cat([enc_vectors, roles.store.activations[rows]])
-        enc_metrics = remote_get(roles.encoder.train_step.remote(enc_texts, enc_vectors), t, "encoder update")
     time_score_train = time.time() - t0
 
     shaped = rewards.clone()

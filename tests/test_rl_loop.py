@@ -78,3 +78,35 @@ def test_redone_steps_replace_their_metrics_rows(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in rows] == [("grpo", 1), ("grpo_setup", 0), ("grpo", 2)]
     assert rows[-1]["reward_mean"] == 20.0
+
+
+def test_scoring_and_co_training_in_one_forward_gives_the_two_call_rewards_and_update(tiny_path):
+    """score_and_train: rewards equal `score` before the update, and the update equals `train_step`
+    on the usable descriptions plus the anchors (one encoder forward instead of two)."""
+    from cycle_oracle.batch import RolloutBatch
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+
+    cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1}, "encoder": {"lora": {"r": 2, "alpha": 4}}})
+    gen = torch.Generator().manual_seed(0)
+    texts = ["a cat sat on the mat", "", "the river flows north", "prices rose again"]
+    batch = RolloutBatch.of_texts(torch.randn(4, 128, generator=gen), texts)
+    batch.usable = torch.tensor([True, False, True, True])
+    anchors, anchor_vectors = ["source text one", "source two"], torch.randn(2, 128, generator=gen)
+    mean = torch.randn(128, generator=gen) * 0.1
+    trainers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        trainers.append(EncoderTrainer(str(tiny_path), cfg, 1, mean))
+    one, two = trainers
+    before = one.state()[0]
+    rewards, metrics, trained = one.score_and_train(batch, anchors, anchor_vectors)
+    expected, expected_metrics = two.score(batch)
+    keep = batch.usable.tolist()
+    ref = two.train_step([t for t, u in zip(texts, keep) if u] + anchors, torch.cat([batch.vectors[batch.usable], anchor_vectors]))
+    torch.testing.assert_close(rewards[batch.usable], expected[batch.usable], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(rewards[1]) and metrics.keys() == expected_metrics.keys()
+    assert trained["encoder_loss"] == pytest.approx(ref["encoder_loss"], abs=1e-5)
+    after_one, after_two = one.state()[0], two.state()[0]
+    assert any(not torch.equal(after_one[k], before[k]) for k in before), "the update moved the encoder"
+    for k, v in after_two.items():
+        torch.testing.assert_close(after_one[k], v, atol=1e-6, rtol=1e-5, msg=k)
