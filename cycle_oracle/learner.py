@@ -384,7 +384,9 @@ class DecoderLearner:
         if not single_update:
             old_logp, mask, _ = self.policy_logprobs(batch)
             weights, old_stats = truncated_importance_weights(old_logp, self._sampler_logprobs(batch, old_logp), mask, g.importance_cap)
-        ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 else None
+        # the KL's reference pass: only where the loss uses it (in the reward placement the driver
+        # already shaped the rewards with `sequence_kl` and logs that KL)
+        ref_logp = self.reference_logprobs(batch) if g.kl_coef > 0 and g.kl_placement == "loss" else None
         advantages = batch.advantages.float().to(self.device)
         sums: dict[str, float] = {}  # token-weighted metric sums over every micro-batch of every update
         maxima: dict[str, float] = {}

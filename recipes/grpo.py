@@ -252,8 +252,11 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     time_score_train = time.time() - t0
 
     shaped = rewards.clone()
+    reward_kl = None
     if g.kl_coef > 0 and g.kl_placement == "reward":
-        shaped = apply_kl_penalty_to_rewards(shaped, roles.learners.sequence_kl(batch), g.kl_coef)
+        sequence_kl = roles.learners.sequence_kl(batch)
+        shaped = apply_kl_penalty_to_rewards(shaped, sequence_kl, g.kl_coef)
+        reward_kl = float(sequence_kl.sum()) / max(sum(batch.completion_lengths()), 1)  # per token (k1)
     batch.rewards = shaped
     advantages, zero_spread = group_advantages(batch.groups(shaped), g.scale_advantages_by_std)
     batch.advantages = advantages.reshape(-1).float()
@@ -266,7 +269,7 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     metrics = {
         "reward_mean": float(rewards.mean()), "reward_std": float(batch.groups(rewards).std(1).mean()),
         **recon, **enc_metrics,
-        "kl": learn.get("kl", 0.0), "entropy": learn.get("entropy", 0.0), "clip_fraction": learn.get("clip_fraction", 0.0),
+        "kl": learn.get("kl", 0.0) if reward_kl is None else reward_kl, "entropy": learn.get("entropy", 0.0), "clip_fraction": learn.get("clip_fraction", 0.0),
         "policy_loss": learn.get("policy_loss", 0.0), "ratio_mean": learn.get("ratio_mean", 1.0),
         "importance_weight_mean": learn.get("importance_weight_mean", 1.0), "importance_weight_max": learn.get("importance_weight_max", 1.0),
         "importance_capped_fraction": learn.get("importance_capped_fraction", 0.0), "logp_mismatch": learn.get("importance_logp_mismatch", 0.0),

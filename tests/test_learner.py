@@ -448,3 +448,21 @@ def test_the_first_optimizer_step_without_warmup_uses_the_peak_lr(dist, tiny_pat
     learner.grpo_step(_uneven_batch(tiny_tokenizer))
     moved = max(float((learner.adapter()[k] - v).abs().max()) for k, v in before.items())
     assert moved == pytest.approx(1e-3, rel=0.05), "Adam's first step moves each weight by about lr"
+
+
+def test_with_the_kl_in_the_reward_the_update_makes_no_reference_pass(dist, tiny_path, tiny_tokenizer):
+    """kl_placement reward: the driver shapes the rewards with `sequence_kl` (one policy and one
+    reference pass); the update itself needs no reference log-probs (it used to compute them for a metric)."""
+    calls = {}
+    for placement in ("loss", "reward"):
+        torch.manual_seed(0)
+        learner = DecoderLearner(str(tiny_path), _grpo_cfg(kl_coef=0.1, kl_placement=placement), 1, 1.0, total_steps=4, stage="grpo")
+        original, calls[placement] = learner.reference_logprobs, 0
+
+        def counting(*a, _original=original, _placement=placement, **k):
+            calls[_placement] += 1
+            return _original(*a, **k)
+
+        learner.reference_logprobs = counting
+        learner.grpo_step(_uneven_batch(tiny_tokenizer))
+    assert calls == {"loss": 1, "reward": 0}
