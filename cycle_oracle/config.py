@@ -256,6 +256,15 @@ class GrpoSettings(Strict):
     truncation_penalty_margin: float = Field(0.1, ge=0)
     penalize_truncated: bool = True
     """False: truncated descriptions are scored like finished ones (smoke tests on random models)."""
+    copy_penalty: float = Field(0.0, ge=0)
+    """lambda_copy: the reward loses lambda_copy x the share of the description's word n-grams found in
+    its activation's source window (cycle_oracle/reward_shaping.py); 0 = off."""
+    copy_penalty_ngram: int = Field(2, ge=1)
+    copy_window_tokens: int = Field(16, ge=1)
+    """The source window the copy share is measured against (the evals' context-copy window)."""
+    length_penalty: float = Field(0.0, ge=0)
+    """lambda_len: the reward loses lambda_len per description token beyond `length_free_tokens`; 0 = off."""
+    length_free_tokens: int = Field(32, ge=0)
     train_encoder: bool = True
     decoder_optim: OptimSettings | None = None
     """The decoder's optimiser for GRPO; None = the recipe's `decoder_optim` (set it when one recipe

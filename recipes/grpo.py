@@ -35,6 +35,7 @@ from cycle_oracle.checkpoint import TrainedCheckpoint, save_checkpoint
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.grpo import apply_kl_penalty_to_rewards, group_advantages, unusable_rewards
 from cycle_oracle.models import load_tokenizer
+from cycle_oracle.reward_shaping import copy_rates, length_excess, shaped_rewards
 from cycle_oracle.rollout import request_seed
 from cycle_oracle.stats import text_diversity
 from recipes.common import Run, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm, load_resume, load_start, record, source_windows, start_run
@@ -246,6 +247,13 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
                                                  "encoder scoring and update")
     else:
         rewards, recon = remote_get(roles.encoder.score.remote(batch), t, "encoder scoring")
+    shaping = {}
+    if g.copy_penalty or g.length_penalty:  # anti-transcription terms (cycle_oracle/reward_shaping.py), before the unusable penalty
+        windows = source_windows(roles.store, rows, roles.tokenizer, g.copy_window_tokens)
+        copy = copy_rates(batch.texts, [windows[i // batch.group_size] for i in range(len(batch))], g.copy_penalty_ngram)
+        excess = length_excess(batch.completion_lengths(), g.length_free_tokens)
+        rewards = shaped_rewards(rewards, copy, g.copy_penalty, excess, g.length_penalty)
+        shaping = {"copy_rate": float(copy.mean()), "length_excess": float(excess.mean())}
     rewards = unusable_rewards(batch.groups(rewards), batch.groups(batch.usable), g.truncation_penalty,
                                g.truncation_penalty_margin).reshape(-1)
     check_finite({"reward": float(rewards.sum())}, step)
@@ -268,7 +276,7 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     lengths = batch.completion_lengths()
     metrics = {
         "reward_mean": float(rewards.mean()), "reward_std": float(batch.groups(rewards).std(1).mean()),
-        **recon, **enc_metrics,
+        **recon, **enc_metrics, **shaping,
         "kl": learn.get("kl", 0.0) if reward_kl is None else reward_kl, "entropy": learn.get("entropy", 0.0), "clip_fraction": learn.get("clip_fraction", 0.0),
         "policy_loss": learn.get("policy_loss", 0.0), "ratio_mean": learn.get("ratio_mean", 1.0),
         "importance_weight_mean": learn.get("importance_weight_mean", 1.0), "importance_weight_max": learn.get("importance_weight_max", 1.0),

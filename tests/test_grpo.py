@@ -392,3 +392,26 @@ def test_micro_batches_agree_on_a_count_by_halving_then_padding():
     assert micro_batches([4], None, count=3) == [[0], [], []]  # a rank short of samples: empty (zero-weight) passes
     with pytest.raises(ValueError, match="fewer"):
         micro_batches([10, 10, 10], 10, count=2)
+
+
+def test_copy_and_length_penalties_lower_the_reward_of_copying_and_long_descriptions():
+    from cycle_oracle.reward_shaping import copy_rates, length_excess, shaped_rewards
+
+    source = "the old ferryman sat idle for the first time"
+    texts = ["the old ferryman sat idle", "a man without work by the river", "short"]
+    copy = copy_rates(texts, [source] * 3, 2)
+    assert copy[0] == 1.0 and copy[1] == 0.0 and copy[2] == 0.0  # one word: no bigram, no penalty
+    excess = length_excess([40, 10, 33], 32)
+    assert excess.tolist() == [8.0, 0.0, 1.0]
+    rewards = torch.tensor([0.5, 0.4, float("nan")])
+    out = shaped_rewards(rewards, copy, 0.3, excess, 0.01)
+    assert out[0] == pytest.approx(0.5 - 0.3 - 0.08) and out[1] == pytest.approx(0.4) and math.isnan(out[2])
+    torch.testing.assert_close(shaped_rewards(rewards[:2], copy[:2], 0.0, excess[:2], 0.0), rewards[:2])
+
+
+def test_negative_penalty_coefficients_are_refused():
+    from cycle_oracle.config import ConfigError, validate_recipe
+
+    for key in ("copy_penalty", "length_penalty"):
+        with pytest.raises(ConfigError, match=f"grpo.{key}"):
+            validate_recipe({"kind": "grpo", "grpo": {key: -0.1}})
