@@ -105,11 +105,13 @@ class LearnerGroup:
                          "centring the LatentQA activations")[0]
 
     # ---- GRPO -------------------------------------------------------------------------------
-    def grpo_step(self, batch: RolloutBatch) -> dict:
-        """One GRPO update on the whole batch, sharded by sample; metrics averaged over ranks,
-        maxima maxed (`*_max`), `tokens` summed."""
+    def grpo_step(self, batch: RolloutBatch, sft_examples: Sequence = ()) -> dict:
+        """One GRPO update on the whole batch, sharded by sample (and the supervised-mixing
+        examples, if any, by example); metrics averaged over ranks, maxima maxed (`*_max`), `tokens` summed."""
         parts = shard_indices(len(batch), self.world_size)
-        results = self._all([a.grpo_step.remote(batch.select(idx)) for a, idx in zip(self.actors, parts)], "GRPO learn step")
+        sft = shard_indices(len(sft_examples), self.world_size)
+        results = self._all([a.grpo_step.remote(batch.select(idx), [sft_examples[i] for i in sft_idx])
+                             for a, idx, sft_idx in zip(self.actors, parts, sft)], "GRPO learn step")
         return combine_rank_metrics(results)
 
     def sequence_kl(self, batch: RolloutBatch) -> torch.Tensor:

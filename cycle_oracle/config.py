@@ -265,6 +265,13 @@ class GrpoSettings(Strict):
     length_penalty: float = Field(0.0, ge=0)
     """lambda_len: the reward loses lambda_len per description token beyond `length_free_tokens`; 0 = off."""
     length_free_tokens: int = Field(32, ge=0)
+    sft_mix_weight: float = Field(0.0, ge=0)
+    """beta: every GRPO update also takes beta x the warmup's SFT loss on a fresh batch of warmup
+    examples (`sft_mix_tasks`), so the decoder keeps answering questions while it learns to
+    describe (supervised mixing); 0 = off. The examples come from the warmup data build (cached)."""
+    sft_mix_examples: int = Field(8, ge=1)
+    """Warmup examples per GRPO step (all ranks together)."""
+    sft_mix_tasks: dict[str, float] = {"latentqa": 0.5, "token_prediction": 0.5}
     train_encoder: bool = True
     decoder_optim: OptimSettings | None = None
     """The decoder's optimiser for GRPO; None = the recipe's `decoder_optim` (set it when one recipe

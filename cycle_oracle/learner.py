@@ -173,13 +173,15 @@ class DecoderLearner:
             return micro_batches(lengths, budget)
         return micro_batches(lengths, budget, data_parallel_max(len(micro_batches(lengths, budget)), self.device))
 
-    def _accumulate(self, groups: list[list[int]], backward_one: Callable[[list[int], float], None], boundary: bool = True) -> None:
-        """One backward pass per micro-batch, then one `engine.step()`: DeepSpeed's accumulation
-        boundary is ours (the last micro-batch of a call that ends an optimizer step), so gradients
-        of all micro-batches add up before the step. An empty micro-batch (a rank short of samples)
-        runs sample 0 with weight 0, so its ZeRO-2 reductions still meet the other ranks'."""
-        for j, group in enumerate(groups):
-            self.engine.set_gradient_accumulation_boundary(boundary and j == len(groups) - 1)
+    def _accumulate(self, passes: Sequence[tuple[list[list[int]], Callable[[list[int], float], None]]], boundary: bool = True) -> None:
+        """One backward pass per micro-batch of every (micro-batches, backward function) set, then
+        one `engine.step()`: DeepSpeed's accumulation boundary is ours (the last micro-batch of a call
+        that ends an optimizer step), so the gradients of all of them add up before the step. An
+        empty micro-batch (a rank short of samples) runs row 0 with weight 0, so its ZeRO-2
+        reductions still meet the other ranks'."""
+        flat = [(group, backward_one) for groups, backward_one in passes for group in groups]
+        for j, (group, backward_one) in enumerate(flat):
+            self.engine.set_gradient_accumulation_boundary(boundary and j == len(flat) - 1)
             backward_one(group or [0], 1.0 if group else 0.0)
         self.engine.step()
 
@@ -263,7 +265,7 @@ class DecoderLearner:
                     total[1] += float(mask[row].sum())
 
         boundary = (self.engine.micro_steps + 1) % self.engine.gradient_accumulation_steps() == 0
-        self._accumulate(self._micro_batches(lengths, agree=True), backward_one, boundary)
+        self._accumulate([(self._micro_batches(lengths, agree=True), backward_one)], boundary)
         if boundary:
             self.optimizer_steps += 1
         out = {"loss": sum(v[0] for v in sums.values()) / max(local_tokens, 1), "tokens": float(local_tokens), "lr": self.lr()}
@@ -360,7 +362,7 @@ class DecoderLearner:
         diff = (logp - self._sampler_logprobs(probe, logp)).abs()[mask.bool()].float().cpu()
         return {"mean": float(diff.mean()), "p99": float(torch.quantile(diff, 0.99)), "max": float(diff.max()), "tokens": float(len(diff))}
 
-    def grpo_step(self, batch: RolloutBatch) -> dict:
+    def grpo_step(self, batch: RolloutBatch, sft_examples: Sequence[SftExample] = ()) -> dict:
         """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch.
 
         With one epoch of one minibatch (the default and the GPU recipes) there is no separate
@@ -375,7 +377,12 @@ class DecoderLearner:
         data-parallel minibatch: loss_r = sum_{r's tokens} l / (T_global / W), which DeepSpeed's
         average over W ranks turns into sum_{all tokens} l / T_global, the single-learner loss.
         A minibatch runs in micro-batches under `memory.micro_batch_tokens` whose gradients add up
-        before its optimizer step (the same sum, so the same gradient)."""
+        before its optimizer step (the same sum, so the same gradient).
+
+        Supervised mixing (`grpo.sft_mix_weight` = beta, `sft_examples` this rank's share, split over
+        the minibatches like the samples): each minibatch's loss gains beta times the answer-token
+        mean NLL of its warmup examples over the data-parallel batch, in the same optimizer step:
+            L = L_GRPO + beta * sum_{SFT tokens} nll / T_SFT"""
         g = self.cfg.grpo
         self.engine.eval()
         # One update per rollout: the old policy is the current one, so its log-probs are the
@@ -392,8 +399,10 @@ class DecoderLearner:
         maxima: dict[str, float] = {}
         counted = 0.0
         order = torch.arange(len(batch))
+        sft_chunks = [[sft_examples[i] for i in c.tolist()] for c in torch.tensor_split(torch.arange(len(sft_examples)), g.minibatches_per_epoch)]
+        sft_sums = [0.0, 0.0]
         for _epoch in range(g.epochs_per_rollout):
-            for chunk in torch.tensor_split(order, g.minibatches_per_epoch):
+            for chunk, sft_part in zip(torch.tensor_split(order, g.minibatches_per_epoch), sft_chunks):
                 idx = chunk.tolist()
                 minibatch = batch.select(idx)
                 denominator = data_parallel_tokens(sum(len(t) for t in minibatch.token_ids), self.device)
@@ -429,14 +438,45 @@ class DecoderLearner:
                                 sums[k] = sums.get(k, 0.0) + float(v) * tokens
                         counted += tokens
 
-                self._accumulate(self._micro_batches(self._lengths(minibatch, self.description_prompt), agree=True), backward_one)
+                passes = [(self._micro_batches(self._lengths(minibatch, self.description_prompt), agree=True), backward_one)]
+                if g.sft_mix_weight > 0:
+                    passes.append(self._sft_passes(sft_part, g.sft_mix_weight, sft_sums))
+                self._accumulate(passes)
                 self.optimizer_steps += 1
         out = {k: v / max(counted, 1.0) for k, v in sums.items()} | maxima
         if not single_update:  # the importance weights of the one old-policy pass
             out.update({f"importance_{k}": float(v) for k, v in old_stats.items()})
+        if g.sft_mix_weight > 0:
+            out["sft_loss"] = sft_sums[0] / max(sft_sums[1], 1.0)
         out["lr"] = self.lr()
         out["tokens"] = float(sum(len(t) for t in batch.token_ids))
         return out
+
+    def _sft_passes(self, examples: Sequence[SftExample], weight: float, sums: list[float]):
+        """(micro-batches, backward function) adding weight x the answer-token mean NLL of `examples`
+        (over the data-parallel batch's answer tokens) to the gradient; sums[0:2] += (NLL, tokens).
+        Ranks agree on the pass count, also when a rank has no example (then zero-weight passes)."""
+        prompts, answers = self._sft_prompts(examples)
+        denominator = data_parallel_tokens(sum(len(a) for a in answers), self.device)
+        lengths = [len(p.input_ids) + len(a) for p, a in zip(prompts, answers)]
+
+        def backward_one(group: list[int], w: float) -> None:
+            part = [examples[i] for i in group] if examples else []
+            if not part:  # nothing here: a zero-weight pass on a stand-in keeps the collectives paired
+                part, w = [self._stand_in_example], 0.0
+            with self._gradient_pass():
+                nll, _, mask = self._answer_token_losses(part)
+            self.engine.backward(w * weight * (nll * mask).sum() / max(denominator, 1.0))
+            if w:
+                sums[0] += float((nll * mask).sum().detach())
+                sums[1] += float(mask.sum())
+
+        return self._micro_batches(lengths, agree=True), backward_one
+
+    @property
+    def _stand_in_example(self) -> SftExample:
+        ids = self.tokenizer.encode("a", add_special_tokens=False) or [0]
+        return SftExample("token_prediction", ids, 0, "?", "a")
 
     # ---- state --------------------------------------------------------------------------
     def lr(self) -> float:

@@ -27,7 +27,7 @@ METRICS: dict[str, tuple[str, ...]] = {
         "kl", "entropy", "clip_fraction", "policy_loss", "ratio_mean",
         "importance_weight_mean", "importance_weight_max", "importance_capped_fraction", "logp_mismatch",
         "lr", "description_tokens", "truncation_rate", "zero_spread_fraction", "rollout_versions",
-        "distinct_1", "distinct_2", "same_start_share", "copy_rate", "length_excess",
+        "distinct_1", "distinct_2", "same_start_share", "copy_rate", "length_excess", "sft_loss",
         "time_rollout", "time_score", "time_learn", "time_idle", "time_step", *_SYNC,
     ),
     "describe": ("num_descriptions", "seconds"),

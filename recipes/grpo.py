@@ -67,7 +67,7 @@ def step_rows(train_rows: list[int], seed: int, step: int, batch: int) -> list[i
 class Roles:
     """The actors of a GRPO run and the driver-side logic that talks to them."""
 
-    def __init__(self, run: Run, norm: float, store, start: TrainedCheckpoint | None, incarnation: int = 0):
+    def __init__(self, run: Run, norm: float, store, start: TrainedCheckpoint | None, incarnation: int = 0, sft_pools: dict | None = None):
         cfg = run.cfg
         self.run, self.cfg, self.norm, self.store = run, cfg, norm, store
         self.timeout = cfg.ray.get_timeout_s
@@ -92,6 +92,24 @@ class Roles:
         self.version = 0
         self.probe = None  # (vector, sample tokens, logprobs) of the last verified sync
         self.description_cache: dict = {}
+        self.sft_pools = sft_pools or {}  # supervised mixing: the warmup's training items per task
+        if self.sft_pools.get("latentqa") and cfg.warmup.latentqa_centre:  # as the warmup read them
+            from recipes.warmup import centre_latentqa
+
+            centre_latentqa(self.learners, self.sft_pools["latentqa"], cfg)
+
+    def sft_examples(self, step: int) -> list:
+        """Supervised mixing: `grpo.sft_mix_examples` warmup examples for this step, a function of
+        (seed, step) only, so a resumed run draws the same ones."""
+        g = self.cfg.grpo
+        tasks = [t for t, w in g.sft_mix_tasks.items() if w > 0 and self.sft_pools.get(t)]
+        if g.sft_mix_weight <= 0 or not tasks:
+            return []
+        from cycle_oracle.data.read_positions import to_example
+
+        rng = random.Random(f"sft-mix:{self.cfg.seed}:{step}")
+        picks = rng.choices(tasks, weights=[g.sft_mix_tasks[t] for t in tasks], k=g.sft_mix_examples)
+        return [to_example(rng.choice(self.sft_pools[t]), rng, self.cfg.injection.num_placeholders) for t in picks]
 
     # ---- weight sync ----------------------------------------------------------------------
     def sync(self, adapter: dict | None = None, verify: bool = True) -> dict:
@@ -270,7 +288,7 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     batch.advantages = advantages.reshape(-1).float()
 
     t1 = time.time()
-    learn = roles.learners.grpo_step(batch)
+    learn = roles.learners.grpo_step(batch, roles.sft_examples(step))
     time_learn = time.time() - t1
 
     lengths = batch.completion_lengths()
@@ -282,6 +300,7 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
         "importance_weight_mean": learn.get("importance_weight_mean", 1.0), "importance_weight_max": learn.get("importance_weight_max", 1.0),
         "importance_capped_fraction": learn.get("importance_capped_fraction", 0.0), "logp_mismatch": learn.get("importance_logp_mismatch", 0.0),
         "lr": learn["lr"], "description_tokens": sum(lengths) / len(lengths),
+        **({"sft_loss": learn["sft_loss"]} if "sft_loss" in learn else {}),
         "truncation_rate": float(batch.truncated.float().mean()), "zero_spread_fraction": zero_spread,
         "rollout_versions": float(batch.versions.min()),
         "time_score": time_score_train, "time_learn": time_learn,
@@ -300,10 +319,11 @@ def run(cfg, out, resume: bool = False, on_step_end=None) -> dict:
     start_ckpt = load_start(run)
     norm = injection_norm(run, emb_norm, store.mean_norm, start_ckpt)
     train_rows, _held = store.split_by_document(cfg.split.heldout_fraction, cfg.seed)
+    sft_pools = warmup_training_items(run) if g.sft_mix_weight > 0 else None
 
     restarts = 0
     while True:  # an encoder or learner death: every role restarts from the last checkpoint, in this process
-        roles = Roles(run, norm, store, start_ckpt, incarnation=restarts)
+        roles = Roles(run, norm, store, start_ckpt, incarnation=restarts, sft_pools=sft_pools)
         try:
             start = restore_roles(roles, start_ckpt, resume or restarts > 0)
             last = train(roles, train_rows, start, on_step_end)
@@ -328,6 +348,20 @@ def run(cfg, out, resume: bool = False, on_step_end=None) -> dict:
     roles.shutdown()
     finish_run(run)
     return results
+
+
+def warmup_training_items(run: Run) -> dict:
+    """Supervised mixing's data: the warmup data build of this recipe's `warmup` settings (the
+    cache a warmup of the same settings wrote; built here otherwise), training split only."""
+    from recipes.warmup import build_data_task
+
+    options, threads = run.placement.task_options()
+    train, _heldout, report = remote_get(
+        build_data_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data")),
+        run.cfg.ray.setup_timeout_s, "building the warmup data (supervised mixing)")
+    tasks = {t: len(train.get(t) or []) for t in run.cfg.grpo.sft_mix_tasks}
+    print(f"[grpo] supervised mixing: beta {run.cfg.grpo.sft_mix_weight}, warmup items {tasks}")
+    return {t: train[t] for t in tasks if train.get(t)}
 
 
 def restore_roles(roles: Roles, start_ckpt: TrainedCheckpoint | None, resume: bool) -> int:

@@ -466,3 +466,21 @@ def test_with_the_kl_in_the_reward_the_update_makes_no_reference_pass(dist, tiny
         learner.reference_logprobs = counting
         learner.grpo_step(_uneven_batch(tiny_tokenizer))
     assert calls == {"loss": 1, "reward": 0}
+
+
+def test_supervised_mixing_adds_beta_times_the_sft_gradient(dist, tiny_path, tiny_tokenizer):
+    """grpo.sft_mix_weight beta: the update's gradient is the GRPO gradient plus beta x the warmup
+    SFT gradient of the mixed-in examples (one optimizer step)."""
+    beta = 0.5
+    learners = {}
+    for name, weight in (("mixed", beta), ("grpo", 0.0), ("sft", 0.0)):
+        torch.manual_seed(0)
+        learners[name] = DecoderLearner(str(tiny_path), _grpo_cfg(sft_mix_weight=weight), 1, 1.0, total_steps=4, stage="grpo")
+        _random_lora_b(learners[name])
+    batch, examples = _uneven_batch(tiny_tokenizer), _examples(tiny_tokenizer)
+    mixed = _gradients_of(learners["mixed"], lambda: learners["mixed"].grpo_step(batch, examples))
+    grpo = _gradients_of(learners["grpo"], lambda: learners["grpo"].grpo_step(batch))
+    sft = _gradients_of(learners["sft"], lambda: learners["sft"].sft_micro_step(examples))
+    assert mixed.keys() == grpo.keys() == sft.keys() and mixed
+    for k in mixed:
+        torch.testing.assert_close(mixed[k], grpo[k] + beta * sft[k], atol=1e-6, rtol=1e-4, msg=k)
