@@ -6,8 +6,9 @@
 
 What it does: builds the decoder directly on the device from a `Qwen3Config` (no weights on
 disk, no hub), hands it to `cycle_oracle.learner.DecoderLearner` (LoRA, DeepSpeed ZeRO, the
-recipe's `decoder_optim`, `grpo` and `memory` sections; `memory.*` takes effect only as far as the
-learner implements it, see `gradient_checkpointing_active` in the output), and runs two
+recipe's `decoder_optim`, `grpo` and `memory` sections: gradient checkpointing, micro-batches under
+a token budget, chunked logits; `gradient_checkpointing_active` in the output says whether the
+checkpointing took), and runs two
 `grpo_step`s on one learner rank's shard of the recipe's batch: B x K / learners sequences of the
 description prompt + `sampling.max_new_tokens` random completion tokens, random activations of
 width d, random advantages. The first step is cold (allocator, kernels); the second is timed on
@@ -48,8 +49,9 @@ TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key
 """A Qwen3 of the same architecture (GQA, q/k norms, untied head) small enough for a CPU (tests,
 --tiny); head_dim 64 as vLLM's attention backends accept it."""
 TINY_OVERRIDES = ["decoder_lora.r=8", "decoder_lora.alpha=16", "grpo.batch_activations=2", "grpo.samples_per_activation=4",
-                  "resources.learner.num_actors=2", "sampling.max_new_tokens=12"]
-"""--tiny: a small LoRA rank and a 4-sequence shard of 12-token completions."""
+                  "resources.learner.num_actors=2", "sampling.max_new_tokens=12", "memory.micro_batch_tokens=128"]
+"""--tiny: a small LoRA rank, a 4-sequence shard of 12-token completions, and a token budget that
+cuts it into 2 micro-batches (the 8B shard makes 3 under the recipe's 4096)."""
 
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

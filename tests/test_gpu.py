@@ -188,13 +188,14 @@ def _rollout_batch(tokenizer, n: int = 4):
                         group_size=n, temperature=1.0, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5])[:n])
 
 
-def _learner_cfg(qwen3_path, device):
+def _learner_cfg(qwen3_path, device, **memory):
     from cycle_oracle.config import validate_recipe
 
     return validate_recipe({"kind": "grpo", "model": {"name": str(qwen3_path), "layer": LAYER, "dtype": "bfloat16"},
                             "decoder_lora": {"r": 4, "alpha": 8},
                             "decoder_optim": {"lr": 1e-3, "warmup_steps": 0, "decay": "constant", "zero_stage": 2},
-                            "grpo": {"kl_coef": 0.01}, "resources": {"learner": {"num_gpus": 1 if device.type == "cuda" else 0}}})
+                            "grpo": {"kl_coef": 0.01}, "resources": {"learner": {"num_gpus": 1 if device.type == "cuda" else 0}},
+                            "memory": memory})
 
 
 def test_deepspeed_learner_sft_and_grpo_steps_in_bf16(dist, device, qwen3_path, tokenizer):
@@ -220,7 +221,11 @@ def test_deepspeed_learner_sft_and_grpo_steps_in_bf16(dist, device, qwen3_path, 
     adapter = warm.adapter()
     assert adapter and all(v.device.type == "cpu" and _finite(v) for v in adapter.values())
 
-    learner = DecoderLearner(str(qwen3_path), cfg, LAYER, 1.0, total_steps=4, stage="grpo")
+    # GRPO with the GPU recipes' memory settings, scaled down: checkpointed blocks, one sequence per
+    # micro-batch (~50 tokens each under a 64-token budget), 8-row logit chunks
+    memory = {"gradient_checkpointing": True, "micro_batch_tokens": 64, "logits_chunk_tokens": 8}
+    learner = DecoderLearner(str(qwen3_path), _learner_cfg(qwen3_path, device, **memory), LAYER, 1.0, total_steps=4, stage="grpo")
+    assert learner.model.get_base_model().is_gradient_checkpointing
     learner.load_adapter(adapter)
     batch = _rollout_batch(tokenizer)
     before, mask, _ = learner.policy_logprobs(batch)
@@ -231,7 +236,8 @@ def test_deepspeed_learner_sft_and_grpo_steps_in_bf16(dist, device, qwen3_path, 
     moved = ((after - before) * mask).sum(1).cpu()
     assert float(moved[0]) > float(moved[1]), f"the step did not favour the positive advantage: {moved.tolist()}"
     assert all(math.isfinite(x) for x in learner.sequence_kl(batch))
-    assert math.isfinite(learner.sync_error(batch))
+    err = learner.sync_error(batch)
+    assert err["tokens"] == float(mask.sum()) and all(math.isfinite(v) for v in err.values())
     state = learner.save_state()
     assert state and sum(len(b) for b in state.values()) > 0
 

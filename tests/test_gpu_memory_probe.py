@@ -20,7 +20,7 @@ def test_the_tiny_probe_runs_on_the_cpu_and_reports_every_field(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == record  # the same JSON on stdout
+    assert json.loads(proc.stdout[proc.stdout.index('{\n  "status"'):]) == record  # the same JSON ends stdout (after DeepSpeed's lines)
     assert record["status"] == "ok" and record["device_type"] == "cpu" and record["shape"] == "tiny"
     for key in ("device", "torch", "model", "tokens", "settings", "timings", "memory", "step_metrics", "flops"):
         assert key in record, key
@@ -28,7 +28,9 @@ def test_the_tiny_probe_runs_on_the_cpu_and_reports_every_field(tmp_path):
     t = record["tokens"]
     assert t["sequences"] == 4 and t["completion_tokens"] == 12
     assert t["tokens_per_step"] == t["sequences"] * (t["prompt_tokens"] + t["completion_tokens"])
-    assert record["settings"]["memory"]["logits_chunk_tokens"] == 16  # --set reaches the config the learner gets
+    assert record["settings"]["memory"] == {"gradient_checkpointing": True, "micro_batch_tokens": 128,
+                                            "logits_chunk_tokens": 16}  # the GPU recipe's, --tiny's and --set's
+    assert record["settings"]["gradient_checkpointing_active"] is True
     assert record["settings"]["decoder_lora"]["r"] == 8 and record["settings"]["decoder_optim"]["zero_stage"] == 2
     assert set(record["timings"]) >= {"build_s", "learner_setup_s", "step1_s", "step2_s"}
     assert all(v > 0 for v in record["timings"].values())
