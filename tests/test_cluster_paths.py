@@ -1,0 +1,130 @@
+"""The GPU-cluster path, checked on the CPU: rollout actors that hold only the embedding table in
+adapter mode, placement that fails at once and says why, dtypes a device cannot run, custom Ray
+resources per role, Qwen3's chat template without thinking, one-off tasks on their bundle's device."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+from cycle_oracle.config import ConfigError, RecipeConfig, validate_recipe
+from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm
+
+NORM = 2.0
+LORA = {"r": 4, "alpha": 8}
+
+
+def _cfg(weight_sync: str = "adapter", **extra) -> RecipeConfig:
+    return RecipeConfig(**{"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1}, "rollout": {"weight_sync": weight_sync},
+                           "decoder_lora": LORA, **extra})
+
+
+def _random_adapter(path, seed: int):
+    torch.manual_seed(seed)
+    model = attach_lora(load_causal_lm(path), _cfg().decoder_lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)
+    return model
+
+
+class _RecordingEngine:
+    """Stands in for RolloutEngine: records what a sync asks it to serve."""
+
+    def __init__(self):
+        self.adapters, self.merged = [], []
+
+    def set_adapter(self, folder: str) -> None:
+        self.adapters.append(folder)
+
+    def load_merged_weights(self, named: dict) -> None:
+        self.merged.append(named)
+
+
+# ---------------------------------------------------------------- 2 + 4. placement
+def test_plan_carries_custom_resources_and_names_each_shortfall():
+    from actors.placement import check_plan_fits, placement_plan, plan_shortfalls
+
+    cfg = RecipeConfig(kind="grpo", resources={"learner": {"num_actors": 4, "num_gpus": 1, "resources": {"node_type_a100": 1}},
+                                               "rollout": {"num_actors": 2, "num_gpus": 1}})
+    plan = placement_plan(cfg)
+    learners = [i["bundle"] for i in plan if i["role"] == "learner"]
+    assert learners == [{"CPU": 1.0, "GPU": 1.0, "node_type_a100": 1.0}] * 4
+    assert all("node_type_a100" not in i["bundle"] for i in plan if i["role"] != "learner")
+    assert plan_shortfalls(plan, {"CPU": 8, "GPU": 6, "node_type_a100": 4}) == []
+    problems = plan_shortfalls(plan, {"CPU": 8, "GPU": 0})
+    assert ("resources.learner asks for 4 actors x 1 GPU = 4 GPU, resources.rollout asks for 2 actors x 1 GPU = 2 GPU "
+            "(6 GPU in all), the cluster has 0 GPU") in problems
+    assert "resources.learner asks for 4 actors x 1 node_type_a100 = 4 node_type_a100, the cluster has 0 node_type_a100" in problems
+    assert not any("CPU" in p for p in problems)
+    assert check_plan_fits(plan, {"CPU": 1, "GPU": 6, "node_type_a100": 4}) == [
+        "resources.learner asks for 4 actors x 1 CPU = 4 CPU, resources.rollout asks for 2 actors x 1 CPU = 2 CPU, "
+        "resources.encoder asks for 1 actor x 1 CPU = 1 CPU (7 CPU in all), the declared cluster has 1 CPU"]
+
+
+def test_custom_resources_are_validated():
+    for bad, msg in (({"GPU": 1}, "set num_gpus instead"), ({"CPU": 2}, "set num_cpus instead"), ({"node_a": 0}, "must be > 0")):
+        with pytest.raises(ConfigError, match=msg):
+            validate_recipe({"kind": "grpo", "resources": {"learner": {"resources": bad}}})
+
+
+def test_bundle_that_fits_no_single_node_is_named():
+    from actors.placement import bundle_shortfalls, placement_plan
+
+    plan = placement_plan(RecipeConfig(kind="eval", resources={"learner": {"num_gpus": 8, "num_cpus": 2}}))
+    assert bundle_shortfalls(plan, [{"CPU": 4, "GPU": 4}, {"CPU": 4, "GPU": 4}]) == [
+        "resources.learner asks for 2 CPU, 8 GPU per actor, but no node has that much (most on one node: 4 CPU, 4 GPU)"]
+    assert bundle_shortfalls(plan, [{"CPU": 4, "GPU": 4}, {"CPU": 16, "GPU": 8}]) == []
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_placement_asking_for_absent_resources_fails_at_once(ray_two_cpus):
+    """On a CPU-only local Ray, a recipe asking for a GPU (or a custom resource no node has) fails
+    when it is placed, long before the timeout, naming the role, the resource, what is asked and
+    what the cluster has; the error is a UserError (the CLI prints it without a traceback)."""
+    from actors.placement import Placement, PlacementError
+    from cycle_oracle.errors import UserError
+
+    for resources, expected in (
+        ({"learner": {"num_gpus": 1}}, "resources.learner asks for 1 actor x 1 GPU = 1 GPU, the cluster has 0 GPU"),
+        ({"learner": {"num_cpus": 0.5}, "rollout": {"num_cpus": 0.5, "resources": {"node_type_a100": 1}}, "encoder": {"num_cpus": 0.5}},
+         "resources.rollout asks for 1 actor x 1 node_type_a100 = 1 node_type_a100, the cluster has 0 node_type_a100"),
+    ):
+        t0 = time.time()
+        with pytest.raises(PlacementError) as err:
+            Placement(RecipeConfig(kind="grpo", resources=resources), timeout_s=600)
+        assert time.time() - t0 < 30
+        assert isinstance(err.value, UserError) and expected in str(err.value), str(err.value)
+    assert ray.util.placement_group_table() == {} or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), "a refused plan reserved a group"
+
+
+def test_placement_that_stays_pending_lists_its_bundles(ray_two_cpus):
+    """Resources the cluster has but that are taken: the timeout message names the pending bundles."""
+    from actors.placement import Placement, PlacementTimeout
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote(), timeout=60)
+    try:
+        with pytest.raises(PlacementTimeout) as err:
+            Placement(RecipeConfig(kind="describe", resources={"learner": {"num_cpus": 1}, "rollout": {"num_cpus": 0.5}}), timeout_s=3)
+        msg = str(err.value)
+        assert "not ready within 3s" in msg and "learner[0] {1 CPU}" in msg and "rollout[0] {0.5 CPU}" in msg, msg
+    finally:
+        ray.kill(hog)
