@@ -46,6 +46,100 @@ class _RecordingEngine:
         self.merged.append(named)
 
 
+# ---------------------------------------------------------------- 1. rollout actor memory
+@pytest.mark.parametrize("sharded", [False, True])
+def test_embedding_table_alone_equals_the_models(tiny_path, tmp_path, sharded):
+    """`load_input_embedding` reads one tensor by name, from one safetensors file or from a sharded
+    folder through its index json, in the recipe's dtype: the same values as the full model's."""
+    from cycle_oracle.models import WEIGHTS_INDEX, load_input_embedding, load_tokenizer
+
+    path = tiny_path
+    if sharded:
+        path = tmp_path / "sharded"
+        load_causal_lm(tiny_path).save_pretrained(path, max_shard_size="2MB")
+        load_tokenizer(tiny_path).save_pretrained(path)
+        assert (path / WEIGHTS_INDEX).is_file() and len(list(path.glob("*.safetensors"))) >= 2
+    for dtype in ("float32", "bfloat16"):
+        table = load_input_embedding(path, dtype)
+        full = load_causal_lm(path, dtype).get_input_embeddings().weight
+        assert table.weight.dtype == full.dtype and not table.weight.requires_grad
+        assert torch.equal(table.weight, full)
+
+
+def test_adapter_mode_holds_no_model_and_embeds_like_the_full_decoder(tiny_path):
+    """Adapter mode keeps only the embedding table; its prompt embeddings equal those of the full
+    HF + LoRA decoder that merged mode (and the learner) build them from."""
+    from cycle_oracle.rollout import RolloutPolicy
+
+    adapter = RolloutPolicy(tiny_path, _cfg("adapter"), 1, NORM, "unused")
+    merged = RolloutPolicy(tiny_path, _cfg("merged"), 1, NORM, "unused")
+    assert adapter.decoder is None and isinstance(adapter.embedding, nn.Embedding)
+    assert sum(p.numel() for p in adapter.embedding.parameters()) == 49152 * 128  # the table, nothing else
+    vectors = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)) * 5
+    embeds = adapter.prompt_embeds(vectors)
+    assert embeds.shape == (3, len(adapter.prompt.input_ids), 128)
+    torch.testing.assert_close(embeds, merged.prompt_embeds(vectors), rtol=0, atol=0)
+
+
+def test_adapter_folder_written_without_a_model_loads_in_peft_with_the_same_logits(tiny_path, tmp_path):
+    """A sync in adapter mode writes a PEFT folder from the state dict alone; `PeftModel.from_pretrained`
+    loads it and gives the in-memory adapter's logits, and its keys and target modules are what PEFT's
+    own `save_pretrained` writes (so vLLM's LoRARequest reads it as it reads a checkpoint's)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from cycle_oracle.checkpoint import PEFT_WEIGHTS
+    from cycle_oracle.rollout import RolloutPolicy
+
+    model = _random_adapter(tiny_path, seed=1).eval()
+    folder = tmp_path / "served"
+    policy = RolloutPolicy(tiny_path, _cfg("adapter"), 1, NORM, str(folder))
+    engine = _RecordingEngine()
+    policy.sync(adapter_state(model), engine)
+    assert engine.adapters == [str(folder)] and not engine.merged
+
+    own = tmp_path / "peft-own"
+    model.save_pretrained(own)
+    with safe_open(str(folder / PEFT_WEIGHTS), "pt") as ours, safe_open(str(own / PEFT_WEIGHTS), "pt") as theirs:
+        assert set(ours.keys()) == set(theirs.keys())
+    ours_cfg, theirs_cfg = (json.loads((f / "adapter_config.json").read_text()) for f in (folder, own))
+    for key in ("r", "lora_alpha", "task_type", "peft_type", "bias"):
+        assert ours_cfg[key] == theirs_cfg[key], key
+    assert sorted(ours_cfg["target_modules"]) == sorted(theirs_cfg["target_modules"])
+    assert ours_cfg["base_model_name_or_path"] == str(tiny_path)
+
+    loaded = PeftModel.from_pretrained(load_causal_lm(tiny_path), str(folder)).eval()
+    embeds = policy.prompt_embeds(torch.randn(2, 128, generator=torch.Generator().manual_seed(2)) * 5)
+    with torch.no_grad():
+        want = model(inputs_embeds=embeds).logits
+        got = loaded(inputs_embeds=embeds).logits
+        base = load_causal_lm(tiny_path)(inputs_embeds=embeds).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(base, want, atol=1e-3), "the adapter changes nothing: the check would be void"
+
+    # the next sync replaces the served folder's weights in place (same folder, load_inplace)
+    model2 = _random_adapter(tiny_path, seed=2).eval()
+    policy.sync(adapter_state(model2), engine)
+    again = PeftModel.from_pretrained(load_causal_lm(tiny_path), str(folder)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs_embeds=embeds).logits, model2(inputs_embeds=embeds).logits)
+
+
+def test_adapter_mode_refuses_an_adapter_that_does_not_fit(tiny_path):
+    from cycle_oracle.rollout import RolloutPolicy
+
+    policy = RolloutPolicy(tiny_path, _cfg("adapter"), 1, NORM, "unused")
+    state = adapter_state(_random_adapter(tiny_path, seed=3))
+    bad = {k.replace("layers.1.", "layers.7."): v for k, v in state.items()}
+    with pytest.raises(ValueError, match="does not have: .*layers.7"):
+        policy.sync(bad, _RecordingEngine())
+    with pytest.raises(ValueError, match="not a LoRA tensor"):
+        policy.sync({"base_model.model.model.norm.weight": torch.ones(128)}, _RecordingEngine())
+    emb = attach_lora(load_causal_lm(tiny_path), _cfg(decoder_lora={"r": 4, "alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}).decoder_lora)
+    with pytest.raises(ValueError, match="adapts the input embedding"):
+        policy.sync(adapter_state(emb), _RecordingEngine())
+
+
 # ---------------------------------------------------------------- 2 + 4. placement
 def test_plan_carries_custom_resources_and_names_each_shortfall():
     from actors.placement import check_plan_fits, placement_plan, plan_shortfalls
