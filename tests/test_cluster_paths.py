@@ -222,3 +222,32 @@ def test_placement_that_stays_pending_lists_its_bundles(ray_two_cpus):
         assert "not ready within 3s" in msg and "learner[0] {1 CPU}" in msg and "rollout[0] {0.5 CPU}" in msg, msg
     finally:
         ray.kill(hog)
+
+
+# ---------------------------------------------------------------- 6. one-off tasks on their bundle's device
+def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, monkeypatch):
+    """HF generation for the warmup data runs on the device Ray gave the task's bundle (the
+    learner's): the model is moved there and the prompts follow it (here `meta` stands in for the GPU)."""
+    import cycle_oracle.devices as devices
+    import cycle_oracle.models as models
+    from recipes.warmup import warmup_generate_fn
+
+    class RecordingLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+            self.generation_config = None
+            self.seen: list[str] = []
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+            self.seen += [input_ids.device.type, attention_mask.device.type]
+            return torch.full((input_ids.shape[0], input_ids.shape[1] + max_new_tokens), tiny_tokenizer.eos_token_id)
+
+    lm = RecordingLM()
+    monkeypatch.setattr(models, "load_causal_lm", lambda path, dtype="float32": lm)
+    monkeypatch.setattr(devices, "role_device", lambda num_gpus: torch.device("meta"))
+    cfg = validate_recipe({"kind": "warmup", "model": {"name": "tiny-random-llama", "layer": 1}, "resources": {"learner": {"num_gpus": 1}}})
+    generate, model_id = warmup_generate_fn(cfg, "unused", tiny_tokenizer, 1)
+    assert generate([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me more"}]], 3) == ["", ""]
+    assert lm.weight.device.type == "meta" and model_id == "tiny-random-llama"
+    assert lm.seen and set(lm.seen) == {"meta"}, f"prompts reached the model on {sorted(set(lm.seen))}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cycle_oracle.devices import model_device
 from cycle_oracle.files import atomic_write
 from cycle_oracle.data.items import log
 
@@ -56,7 +57,7 @@ def hf_generate_fn(
     @torch.inference_mode()
     def generate(chats: Sequence[Chat], max_new_tokens: int) -> list[str]:
         out: list[str] = []
-        device = next(model.parameters()).device
+        device = model_device(model)  # inputs follow the model (the task's GPU, or the CPU)
         for start in range(0, len(chats), batch_size):
             batch = chats[start : start + batch_size]
             texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in batch]
