@@ -159,6 +159,15 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, tokenize: bool = False):
+    """The chat template as every prompt here uses it: without a thinking block. `enable_thinking=False`
+    makes Qwen3's template open the reply with the empty `<think>\n\n</think>\n\n` block that means
+    "answer directly" (the reply header the decoder, the KL reference and the target's own data
+    generation all share); templates without the flag ignore it (tested: SmolLM2's renders the same)."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=tokenize, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -271,6 +271,59 @@ def test_roles_check_the_dtype_before_building_their_model(tiny_path, monkeypatc
         warmup_generate_fn(cfg, str(tiny_path), None, 1)
 
 
+# ---------------------------------------------------------------- 5. Qwen3 without thinking
+def _qwen3_tokenizer(tiny_tokenizer):
+    """The tiny (SmolLM2, ChatML) tokenizer with Qwen3's chat template and its `<think>` tokens.
+    The template is `trl/chat_templates/qwen3.jinja`, which TRL ships as the "original Qwen3 chat
+    template" (the one in Qwen/Qwen3-* tokenizer_config.json; installed with trl, a dependency)."""
+    import copy
+
+    spec = importlib.util.find_spec("trl")
+    template = Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen3.jinja" if spec else None
+    if template is None or not template.is_file():
+        pytest.skip("trl's copy of the Qwen3 chat template is not installed")
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = template.read_text()
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
+
+
+def test_qwen3_decoder_prompt_has_no_thinking(tiny_tokenizer):
+    from cycle_oracle.injection import build_decoder_prompt, placeholder_token_id, reference_prompt
+    from cycle_oracle.models import render_chat
+
+    tok = _qwen3_tokenizer(tiny_tokenizer)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert "<think>" not in tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # the flag is what adds it
+    assert render_chat(tok, chat) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+    prompt = build_decoder_prompt(tok, 18, "What is this about?", num_placeholders=3)
+    text = tok.decode(prompt.input_ids)
+    assert text.endswith("What is this about?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"), text
+    assert text.count("<think>") == 1 and "Layer: 18\n ? ? ?\n" in text
+    ph = placeholder_token_id(tok, " ?")
+    assert [prompt.input_ids[p] for p in prompt.placeholder_positions] == [ph] * 3
+    assert prompt.input_ids.count(ph) == 3
+    assert tok.decode(reference_prompt(tok).input_ids) == "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_templates_without_the_flag_render_as_before(tiny_tokenizer):
+    """SmolLM2's template (the tiny model's and the embedded model's tokenizer) ignores enable_thinking."""
+    from cycle_oracle.data.latentqa import chat_context
+    from cycle_oracle.models import render_chat
+
+    chats = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]]
+    for chat in chats:
+        for gen in (True, False):
+            assert render_chat(tiny_tokenizer, chat, add_generation_prompt=gen) == tiny_tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen)
+        ids = render_chat(tiny_tokenizer, chat, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert ids == tiny_tokenizer.encode(render_chat(tiny_tokenizer, chat), add_special_tokens=False)
+    assert chat_context(tiny_tokenizer, chats[1], 1) is not None
+
+
 # ---------------------------------------------------------------- 6. one-off tasks on their bundle's device
 def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, monkeypatch):
     """HF generation for the warmup data runs on the device Ray gave the task's bundle (the
