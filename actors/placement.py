@@ -1,6 +1,8 @@
 """Ray set-up shared by every recipe kind: starting/joining a cluster, the one placement path
-(a placement group holding every role the recipe kind uses, reserved before any actor starts),
-and the one way to wait on remote work (always with a timeout, so a pending actor fails loudly).
+(a placement group holding every role the recipe kind uses, reserved before any actor starts;
+a plan the cluster could never hold fails at once with a `PlacementError` naming the role, the
+resource, what is asked and what the cluster has), and the one way to wait on remote work
+(always with a timeout, so a pending actor fails loudly).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from typing import Any
 
 import ray
+
+from cycle_oracle.errors import UserError
 
 ROLES_BY_KIND = {
     "describe": ("learner", "rollout"),
@@ -75,7 +79,8 @@ def free_port() -> int:
 
 
 def placement_plan(cfg) -> list[dict]:
-    """Bundles per role of the recipe's kind (what `--dry-run` prints and the placement group reserves)."""
+    """Bundles per role of the recipe's kind (what `--dry-run` prints and the placement group reserves):
+    each actor's CPUs, GPUs and custom Ray resources (`resources.<role>.resources`)."""
     plan = []
     for role in ROLES_BY_KIND[cfg.kind]:
         res = getattr(cfg.resources, role)
@@ -84,17 +89,85 @@ def placement_plan(cfg) -> list[dict]:
             bundle = {"CPU": res.num_cpus}
             if res.num_gpus:
                 bundle["GPU"] = res.num_gpus
+            bundle.update(res.resources)
             plan.append({"role": role, "index": i, "bundle": bundle, "threads": res.threads})
     return plan
 
 
-def check_plan_fits(plan: list[dict], shape: dict[str, float]) -> list[str]:
-    """Problems (empty list = fits) of a placement plan against a declared cluster shape."""
-    need: dict[str, float] = {}
+def _actors(n: int) -> str:
+    return f"{n} actor{'s' if n != 1 else ''}"
+
+
+def plan_shortfalls(plan: list[dict], have: dict[str, float], who: str = "the cluster has") -> list[str]:
+    """One line per resource the plan asks more of than `have` holds (empty list = fits), naming
+    each role that asks for it, e.g. "resources.learner asks for 4 actors x 1 GPU = 4 GPU, the
+    cluster has 0 GPU"."""
+    by_role: dict[str, dict[str, list[float]]] = {}  # resource -> role -> per-actor amounts
     for item in plan:
         for k, v in item["bundle"].items():
-            need[k] = need.get(k, 0.0) + v
-    return [f"needs {v:g} {k} but the cluster declares {shape.get(k, 0):g}" for k, v in need.items() if v > shape.get(k, 0) + 1e-9]
+            by_role.setdefault(k, {}).setdefault(item["role"], []).append(v)
+    lines = []
+    for k, roles in by_role.items():
+        total = sum(sum(v) for v in roles.values())
+        if total <= have.get(k, 0.0) + 1e-9:
+            continue
+        asks = [f"resources.{role} asks for {_actors(len(v))} x {v[0]:g} {k} = {sum(v):g} {k}" for role, v in roles.items()]
+        both = f" ({total:g} {k} in all)" if len(asks) > 1 else ""
+        lines.append(f"{', '.join(asks)}{both}, {who} {have.get(k, 0.0):g} {k}")
+    return lines
+
+
+def bundle_shortfalls(plan: list[dict], nodes: list[dict[str, float]]) -> list[str]:
+    """One line per role whose one actor's bundle fits on no single node (a bundle is never split
+    across nodes), e.g. 8 GPUs per actor on nodes of 4."""
+    lines, seen = [], set()
+    for item in plan:
+        role, bundle = item["role"], item["bundle"]
+        if role in seen:
+            continue
+        seen.add(role)
+        if not any(all(v <= node.get(k, 0.0) + 1e-9 for k, v in bundle.items()) for node in nodes):
+            largest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in bundle}
+            lines.append(f"resources.{role} asks for {_fmt(bundle)} per actor, but no node has that much "
+                         f"(most on one node: {_fmt(largest)})")
+    return lines
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items()) or "nothing"
+
+
+def check_plan_fits(plan: list[dict], shape: dict[str, float]) -> list[str]:
+    """Problems (empty list = fits) of a placement plan against a declared cluster shape (`--dry-run`)."""
+    return plan_shortfalls(plan, shape, "the declared cluster has")
+
+
+class PlacementError(UserError, RuntimeError):
+    """The cluster cannot hold the recipe's roles as its `resources` section asks."""
+
+
+class PlacementTimeout(PlacementError, RemoteTimeout):
+    """The placement group did not become ready in time (the cluster has the resources, but they are taken)."""
+
+
+def check_cluster_fits(plan: list[dict]) -> None:
+    """Fail at once, naming role, resource, what is asked and what the cluster has, when the running
+    Ray cluster could never hold the plan (Ray would otherwise leave the group pending until the
+    timeout). Compares with the cluster's totals, not what is free now: taken resources may free up."""
+    alive = [n for n in ray.nodes() if n.get("Alive", n.get("alive", False))]
+    problems = plan_shortfalls(plan, ray.cluster_resources()) or bundle_shortfalls(plan, [n.get("Resources", {}) for n in alive])
+    if problems:
+        raise PlacementError(
+            "the Ray cluster cannot hold this recipe's roles: " + "; ".join(problems)
+            + f" (cluster resources: {_fmt(_plain(ray.cluster_resources()))}). Lower resources.<role>.num_actors / num_cpus / "
+            "num_gpus / resources, or join a cluster that has them (--address; custom resources come from `ray start --resources`)"
+        )
+
+
+def _plain(resources: dict[str, float]) -> dict[str, float]:
+    """Ray's resources without its bookkeeping entries (node:<ip>, memory, placement-group shares)."""
+    return {k: v for k, v in resources.items() if not k.startswith("node:") and "_group_" not in k
+            and k not in ("memory", "object_store_memory")}
 
 
 class Placement:
@@ -105,8 +178,27 @@ class Placement:
         from ray.util.placement_group import placement_group
 
         self.plan = placement_plan(cfg)
+        check_cluster_fits(self.plan)  # an impossible plan fails now, not after the timeout
         self.group = placement_group([item["bundle"] for item in self.plan], strategy="PACK")
-        remote_get(self.group.ready(), timeout_s, f"placement group {[i['bundle'] for i in self.plan]}")
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
+        pending = [] if ready else self.pending_bundles()  # (none pending: it became ready just now)
+        if pending:
+            self.remove()
+            raise PlacementTimeout(
+                f"the placement group was not ready within {timeout_s:.0f}s; pending bundles: "
+                + "; ".join(f"{i['role']}[{i['index']}] {{{_fmt(i['bundle'])}}}" for i in pending)
+                + f". The cluster has them in total but not free now (free: {_fmt(_plain(ray.available_resources()))}):"
+                " other jobs or actors hold them (`ray status`)"
+            )
+
+    def pending_bundles(self) -> list[dict]:
+        """Plan items whose bundle is not placed on a node yet (Ray places a PACK group all at once,
+        so while it is pending this is usually every bundle)."""
+        table = ray.util.placement_group_table(self.group)
+        placed = {int(b) for b, node in (table.get("bundles_to_node_id") or {}).items() if node}
+        if table.get("state") == "CREATED":
+            return []
+        return [item for b, item in enumerate(self.plan) if b not in placed]
 
     def options(self, role: str, index: int = 0, **extra) -> dict:
         """Ray `.options(...)` for actor/task `index` of `role`: its bundle's CPUs/GPUs, inside the group."""

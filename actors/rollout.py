@@ -1,8 +1,6 @@
-"""RolloutActor: a vLLM engine (cycle_oracle.rollout.RolloutEngine) behind Ray.
-
-Each actor also keeps a CPU copy of the decoder (HF + PEFT LoRA) for two jobs only: building
-prompt embeddings with the shared injection function, and merging a received adapter into full
-weights for the LoRA-free engine (`weight_sync: merged`, the CPU default).
+"""RolloutActor: a vLLM engine (cycle_oracle.rollout.RolloutEngine) behind Ray, and the CPU side
+of the policy it serves (cycle_oracle.rollout.RolloutPolicy: the prompt embeddings it sends and the
+weight sync; with `weight_sync: adapter` that is the input embedding table alone, no model copy).
 """
 
 from __future__ import annotations
@@ -33,15 +31,13 @@ class RolloutActor:
         configure_cpu_environment(threads, ro.thread_binding, ro.kv_cache_gb)
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-        from cycle_oracle.injection import description_prompt
-        from cycle_oracle.models import attach_lora, load_causal_lm, load_tokenizer
-        from cycle_oracle.rollout import RolloutEngine
+        from cycle_oracle.devices import check_dtype, role_device
+        from cycle_oracle.rollout import RolloutEngine, RolloutPolicy
 
-        self.tokenizer = load_tokenizer(model_path)
-        self.decoder = attach_lora(load_causal_lm(model_path, self.cfg.model.dtype), self.cfg.decoder_lora)
-        self.layer = layer
-        self.norm = injection_norm
-        self.prompt = description_prompt(self.tokenizer, layer, self.cfg.injection, self.cfg.description_instruction)
+        check_dtype(self.cfg.model.dtype, role_device(self.cfg.resources.rollout.num_gpus), engine="vllm", role="rollout")
+        self.version = 0
+        self.policy = RolloutPolicy(model_path, self.cfg, layer, injection_norm, tempfile.mkdtemp(prefix="cycle-oracle-adapter-"))
+        self.tokenizer = self.policy.tokenizer
         self.engine = RolloutEngine(
             model_path,
             seed=self.cfg.seed + actor_index,
@@ -52,24 +48,12 @@ class RolloutActor:
             max_lora_rank=self.cfg.decoder_lora.r,
             dtype=self.cfg.model.dtype,
         )
-        self.version = 0
-        self.adapter_dir = tempfile.mkdtemp(prefix="cycle-oracle-adapter-")
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "node": ray.get_runtime_context().get_node_id()}
 
     def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
-        from cycle_oracle.injection import decoder_inputs
-
-        n = vectors.shape[0]
-        return decoder_inputs(
-            self.decoder.get_input_embeddings(),
-            [self.prompt.input_ids] * n,
-            [self.prompt.placeholder_positions] * n,
-            vectors,
-            self.norm,
-            self.cfg.injection.mode,
-        )
+        return self.policy.prompt_embeds(vectors)
 
     def sample(self, vectors: torch.Tensor, seeds: list[int], n: int, temperature: float, top_p: float, max_new_tokens: int) -> RolloutBatch:
         """[B, d] activations -> a RolloutBatch of B x n descriptions, tagged with the served weight version."""
@@ -82,13 +66,6 @@ class RolloutActor:
 
     def sync(self, adapter: dict[str, torch.Tensor], version: int) -> int:
         """Serve the policy with this LoRA adapter state (merged into the weights, or hot-swapped)."""
-        from cycle_oracle.models import load_adapter_state, merged_lora_weights
-
-        load_adapter_state(self.decoder, adapter)
-        if self.cfg.rollout.weight_sync == "merged":
-            self.engine.load_merged_weights(merged_lora_weights(self.decoder))
-        else:
-            self.decoder.save_pretrained(self.adapter_dir)  # node-local folder, same id, load_inplace
-            self.engine.set_adapter(self.adapter_dir)
+        self.policy.sync(adapter, self.engine)
         self.version = version
         return version

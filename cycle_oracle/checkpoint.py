@@ -22,6 +22,7 @@ and evaluated; `--resume` continues only a run of the same stage (`require_stage
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cycle_oracle.errors import UserError
-from cycle_oracle.files import atomic_write_text
+from cycle_oracle.files import atomic_write, atomic_write_text
 
 
 def _sha256(path: Path) -> str:
@@ -47,6 +48,27 @@ def _sha256(path: Path) -> str:
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 """The weights file of a PEFT adapter folder (next to its adapter_config.json)."""
+
+
+def write_adapter_folder(folder: str | Path, state: dict[str, torch.Tensor], config) -> Path:
+    """A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) from a LoRA state
+    dict in PEFT's naming (what `get_peft_model_state_dict` / `models.adapter_state` return, and what
+    PEFT's own `save_pretrained` writes), without a model: `PeftModel.from_pretrained` and vLLM's
+    `LoRARequest` load it as-is. `config` is the adapter's `LoraConfig` (`models.lora_config`, with
+    `base_model_name_or_path` set); `all-linear` is written as the adapted module names, as
+    `save_pretrained` does. The weights file is replaced atomically."""
+    from cycle_oracle.models import adapter_module_names
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
+    if config.target_modules == "all-linear":
+        config.target_modules = adapter_module_names(state)
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    clean = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(folder / PEFT_WEIGHTS, lambda p: save_file(clean, str(p), metadata={"format": "pt"}))
+    return folder
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -124,13 +146,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for group, tdict in tensors.items():
-        clean = {k: v.detach().cpu().contiguous() for k, v in tdict.items()}
         if group in (adapter_configs or {}):  # a PEFT adapter folder: PeftModel.from_pretrained / vLLM LoRARequest load it as-is
-            (tmp / group).mkdir()
-            adapter_configs[group].save_pretrained(str(tmp / group))
-            save_file(clean, str(tmp / group / PEFT_WEIGHTS))
+            write_adapter_folder(tmp / group, tdict, adapter_configs[group])
         else:
-            save_file(clean, str(tmp / f"{group}.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(tmp / f"{group}.safetensors"))
     for group, obj in (objects or {}).items():
         torch.save(obj, tmp / f"{group}.pt")
     for rel, data in (files or {}).items():  # e.g. each DeepSpeed rank's own checkpoint files

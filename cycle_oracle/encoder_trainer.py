@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from cycle_oracle.batch import RolloutBatch
-from cycle_oracle.devices import model_device, role_device, to_cpu
+from cycle_oracle.devices import check_dtype, model_device, role_device, to_cpu
 from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruction_loss, reconstruction_metrics
 from cycle_oracle.models import load_causal_lm, load_tokenizer
 
@@ -45,9 +45,11 @@ class EncoderTrainer:
 
     def __init__(self, model_path: str, cfg, layer: int, mean: torch.Tensor):
         self.cfg = cfg
+        device = role_device(cfg.resources.encoder.num_gpus)
+        check_dtype(cfg.model.dtype, device, role="encoder")
         self.tokenizer = load_tokenizer(model_path)
         self.encoder = ActivationEncoder(load_causal_lm(model_path, cfg.model.dtype), layer, cfg.encoder.lora)
-        self.encoder.to(role_device(cfg.resources.encoder.num_gpus))
+        self.encoder.to(device)
         self.mean = mean.float().cpu()  # rewards are computed on the CPU, from v_hat brought back
         opt = cfg.encoder.optim
         self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=opt.lr, weight_decay=opt.weight_decay)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cycle_oracle.models import render_chat
+
 _MARK = "\u2063PLACEHOLDERS\u2063"  # never produced by a tokenizer from user text
 
 
@@ -51,7 +53,7 @@ def build_decoder_prompt(tokenizer, layer: int, question: str, num_placeholders:
     if num_placeholders < 1:
         raise ValueError(f"num_placeholders must be >= 1, got {num_placeholders}")
     message = f"Layer: {layer}\n{_MARK}\n{question}"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, [{"role": "user", "content": message}])
     before, after = text.split(_MARK)
     pre = tokenizer.encode(before, add_special_tokens=False)
     post = tokenizer.encode(after, add_special_tokens=False)
@@ -155,6 +157,6 @@ def description_prompt(tokenizer, layer: int, settings, instruction: str) -> Dec
 def reference_prompt(tokenizer) -> DecoderPrompt:
     """The bare assistant header (no oracle prompt, no placeholder): the context under which the
     `base` KL reference scores the generated text alone."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, [{"role": "user", "content": _MARK}])
     header = text.split(_MARK, 1)[1]
     return DecoderPrompt(tuple(tokenizer.encode(header, add_special_tokens=False)), (), 0)

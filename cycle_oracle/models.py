@@ -159,12 +159,91 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, tokenize: bool = False):
+    """The chat template as every prompt here uses it: without a thinking block. `enable_thinking=False`
+    makes Qwen3's template open the reply with the empty `<think>\n\n</think>\n\n` block that means
+    "answer directly" (the reply header the decoder, the KL reference and the target's own data
+    generation all share); templates without the flag ignore it (tested: SmolLM2's renders the same)."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=tokenize, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=False)
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     model.eval()
     return model
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_weight_map(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of a HF model folder holding it (sharded folders through
+    their index json, otherwise every *.safetensors file's header). Empty if the folder has none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    names: dict[str, Path] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def input_embedding_name(path: str | Path) -> str:
+    """The parameter name of a model's input embedding table (e.g. `model.embed_tokens.weight`), found
+    the way HF finds it (`get_input_embeddings`) on the model built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters():
+        if param is weight:
+            return name
+    raise TypeError(f"cannot name the input embedding of {type(model).__name__}")
+
+
+def _checkpoint_key(name: str, keys) -> str:
+    """The checkpoint's key for parameter `name`: itself, or the one key that matches it once
+    leading module names are dropped (checkpoints saved from the inner model lack the `model.` prefix)."""
+    keys = set(keys)
+    if name in keys:
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts) - 1):
+        tail = ".".join(parts[i:])
+        found = sorted(k for k in keys if k == tail or k.endswith("." + tail))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise KeyError(f"{name}: several checkpoint tensors match ({found[:3]})")
+    raise KeyError(f"{name} is not in the checkpoint (it holds e.g. {sorted(keys)[:3]})")
+
+
+def load_input_embedding(path: str | Path, dtype: str = "float32") -> nn.Embedding:
+    """The input embedding table of the model in `path` alone (frozen, on the CPU, in `dtype`), read
+    from its safetensors file(s) by name without loading the other weights: what a rollout actor
+    needs to build prompt embeddings when vLLM serves the adapter (`weight_sync: adapter`). The same
+    values as `load_causal_lm(path, dtype).get_input_embeddings()`."""
+    from safetensors import safe_open
+
+    name = input_embedding_name(path)
+    files = safetensors_weight_map(path)
+    if not files:  # e.g. a pytorch_model.bin folder: no way to read one tensor, load the model once
+        model = load_causal_lm(path, dtype)
+        weight = model.get_input_embeddings().weight.detach().clone()
+        del model
+    else:
+        key = _checkpoint_key(name, files)
+        with safe_open(str(files[key]), framework="pt") as f:
+            weight = f.get_tensor(key).to(_DTYPES[dtype])
+    return nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -264,6 +343,37 @@ def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def adapter_module_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The HF module names a LoRA state dict (PEFT naming, `adapter_state`) adapts, e.g.
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> `model.layers.0.self_attn.q_proj`
+    (what PEFT's `save_pretrained` writes as `target_modules` for `all-linear`)."""
+    names = set()
+    for key in state:
+        if ".lora_" not in key:
+            raise ValueError(f"adapter state key {key!r} is not a LoRA tensor (expected PEFT's naming, as adapter_state returns)")
+        module = key.split(".lora_", 1)[0]
+        names.add(module[len("base_model.model."):] if module.startswith("base_model.model.") else module)
+    return sorted(names)
+
+
+def check_adapter_fits(state: dict[str, torch.Tensor], weight_names, embedding_name: str) -> None:
+    """Without a model in memory (`weight_sync: adapter`): every module a LoRA state adapts must be a
+    weight of the model (`weight_names`: its checkpoint's tensor names, `safetensors_weight_map`),
+    and the input embedding (`embedding_name`, `input_embedding_name`) must not be one of them:
+    prompt embeddings are built from the base table, and vLLM never runs the embedding layer on
+    prompt_embeds."""
+    embedding = embedding_name.rsplit(".", 1)[0]
+    if any(key.removeprefix("base_model.model.").startswith(embedding + ".") for key in state):
+        raise ValueError(f"the adapter adapts the input embedding ({embedding}); rollout.weight_sync=adapter builds prompt "
+                         f"embeddings from the base table: drop it from decoder_lora.target_modules or use weight_sync: merged")
+    modules = adapter_module_names(state)
+    stems = {w[: -len(".weight")] for w in weight_names if w.endswith(".weight")}
+    if stems:
+        unknown = [m for m in modules if m not in stems and not any(m.endswith("." + w) or w.endswith("." + m) for w in stems)]
+        if unknown:
+            raise ValueError(f"the adapter adapts modules the model does not have: {unknown[:3]}")
 
 
 def load_adapter_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -178,3 +178,59 @@ def _is_cpu_platform() -> bool:
         return current_platform.is_cpu()
     except Exception:
         return not torch.cuda.is_available()
+
+
+class RolloutPolicy:
+    """What a rollout actor holds of the policy besides its engine, on the CPU: the prompt embeddings
+    it sends (the shared injection function over the input embedding table) and the weight sync.
+
+    - `weight_sync: adapter` (the GPU recipes): the input embedding table alone (read by name from
+      the model's safetensors, `models.load_input_embedding`); a received adapter is written as a
+      PEFT adapter folder (`checkpoint.write_adapter_folder`) that the engine hot-swaps. No model.
+    - `weight_sync: merged` (the CPU default): a full HF copy of the decoder (HF + PEFT LoRA), whose
+      base weights a received adapter is merged into for the LoRA-free engine.
+    """
+
+    def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, adapter_dir: str):
+        from cycle_oracle.injection import description_prompt
+        from cycle_oracle.models import attach_lora, input_embedding_name, load_causal_lm, load_input_embedding, load_tokenizer, safetensors_weight_map
+
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.norm = injection_norm
+        self.adapter_dir = adapter_dir
+        self.tokenizer = load_tokenizer(model_path)
+        self.prompt = description_prompt(self.tokenizer, layer, cfg.injection, cfg.description_instruction)
+        if cfg.rollout.weight_sync == "merged":
+            self.decoder = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+            self.embedding = self.decoder.get_input_embeddings()
+        else:
+            self.decoder = None
+            self.embedding = load_input_embedding(model_path, cfg.model.dtype)
+            self.weight_names = set(safetensors_weight_map(model_path))
+            self.embedding_name = input_embedding_name(model_path)
+
+    def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[B, d] activations -> [B, T, d] description-prompt embeddings with them injected."""
+        from cycle_oracle.injection import decoder_inputs
+
+        n = vectors.shape[0]
+        return decoder_inputs(self.embedding, [self.prompt.input_ids] * n, [self.prompt.placeholder_positions] * n, vectors,
+                              self.norm, self.cfg.injection.mode)
+
+    def sync(self, adapter: dict[str, torch.Tensor], engine: "RolloutEngine") -> None:
+        """Serve the policy with this LoRA adapter state (PEFT naming, `models.adapter_state`) on `engine`."""
+        from cycle_oracle.models import load_adapter_state, merged_lora_weights
+
+        if self.decoder is not None:
+            load_adapter_state(self.decoder, adapter)
+            engine.load_merged_weights(merged_lora_weights(self.decoder))
+            return
+        from cycle_oracle.checkpoint import write_adapter_folder
+        from cycle_oracle.models import check_adapter_fits, lora_config
+
+        check_adapter_fits(adapter, self.weight_names, self.embedding_name)
+        config = lora_config(self.cfg.decoder_lora)
+        config.base_model_name_or_path = self.model_path
+        write_adapter_folder(self.adapter_dir, adapter, config)  # node-local folder, same id, load_inplace
+        engine.set_adapter(self.adapter_dir)

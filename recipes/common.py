@@ -83,12 +83,14 @@ def _extract(model_path: str, config: dict, layer: int, documents: list, threads
     from cycle_oracle.injection import mean_embedding_norm
     from cycle_oracle.models import load_causal_lm, load_tokenizer
 
+    from cycle_oracle.devices import check_dtype, role_device
+
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
+    device = role_device(cfg.resources.learner.num_gpus)  # the first (learner) bundle
+    check_dtype(cfg.model.dtype, device, role="learner (extraction)")
     tok = load_tokenizer(model_path)
-    from cycle_oracle.devices import role_device
-
-    model = load_causal_lm(model_path, cfg.model.dtype).to(role_device(cfg.resources.learner.num_gpus))  # the first (learner) bundle
+    model = load_causal_lm(model_path, cfg.model.dtype).to(device)
     e = cfg.extraction
     batches = list(extract(model, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
     return batches, mean_embedding_norm(model.get_input_embeddings())

@@ -37,26 +37,40 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
     send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.data.generation import hf_generate_fn
-    from cycle_oracle.models import load_causal_lm, load_tokenizer
+    from cycle_oracle.models import load_tokenizer
 
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
-    if cfg.warmup.generation_engine == "vllm":
-        from cycle_oracle.data.generation import vllm_generate_fn
-        from cycle_oracle.rollout import configure_cpu_environment
-
-        configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
-        generate, model_id = vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
-    else:
-        generate, model_id = hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype), tok, batch_size=16), cfg.model.name
+    generate, model_id = warmup_generate_fn(cfg, model_path, tok, threads)
     return build_warmup_data(
         cfg.warmup, cfg.split.heldout_fraction, tok, generate, cfg.description_instruction,
         shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
         token_items_per_document=cfg.warmup.token_items_per_document,
         stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour,
     )
+
+
+def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
+    """(generate_fn, model id for the data cache) of the engine that writes the warmup data
+    (`warmup.generation_engine`), on the device of the bundle the task runs in (the learner's,
+    `Placement.task_options`): a vLLM engine takes the GPU Ray gave the task by itself; the HF model
+    is moved there, and `hf_generate_fn` puts its inputs on the model's device."""
+    from cycle_oracle.devices import check_dtype, role_device
+
+    device = role_device(cfg.resources.learner.num_gpus)
+    if cfg.warmup.generation_engine == "vllm":
+        from cycle_oracle.data.generation import vllm_generate_fn
+        from cycle_oracle.rollout import configure_cpu_environment
+
+        check_dtype(cfg.model.dtype, device, engine="vllm", role="learner (warmup data)")
+        configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
+        return vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
+    from cycle_oracle.data.generation import hf_generate_fn
+    from cycle_oracle.models import load_causal_lm
+
+    check_dtype(cfg.model.dtype, device, role="learner (warmup data)")
+    return hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype).to(device), tokenizer, batch_size=16), cfg.model.name
 
 
 def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 256) -> dict | None:

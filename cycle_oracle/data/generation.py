@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from cycle_oracle.devices import model_device
 from cycle_oracle.files import atomic_write
 from cycle_oracle.data.items import log
+from cycle_oracle.models import render_chat
 
 Chat = list[dict]
 GenerateFn = Callable[[Sequence[Chat], int], list[str]]
@@ -56,10 +58,10 @@ def hf_generate_fn(
     @torch.inference_mode()
     def generate(chats: Sequence[Chat], max_new_tokens: int) -> list[str]:
         out: list[str] = []
-        device = next(model.parameters()).device
+        device = model_device(model)  # inputs follow the model (the task's GPU, or the CPU)
         for start in range(0, len(chats), batch_size):
             batch = chats[start : start + batch_size]
-            texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in batch]
+            texts = [render_chat(tokenizer, c) for c in batch]
             enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
             kwargs = dict(
                 input_ids=enc["input_ids"].to(device),
@@ -105,7 +107,7 @@ def vllm_generate_fn(model_path: str, seed: int = 0, max_model_len: int = 1024, 
         tokenizer = llm.get_tokenizer()
         prompts = []
         for chat in chats:
-            ids = tokenizer.apply_chat_template(list(chat), tokenize=True, add_generation_prompt=True)
+            ids = render_chat(tokenizer, chat, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
             if len(ids) + max_new_tokens > max_model_len:
                 raise ValueError(f"chat of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the engine's max_model_len {max_model_len}")

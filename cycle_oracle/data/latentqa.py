@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cycle_oracle.data.items import ProblemLog, WarmupItem, log
+from cycle_oracle.models import render_chat
 
 ROW_FILES = ("system.json", "stimulus.json", "stimulus_completion.json")
 READ_MODES = ("content", "reply_header", "reply_header_last", "both")
@@ -69,7 +70,7 @@ def chat_context(
     contents = [str(m["content"]).strip() for m in messages]
     marked = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
     generation_prompt = read != "content" and messages[-1]["role"] == "user"
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt)
+    text = render_chat(tokenizer, marked, add_generation_prompt=generation_prompt)
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
     rest = text

@@ -33,6 +33,7 @@ from torch import nn
 from cycle_oracle.activations import pad_right, read_residual, readable_positions
 from cycle_oracle.encoder import encoder_inputs
 from cycle_oracle.injection import build_decoder_prompt, decoder_inputs
+from cycle_oracle.models import render_chat
 
 Vectors = torch.Tensor
 YES_TOKENS = ("Yes", " Yes")
@@ -190,7 +191,7 @@ def make_hf_oracle(
         seqs = []
         for t in texts:
             message = f"Here is a description of a piece of text:\n\n{t.strip() or '(empty)'}\n\n{question.strip()}{yes_no_suffix}"
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+            chat = render_chat(tokenizer, [{"role": "user", "content": message}])
             seqs.append(tokenizer.encode(chat, add_special_tokens=False))
         scores = []
         inner, lm_head = _lm_parts(judge)
