@@ -157,7 +157,10 @@ def run(cfg, out, resume: bool = False) -> dict:
         build_data_task.options(**options).remote(run.model_path, cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data")),
         cfg.ray.setup_timeout_s, "building the warmup data",
     )
-    print(f"[warmup] data: {data_report}")
+    counts = ", ".join(f"{t} {len(train.get(t) or [])}/{len(heldout.get(t) or [])}" for t in data_report.get("tasks", []))
+    cached = all(data_report.get(t, {}).get("cached", True) for t in ("latentqa", "corpus", "description") if isinstance(data_report.get(t), dict))
+    print(f"[warmup] data (train/held-out items): {counts}; {'from the cache' if cached else 'built'} in "
+          f"{data_report.get('seconds', 0):.0f} s (the full report goes to results.json)")
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
     norm = injection_norm(run, emb_norm, store.mean_norm)
 
