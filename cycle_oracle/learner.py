@@ -111,9 +111,10 @@ class DecoderLearner:
         self.layer = layer
         self.norm = injection_norm
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-        from cycle_oracle.devices import check_dtype, role_device
+        from cycle_oracle.devices import check_dtype
 
-        check_dtype(cfg.model.dtype, role_device(cfg.resources.learner.num_gpus), engine="deepspeed", role="learner")
+        # the device DeepSpeed will put this rank on (Ray's GPU when it gave one, else the CPU)
+        check_dtype(cfg.model.dtype, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), engine="deepspeed", role="learner")
         model = attach_lora(model if model is not None else load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
         if cfg.memory.gradient_checkpointing:  # non-reentrant: the injected embeddings need no grad
             model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
