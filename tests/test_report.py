@@ -245,3 +245,31 @@ def test_write_report_is_atomic_and_never_fails_the_job(store, tmp_path, capsys)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("[report] ") and "not written" in out[0]
     assert not (tmp_path / "bad" / "report.md").exists()
+
+
+def test_the_cli_prints_the_report_instead_of_the_json_summary(store, tmp_path, capsys):
+    from cli.main import print_closing_report
+
+    grpo = grpo_results(store, grpo_noise=0.3, warm_noise=3.0, init_from=False)
+    write_report(tmp_path, grpo)
+    assert print_closing_report(grpo, tmp_path)
+    out = capsys.readouterr().out
+    assert "Verdict:" in out and f"report: {tmp_path / 'report.md'}" in out
+    assert not print_closing_report({"kind": "describe", "summary": {"x": 1}}, tmp_path)
+
+
+def test_the_viewer_step_prints_one_line_when_it_cannot_write(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from recipes.warmup_then_grpo import viewer_passage, write_viewer
+
+    doc_id, text = viewer_passage({"retrieval": {"items": [{"doc_id": "embedded:3"}]}})
+    assert doc_id == "embedded:3" and text
+    assert viewer_passage({})[0] == "embedded:0"
+    cfg = SimpleNamespace(model=SimpleNamespace(name="tiny-random-llama"))
+    assert write_viewer(cfg, tmp_path, {}, max_model_bytes=1) is None  # too large: the command to run instead
+    assert write_viewer(cfg, tmp_path, {}) is None  # no checkpoint under tmp_path/grpo
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("[viewer] not written") for line in lines)
+    assert f"cycle-oracle describe --checkpoint {tmp_path / 'grpo'}" in lines[0]
+    assert not (tmp_path / "viewer.html").exists()
