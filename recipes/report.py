@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from cycle_oracle.evals.probes import wilson_interval
+from cycle_oracle.files import atomic_write_text
 
 TASK_NAMES = {"latentqa": "LatentQA", "token_prediction": "token prediction", "description": "description"}
 
@@ -436,13 +438,9 @@ def report_from_results(results: dict | None) -> ClosingReport | None:
     return None
 
 
-def write_report(out, grpo: dict | None, warmup: dict | None = None, viewer: str | None = None):
+def write_report(out, grpo: dict | None, warmup: dict | None = None, viewer: str | None = None) -> Path | None:
     """`<out>/report.md` (the closing report of these results), written atomically -> its path, or
     None after one printed line if it could not be (the job's results.json stands without it)."""
-    from pathlib import Path
-
-    from cycle_oracle.files import atomic_write_text
-
     path = Path(out) / "report.md"
     try:
         atomic_write_text(path, closing_report(grpo, warmup, viewer).markdown)

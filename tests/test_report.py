@@ -238,6 +238,7 @@ def test_missing_optional_parts_are_left_out(store):
 
 def test_write_report_is_atomic_and_never_fails_the_job(store, tmp_path, capsys):
     grpo = grpo_results(store, grpo_noise=0.3, warm_noise=3.0, init_from=False)
+    capsys.readouterr()
     path = write_report(tmp_path, grpo)
     assert path == tmp_path / "report.md" and path.read_text() == closing_report(grpo).markdown
     assert not list(tmp_path.glob(".*.tmp"))
@@ -263,6 +264,7 @@ def test_the_viewer_step_prints_one_line_when_it_cannot_write(tmp_path, capsys):
 
     from recipes.warmup_then_grpo import viewer_passage, write_viewer
 
+    capsys.readouterr()
     doc_id, text = viewer_passage({"retrieval": {"items": [{"doc_id": "embedded:3"}]}})
     assert doc_id == "embedded:3" and text
     assert viewer_passage({})[0] == "embedded:0"
@@ -273,3 +275,32 @@ def test_the_viewer_step_prints_one_line_when_it_cannot_write(tmp_path, capsys):
     assert len(lines) == 2 and all(line.startswith("[viewer] not written") for line in lines)
     assert f"cycle-oracle describe --checkpoint {tmp_path / 'grpo'}" in lines[0]
     assert not (tmp_path / "viewer.html").exists()
+
+
+def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, capsys):
+    """The driver's closing steps with the stages stubbed: report.md from both stages' results (the
+    warmup's read back from its results.json when it is reused), the viewer's failure one line."""
+    from cycle_oracle.config import RecipeConfig
+    from recipes import grpo, warmup, warmup_then_grpo
+
+    grpo_res, warm_res = grpo_results(store, grpo_noise=0.3, warm_noise=3.0), warmup_results(reads=True)
+    calls = []
+    monkeypatch.setattr(warmup, "run", lambda cfg, out, resume=False: calls.append(("warmup", out)) or warm_res)
+    monkeypatch.setattr(grpo, "run", lambda cfg, out, resume=False: calls.append(("grpo", cfg.init_from)) or grpo_res)
+    cfg = RecipeConfig(kind="warmup_then_grpo", model={"name": "tiny-random-llama", "layer": 1})
+    capsys.readouterr()
+    out = warmup_then_grpo.run(cfg, tmp_path)
+    assert calls == [("warmup", tmp_path / "warmup"), ("grpo", str(tmp_path / "warmup"))]
+    assert out["grpo"] is grpo_res and out["warmup"] is warm_res and out["viewer"] is None  # no checkpoint under grpo/
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("[viewer] not written")
+    assert (tmp_path / "report.md").read_text() == closing_report(grpo_res, warm_res).markdown
+    assert report_from_results(out).markdown == closing_report(grpo_res, warm_res).markdown
+
+    (tmp_path / "warmup").mkdir()  # a finished warmup is reused: its results come from results.json
+    (tmp_path / "warmup" / "results.json").write_text(json.dumps(warm_res))
+    calls.clear()
+    again = warmup_then_grpo.run(cfg, tmp_path)
+    assert [c[0] for c in calls] == ["grpo"] and again["warmup"] == warm_res
+    assert again["summary"]["warmup"] == "reused from a previous run"
+    assert "## Warmup, held-out" in (tmp_path / "report.md").read_text()
