@@ -88,9 +88,29 @@ def cmd_run(args) -> int:
     results = module.run(cfg, out, resume=args.resume)
     summary = results.get("summary") if isinstance(results, dict) else None
     print(f"done: results in {out}")
+    if print_closing_report(results, out):
+        return 0
     if summary:
         print(json.dumps(summary, indent=2, default=float))
     return 0
+
+
+def print_closing_report(results, out) -> bool:
+    """The closing report's tables (`recipes/report.py`) of a grpo or warmup_then_grpo job, and
+    where its report.md is -> False for other kinds (or if it cannot be built: the JSON summary)."""
+    from recipes.report import report_from_results
+
+    try:
+        report = report_from_results(results)
+    except Exception as err:  # the job is done; its results are on disk
+        print(f"[report] not shown ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")
+        return False
+    if report is None:
+        return False
+    report.print()
+    if (Path(out) / "report.md").is_file():
+        print(f"report: {Path(out) / 'report.md'}")
+    return True
 
 
 def cmd_extract(args) -> int:

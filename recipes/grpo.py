@@ -345,6 +345,8 @@ def run(cfg, out, resume: bool = False, on_step_end=None) -> dict:
     results.update(final_evals(roles, start_ckpt))
     results["summary"] = retrieval_summary(results)
     run.write_results("results.json", results)
+    from recipes.report import write_report
+    write_report(run.out, results)  # report.md: the closing report (recipes/report.py)
     roles.shutdown()
     finish_run(run)
     return results

@@ -1,11 +1,21 @@
 """`kind: warmup_then_grpo` — the whole pipeline: warmup into `<out>/warmup`, then GRPO from that
-checkpoint into `<out>/grpo` (its retrieval eval runs at the end), then a printed summary."""
+checkpoint into `<out>/grpo` (its retrieval eval runs at the end), then the closing report:
+`<out>/viewer.html` (every token of one held-out embedded passage described by the GRPO
+checkpoint; skipped with one line if it cannot be written) and `<out>/report.md`
+(`recipes/report.py`; the CLI prints the same tables)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from recipes import grpo, warmup
+from recipes.report import write_report
+
+VIEWER_MAX_MODEL_BYTES = 2 * 2**30
+"""The viewer loads the checkpoint in this (the driver's) process, three copies of the model
+(target, decoder, encoder: `load_oracle`), on the CPU; only for models whose weight files are at
+most this size (the embedded SmolLM2-135M: 0.5 GiB in fp32). Larger ones print the command instead."""
 
 
 def run(cfg, out, resume: bool = False) -> dict:
@@ -17,4 +27,63 @@ def run(cfg, out, resume: bool = False) -> dict:
     grpo_cfg = cfg.model_copy(update={"kind": "grpo", "init_from": str(warm_dir)})
     result = grpo.run(grpo_cfg, out / "grpo", resume=resume)
     summary = {"warmup": (warm or {}).get("summary", "reused from a previous run"), "grpo": result.get("summary")}
-    return {"kind": "warmup_then_grpo", "summary": summary}
+    if warm is None:
+        warm = read_results(warm_dir / "results.json")
+    viewer = write_viewer(cfg, out, result)
+    write_report(out, result, warm, viewer)
+    return {"kind": "warmup_then_grpo", "summary": summary, "warmup": warm, "grpo": result, "viewer": viewer}
+
+
+def read_results(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def viewer_passage(grpo_results: dict) -> tuple[str, str]:
+    """(doc_id, text) of an embedded passage to view: the first held-out one in the retrieval pool,
+    else the first embedded passage (a corpus that is not the embedded one)."""
+    from cycle_oracle.corpus import embedded_passages
+
+    passages = {d.doc_id: d.text for d in embedded_passages()}
+    for item in (grpo_results.get("retrieval") or {}).get("items") or []:
+        if item.get("doc_id") in passages:
+            return item["doc_id"], passages[item["doc_id"]]
+    doc_id = next(iter(passages))
+    return doc_id, passages[doc_id]
+
+
+def write_viewer(cfg, out: Path, grpo_results: dict, max_model_bytes: int = VIEWER_MAX_MODEL_BYTES) -> str | None:
+    """`<out>/viewer.html` for one embedded passage with the final GRPO checkpoint, loaded in this
+    process (`describe_texts_to_html`) -> its path, or None after one printed line (too large a
+    model, or any failure: the job's results stand without it)."""
+    path = out / "viewer.html"
+    try:
+        doc_id, text = viewer_passage(grpo_results)
+        command = f"cycle-oracle describe --checkpoint {out / 'grpo'} --text {json.dumps(text)} --html {path}"
+        from cycle_oracle.models import resolve_model_path
+
+        folder = Path(resolve_model_path(cfg.model.name))
+        size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+        if not size or size > max_model_bytes:
+            print(f"[viewer] not written: {cfg.model.name} ({size / 2**30:.1f} GiB of weights) is too large to load three times "
+                  f"in the driver; to write it: {command}")
+            return None
+        from transformers.utils import logging as hf_logging
+
+        from cycle_oracle.evals.viewer import describe_texts_to_html
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # three "Loading weights" bars in the job's closing lines
+        try:
+            describe_texts_to_html(out / "grpo", [text], path)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        held = any(it.get("doc_id") == doc_id for it in (grpo_results.get("retrieval") or {}).get("items") or [])
+        print(f"[viewer] {path}: every token of {doc_id}" + (" (a held-out passage)" if held else ""))
+        return str(path)
+    except Exception as err:  # the viewer is a convenience: one line, and the job still succeeds
+        print(f"[viewer] not written ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})")
+        return None
