@@ -309,6 +309,10 @@ class GrpoSettings(Strict):
 
 class EvalSettings(Strict):
     pool_size: int = Field(1000, ge=2)
+    rows_per_document: int = Field(1, ge=1)
+    """Retrieval pool rows per held-out document (GRPO's final eval). 1: items are independent
+    documents; more: a small corpus still gives a large pool, but items of one document share their
+    context, so intervals that treat them as independent are too narrow."""
     probe_items_per_task: int = Field(200, ge=10)
     tasks: list[str] = ["retrieval", "probes", "arithmetic"]
     probe_tasks: list[str] = ["sst2", "gender", "ag_news_sports", "tense_past", "singular_plural", "language_english"]

@@ -506,7 +506,8 @@ def final_retrieval(roles: Roles, controls=("shuffled", "zero", "context_only"))
 
     cfg = roles.cfg
     return evaluate_retrieval(actor_oracle(roles), roles.store, cfg.eval.pool_size, cfg.seed,
-                              heldout_fraction=cfg.split.heldout_fraction, split_seed=cfg.seed, controls=controls)
+                              heldout_fraction=cfg.split.heldout_fraction, split_seed=cfg.seed,
+                              rows_per_document=cfg.eval.rows_per_document, controls=controls)
 
 
 def actor_oracle(roles: Roles):

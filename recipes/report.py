@@ -258,6 +258,9 @@ def retrieval_section(grpo: dict) -> Section | None:
                    "so it favours them.")
     if not grpo.get("frozen_start_encoder"):
         s.notes.append("No frozen-encoder comparison: the run did not start from a checkpoint with an encoder.")
+    if docs and n and docs < n:
+        s.notes.append(f"The {n} items come from {docs} held-out documents (eval.rows_per_document): items of one document "
+                       f"share their context, so the intervals, which treat items as independent, are too narrow.")
     return s
 
 
