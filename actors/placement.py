@@ -48,6 +48,9 @@ def init_ray(cfg) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
+        # a local cluster turns token authentication on by default and warns that it did; asking for
+        # it explicitly keeps it on without the warning (a joined cluster keeps its own mode)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
 
 

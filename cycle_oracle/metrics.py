@@ -56,7 +56,11 @@ class MetricsLogger:
                 self._wandb = wandb.init(
                     project=logging_settings.wandb_project, mode=mode, dir=str(out_dir), config=config,
                     name=run_name or Path(out_dir).name, reinit="finish_previous",
+                    settings=wandb.Settings(silent=not logging_settings.verbose),  # our one line below instead of wandb's four
                 )
+                if not logging_settings.verbose:
+                    folder = Path(self._wandb.dir).parent
+                    print(f"[metrics] wandb {mode} run: " + (f"`wandb sync {folder}` uploads it" if mode == "offline" else str(self._wandb.url)))
             except Exception as err:  # logging must never kill a run
                 print(f"[metrics] wandb disabled: {type(err).__name__}: {err}")
 
