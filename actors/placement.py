@@ -48,9 +48,8 @@ def init_ray(cfg) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        # a local cluster turns token authentication on by default and warns that it did; asking for
-        # it explicitly keeps it on without the warning (a joined cluster keeps its own mode)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if not verbose:  # a local cluster turns token authentication on and warns that it did: a notice, not a problem
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
 
 
