@@ -273,7 +273,7 @@ def test_rewrite_is_batched_greedy_generation_through_the_chat_template(tiny_mod
         if not text:
             continue
         chat = tiny_tokenizer.apply_chat_template([{"role": "user", "content": f"Rewrite this in different words, keeping its meaning.\n\n{text}"}],
-                                                  tokenize=False, add_generation_prompt=True)
+                                                  tokenize=False, add_generation_prompt=True, enable_thinking=False)
         ids = torch.tensor([tiny_tokenizer.encode(chat, add_special_tokens=False)])
         out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
         assert got == tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()  # left padding changes nothing

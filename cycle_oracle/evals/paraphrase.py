@@ -61,18 +61,19 @@ def shuffle_words(texts: Sequence[str], seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def rewrite_texts(model: nn.Module, tokenizer, texts: Sequence[str], instruction: str, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy rewrite of each text by `model` (HF generate): one user turn
-    "<instruction>\\n\\n<text>" through the chat template, batched with left padding (what a
-    decoder-only model needs to continue every row from its last real token). Empty texts stay empty."""
+    """Greedy rewrite of each text by `model` (HF generate): one user turn "<instruction>\\n\\n<text>"
+    through the chat template (`models.render_chat`: no thinking block), batched with left padding
+    (what a decoder-only model needs to continue every row from its last real token). Empty texts
+    stay empty."""
     from cycle_oracle.devices import model_device
+    from cycle_oracle.models import render_chat
 
     device = model_device(model)
     out = ["" for _ in texts]
     todo = [i for i, t in enumerate(texts) if t and t.strip()]
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{texts[i].strip()}"}], tokenize=False,
-                                               add_generation_prompt=True) for i in idx]
+        chats = [render_chat(tokenizer, [{"role": "user", "content": f"{instruction}\n\n{texts[i].strip()}"}]) for i in idx]
         enc = tokenizer(chats, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt").to(device)
         generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         new = generated[:, enc["input_ids"].shape[1]:]

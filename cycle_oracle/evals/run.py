@@ -179,7 +179,7 @@ def run_evals_from_settings(oracle, store, settings, out_dir: str | Path, seed: 
     """`run_evals` with the recipe's `eval:` section (`config.EvalSettings`); `data_dir` (e.g. the
     CLI's --data-dir) wins over `settings.data_dir`; other keyword overrides go to run_evals."""
     paraphrase = ParaphraseOptions(settings.paraphrase_instruction, settings.paraphrase_max_new_tokens, seed) if settings.paraphrase else None
-    kwargs = dict(pool_size=settings.pool_size, probe_items_per_task=settings.probe_items_per_task,
+    kwargs = dict(pool_size=settings.pool_size, rows_per_document=settings.rows_per_document, probe_items_per_task=settings.probe_items_per_task,
                   data_dir=data_dir if data_dir is not None else settings.data_dir, seed=seed,
                   probe_tasks=settings.probe_tasks, probe_files=settings.probe_files, positions=settings.probe_positions,
                   arithmetic_per_digits=settings.arithmetic_per_digits, judge=settings.judge, paraphrase=paraphrase)
