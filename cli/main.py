@@ -16,7 +16,9 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from cycle_oracle.config import load_recipe
+from typing import get_args
+
+from cycle_oracle.config import OracleName, load_recipe
 from cycle_oracle.errors import LayerError, UserError
 
 RECIPE_DRIVERS = {
@@ -26,6 +28,26 @@ RECIPE_DRIVERS = {
     "warmup_then_grpo": "recipes.warmup_then_grpo",
     "eval": "recipes.evaluate",
 }
+
+
+ORACLE_HELP = {
+    "decoder": "the checkpoint's decoder (the default; without --checkpoint it is selfie)",
+    "selfie": "the untrained decoder with the description instruction: the floor (SelfIE, Chen et al. 2024)",
+    "patchscopes": 'the untrained target continuing "cat -> cat; 1135 -> 1135; hello -> hello; ? ->" with v at "?" (Ghandeharioun et al. 2024)',
+    "logit_lens": "the top-k tokens of unembed(final_norm(v)) (eval.logit_lens_top_k; nostalgebraist 2020)",
+    "latentlens": "the k nearest training-corpus token activations of v, shown in their contexts (Krojer et al. 2026)",
+}
+"""`cycle-oracle eval --oracle NAME`: one line per name of `config.OracleName` (a test checks they match)."""
+
+
+def _oracle_names(values: list[str] | None) -> list[str]:
+    """--oracle values (repeatable, or comma-separated) checked against the known names."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    known = get_args(OracleName)
+    for name in names:
+        if name not in known:
+            raise UserError(f"--oracle {name}: unknown oracle {name!r}; expected one of {', '.join(known)} (cycle-oracle eval --help describes each)")
+    return names
 
 
 def _default_out(recipe: str) -> str:
@@ -144,19 +166,25 @@ def cmd_describe(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
+    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--oracle NAME ...] [--out DIR] [--set k=v] [--data-dir DIR]`."""
+    oracles = _oracle_names(args.oracle)  # before anything is imported or started
     from recipes import evaluate
 
     recipe = args.recipe or str(evaluate.DEFAULT_EVAL_RECIPE)
     overrides = list(args.set or [])
     if args.checkpoint:
         overrides.append(f"init_from={args.checkpoint}")
+    if oracles:
+        overrides.append(f"eval.oracles=[{','.join(oracles)}]")
     cfg = load_recipe(recipe, overrides)
     if cfg.kind != "eval":
         cfg = cfg.model_copy(update={"kind": "eval"})
     out = args.out or _default_out(recipe)
     results = evaluate.run(cfg, out, data_dir=args.data_dir)
-    print(json.dumps(results.get("summary", {}), indent=2, default=float))
+    summary = results.get("summary", {})
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("oracles/")}, indent=2, default=float))
+    if results.get("other_oracles"):  # every oracle's numbers are in results.json; the report sets them side by side
+        print(f"oracles side by side: {', '.join(results['oracles'])} (summary keys oracles/<name>/..., report.md)")
     print(f"done: report in {out}/report.md")
     return 0
 
@@ -206,9 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--html", required=True, help="output HTML file")
     d.set_defaults(func=cmd_describe)
 
-    v = sub.add_parser("eval", help="run evals (retrieval, probes, arithmetic, controls) on a checkpoint", description="Evaluate a checkpoint (or the untrained decoder) and write results.json, report.md and plots.")
+    v = sub.add_parser(
+        "eval", help="run evals (retrieval, probes, arithmetic, controls) on a checkpoint and training-free baselines",
+        description="Evaluate a checkpoint (or the untrained decoder) and training-free baselines side by side on the\n"
+                    "same pools, splits and graders; write results.json, report.md and plots.",
+        epilog="oracles (--oracle NAME, repeatable; eval.oracles in the recipe):\n" + "\n".join(f"  {k:<12} {h}" for k, h in ORACLE_HELP.items())
+               + "\nRetrieval grades every oracle with the checkpoint's encoder: patchscopes, logit_lens and latentlens\n"
+                 "need --checkpoint with an encoder for it (docs/EVALS.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe", nargs="?", default=None, help="an eval recipe YAML (kind: eval)")
     v.add_argument("--checkpoint", help="run folder or checkpoint folder (omit for the untrained decoder)")
+    v.add_argument("--oracle", action="append", metavar="NAME",
+                   help=f"an oracle to evaluate, the first one's results at the top of results.json: {', '.join(ORACLE_HELP)} "
+                        f"(repeatable or comma-separated; default: eval.oracles, i.e. decoder)")
     v.add_argument("--out", help="eval run folder")
     v.add_argument("--set", action="append", metavar="KEY=VALUE")
     v.add_argument("--data-dir", help="folder with the eval data files")

@@ -307,6 +307,24 @@ class GrpoSettings(Strict):
     goes on to its final eval (None: run all `steps`; the lr schedule is always sized by `steps`)."""
 
 
+OracleName = Literal["decoder", "selfie", "patchscopes", "logit_lens", "latentlens"]
+"""What `cycle-oracle eval --oracle NAME` evaluates (cycle_oracle/evals/baselines.py, docs/EVALS.md):
+the checkpoint's decoder, or a training-free baseline on the same pools, splits and graders."""
+
+
+class ProbeFileSettings(Strict):
+    """A user-defined binary probe task (`eval.probe_files`): a JSONL file (one object per line) or a
+    CSV / TSV file (header row) with a text column and a 0/1 label column (1 = the question's "Yes")."""
+
+    path: str
+    question: str = Field(min_length=1)
+    """Yes/no question whose answer is "Yes" exactly for label 1 (oracle route and LLM judge)."""
+    text_column: str = "text"
+    label_column: str = "label"
+    name: str | None = None
+    """Task name in the report (default: the file name without its extension)."""
+
+
 class EvalSettings(Strict):
     pool_size: int = Field(1000, ge=2)
     rows_per_document: int = Field(1, ge=1)
@@ -316,12 +334,39 @@ class EvalSettings(Strict):
     probe_items_per_task: int = Field(200, ge=10)
     tasks: list[str] = ["retrieval", "probes", "arithmetic"]
     probe_tasks: list[str] = ["sst2", "gender", "ag_news_sports", "tense_past", "singular_plural", "language_english"]
+    probe_files: list[ProbeFileSettings] = []
+    """User-defined probe tasks, run through every route like `probe_tasks` (docs/EVALS.md)."""
     probe_positions: list[Literal["last", "mean"]] = ["last", "mean"]
     arithmetic_per_digits: int = Field(20, ge=2)
     judge: bool = False
     """Also run the LLM judge (the target reading each description) on the probe tasks."""
     data_dir: str | None = None
     """Folder with the eval data files (default: ../shared/data when present)."""
+    oracles: list[OracleName] = ["decoder"]
+    """Oracles evaluated side by side in one report, the first one's results at the top level of
+    results.json (`--oracle NAME`, repeatable). `decoder` without a checkpoint is `selfie` (the floor)."""
+    logit_lens_top_k: int = Field(10, ge=1)
+    """logit_lens: the description is the top-k tokens of unembed(final_norm(v))."""
+    patchscopes_prompt: str = "cat -> cat; 1135 -> 1135; hello -> hello; ? ->"
+    """patchscopes: the few-shot identity prompt; v is injected at its one "?" (the placeholder token)."""
+    patchscopes_max_new_tokens: int = Field(8, ge=1)
+    latentlens_top_k: int = Field(5, ge=1)
+    """latentlens: how many nearest contextual activations describe v."""
+    latentlens_context_tokens: int = Field(8, ge=1)
+    """latentlens: tokens of source text shown per neighbour (ending at its token)."""
+    latentlens_bank_rows: int = Field(100_000, ge=1)
+    """latentlens: at most this many training-document activations in the bank (a seeded sample)."""
+    paraphrase: bool = True
+    """Retrieval also scores each description rewritten by the target and word-shuffled (the drops
+    are the hidden-channel check, cycle_oracle/evals/paraphrase.py)."""
+    paraphrase_instruction: str = Field("Rewrite this in different words, keeping its meaning.", min_length=1)
+    paraphrase_max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_placeholder(self):
+        if self.patchscopes_prompt.count("?") != 1:
+            raise ValueError(f"eval.patchscopes_prompt must contain exactly one '?' (where v is injected), got {self.patchscopes_prompt!r}")
+        return self
 
 
 class LoggingSettings(Strict):

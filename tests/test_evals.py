@@ -68,6 +68,8 @@ def test_wilson_interval_known_values():
     assert lo == 0.0 and hi == pytest.approx(3.841459 / 13.841459, abs=1e-5)
     blk = accuracy_block([1, 0, 1, 1], [1, 1, 1, 0])
     assert blk["accuracy"] == 0.5 and blk["correct"] == 2 and blk["n"] == 4
+    # the interval holds p for every n, also at p = 0 and 1 where float rounding put 0/7's bound at 2.8e-17
+    assert all(wilson_interval(k, n)[0] <= k / n <= wilson_interval(k, n)[1] for n in range(1, 300) for k in (0, n // 3, n))
 
 
 def test_best_threshold_separates_when_possible():

@@ -14,6 +14,13 @@ sides of a split would leak).
 | singular_plural   | classification/singular_plural/singular_plural.csv (`sentence,n_subjects`) | n_subjects == multiple |
 | language_english  | language_id/tatoeba_langid.jsonl (`{text,lang}`)    | lang == eng (vs 19 others)      |
 
+User-defined tasks (`eval.probe_files`, `load_probe_file`): a JSONL file (one JSON object per
+line) or a CSV / TSV file (a header row, then one item per row) with a text column, a 0/1 label
+column (1 = the question's "Yes"; JSON true/false and the strings "0"/"1" are accepted) and a yes/no
+question given in the settings: {path, question, text_column: text, label_column: label, name}.
+A row that cannot be read (not JSON, no text, a label that is not 0/1) is an error naming the file,
+the row and what was expected; so is a file without the label column or with one label only.
+
 The data folder is, in order: the `data_dir` argument (recipe `eval.data_dir`, CLI `--data-dir`),
 the `CYCLE_ORACLE_DATA_DIR` environment variable, `<repo>/../shared/data`.
 `load_task(..., hub=True)` loads the HF `datasets` equivalent instead where one exists and a hub
@@ -29,6 +36,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cycle_oracle.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,11 @@ class DatasetFileMissing(FileNotFoundError):
 
 class HubUnavailable(RuntimeError):
     """A `datasets` hub load failed (offline, unknown name, ...)."""
+
+
+class ProbeFileError(UserError, ValueError):
+    """A user-defined probe file that cannot be read as a binary task; the message names the file,
+    the row (1-based, after a CSV header) and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -214,3 +228,79 @@ def split_items(items: Sequence[Item], test_fraction: float = 0.5, seed: int = 0
     if overlap:
         raise ValueError(f"train/test share documents {sorted(overlap)[:3]}")
     return train, test
+
+
+# ---- user-defined tasks (eval.probe_files) ---------------------------------------------------
+
+_LABELS = {0: 0, 1: 1, "0": 0, "1": 1}
+
+
+def _probe_rows(path: Path, text_column: str, label_column: str) -> list[tuple[str, int]]:
+    """(text, label) per row of a JSONL / CSV / TSV probe file. The standard-library readers are
+    used (not `datasets`) so that a bad row can be named: Arrow's readers fail a malformed line with
+    a parser error for the whole file and infer a column's type across rows."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise ProbeFileError(f"probe file {path}: unknown format {suffix!r}; expected .jsonl (one JSON object per line), .csv or .tsv (with a header row)")
+    records: list[tuple[int, dict]] = []  # (row number, fields)
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f]
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ProbeFileError(f"probe file {path}, row {number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ProbeFileError(f"probe file {path}, row {number}: expected a JSON object with {text_column!r} and {label_column!r}, got {type(record).__name__}")
+            records.append((number, record))
+        columns = set().union(*(r.keys() for _, r in records)) if records else set()
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            columns = set(reader.fieldnames or [])
+            records = list(enumerate(reader, start=1))
+    if not records:
+        raise ProbeFileError(f"probe file {path} has no rows")
+    for column, what in ((text_column, "text_column"), (label_column, "label_column")):
+        if column not in columns:
+            raise ProbeFileError(f"probe file {path} has no {what} {column!r} (columns: {sorted(columns)}); set {what} in eval.probe_files")
+    rows = []
+    for number, record in records:
+        if None in record:  # csv.DictReader puts a row's extra fields under the key None
+            raise ProbeFileError(f"probe file {path}, row {number}: more fields than the header's {len(columns)}; expected one value per column (quote texts holding the delimiter)")
+        text, label = record.get(text_column), record.get(label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise ProbeFileError(f"probe file {path}, row {number}: expected a non-empty text in column {text_column!r}, got {text!r}")
+        value = label.strip() if isinstance(label, str) else label
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, str)) or value not in _LABELS:
+            raise ProbeFileError(f"probe file {path}, row {number}: expected the label 0 or 1 in column {label_column!r}, got {label!r}")
+        rows.append((text.strip(), _LABELS[value]))
+    present = {label for _, label in rows}
+    if present != {0, 1}:
+        raise ProbeFileError(f"probe file {path}: every label is {present.pop()}; a binary task needs rows of both labels 0 and 1")
+    return rows
+
+
+def probe_file_name(settings) -> str:
+    return settings.name or Path(settings.path).stem
+
+
+def load_probe_file(settings, n_items: int = 200, seed: int = 0) -> BinaryTask:
+    """A balanced sample of n_items of a user-defined probe file (`config.ProbeFileSettings`)."""
+    path = Path(settings.path).expanduser()
+    if not path.is_file():
+        raise ProbeFileError(f"probe file not found: {path} (eval.probe_files path; relative paths start from the current folder)")
+    name = probe_file_name(settings)
+    rows = _probe_rows(path, settings.text_column, settings.label_column)
+    seen: set[str] = set()
+    items = []
+    for i, (text, label) in enumerate(rows):
+        if text not in seen:
+            seen.add(text)
+            items.append(Item(text, label, f"{name}:{i}"))
+    return BinaryTask(name, settings.question, tuple(balanced_sample(items, n_items, seed)), str(path))

@@ -10,6 +10,11 @@ An eval never touches models directly; it calls
     read(texts, positions)          -> V [N, d] (target activation at the read layer: last token or mean)
     read_tokens(text)               -> (token strings [T], V [T, d], readable [T] bool)   (viewer)
     detokenize(token_ids)           -> str      (context windows of an ActivationStore)
+    paraphrase(texts, instruction, max_new_tokens) -> texts rewritten by the target (paraphrase test)
+
+`encode` / `encode_with_weights` are None for an oracle without an encoder (a training-free
+baseline without a checkpoint: no retrieval, no reconstruction route) and `ask_yes_no` for one
+that cannot answer questions about v (logit lens, Patchscopes, LatentLens: no oracle route).
 
 where z is the next-token logit vector at the first answer position (right after the assistant
 header), y ranges over the "yes" tokens ("Yes", " Yes") and n over the "no" tokens ("No", " No").
@@ -32,6 +37,7 @@ from torch import nn
 
 from cycle_oracle.activations import pad_right, read_residual, readable_positions
 from cycle_oracle.encoder import encoder_inputs
+from cycle_oracle.evals.paraphrase import rewrite_texts
 from cycle_oracle.injection import build_decoder_prompt, decoder_inputs
 from cycle_oracle.models import render_chat
 
@@ -45,14 +51,15 @@ class Oracle:
     """Callables an eval needs (see module docstring for shapes). `info` describes the checkpoint."""
 
     describe: Callable[[Vectors], list[str]]
-    encode: Callable[[Sequence[str]], Vectors]
-    encode_with_weights: Callable[[Sequence[str]], tuple[Vectors, list[list[tuple[str, float]]]]]
-    ask_yes_no: Callable[[Vectors, str], torch.Tensor]
+    encode: Callable[[Sequence[str]], Vectors] | None
+    encode_with_weights: Callable[[Sequence[str]], tuple[Vectors, list[list[tuple[str, float]]]]] | None
+    ask_yes_no: Callable[[Vectors, str], torch.Tensor] | None
     read: Callable[..., Vectors]
     judge_yes_no: Callable[[Sequence[str], str], torch.Tensor] | None = None
     read_tokens: Callable[[str], tuple[list[str], Vectors, torch.Tensor]] | None = None
     detokenize: Callable[[Sequence[int]], str] | None = None
     info: dict = field(default_factory=dict)
+    paraphrase: Callable[[Sequence[str], str, int], list[str]] | None = None
 
 
 def _single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -92,7 +99,7 @@ def _batches(n: int, size: int):
 
 def make_hf_oracle(
     decoder_model: nn.Module,
-    encoder: nn.Module,
+    encoder: nn.Module | None,
     target_model: nn.Module,
     tokenizer,
     layer: int,
@@ -115,8 +122,8 @@ def make_hf_oracle(
     """Build an `Oracle` from HF models (plain torch, greedy decoding, no Ray).
 
     decoder_model: causal LM (optionally PEFT) that receives v at the placeholder embeddings;
-    encoder: `ActivationEncoder`; target_model: the frozen target (a PEFT model is read with its
-    adapter disabled); layer: read layer L; injection_norm: s in e_p' = s v/||v|| (see injection.py);
+    encoder: `ActivationEncoder` (None: no encode / encode_with_weights); target_model: the frozen
+    target (a PEFT model is read with its adapter disabled; it also writes the paraphrases); layer: read layer L; injection_norm: s in e_p' = s v/||v|| (see injection.py);
     judge_model: the LLM judge (default: the target itself, adapter disabled);
     min_new_tokens: forbid the end token before this many tokens (0: empty descriptions allowed).
     `read` tokenises texts like extraction does (no chat template, `max_context_tokens` cap) and
@@ -244,6 +251,10 @@ def make_hf_oracle(
     def detokenize(token_ids: Sequence[int]) -> str:
         return tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def paraphrase(texts: Sequence[str], instruction: str, max_new: int) -> list[str]:
+        with _adapter_off(target_model):
+            return rewrite_texts(target_model, tokenizer, texts, instruction, max_new, batch_size)
+
     info = {
         "backend": "hf",
         "layer": layer,
@@ -257,7 +268,9 @@ def make_hf_oracle(
         "no_tokens": list(NO_TOKENS),
         "yes_no_suffix": yes_no_suffix,
     }
-    return Oracle(describe, encode, encode_with_weights, ask_yes_no, read, judge_yes_no, read_tokens, detokenize, info)
+    if encoder is None:
+        encode = encode_with_weights = None
+    return Oracle(describe, encode, encode_with_weights, ask_yes_no, read, judge_yes_no, read_tokens, detokenize, info, paraphrase)
 
 
 def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: int = 8, injection=None, **kwargs) -> Oracle:
@@ -285,23 +298,30 @@ def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: 
     return oracle
 
 
-def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, layer: float | int | str | None = None, *, layer_norm: float | None = None, **kwargs) -> Oracle:
-    """An HF oracle for a trained checkpoint, or the untrained floor when checkpoint is None.
+@dataclass
+class CheckpointModels:
+    """What `load_oracle` loads from a checkpoint, shared with the baselines (evals/baselines.py) so
+    every oracle of one eval reads the same target and is graded by the same encoder."""
 
-    checkpoint: anything `checkpoint.load_trained` accepts (a run folder, a `warmup_then_grpo`
-    folder, or one checkpoint folder); the recipe is the run's `config.yaml`, the read layer and
-    injection norm are the checkpoint record's (`served_injection_norm`). Tensors used:
-    `decoder_adapter` (PEFT LoRA state of the decoder) and `encoder` (LoRA + head of the encoder;
-    a fresh encoder if the checkpoint has none). layer_norm: the read layer's mean norm, used only
-    by the untrained floor with `injection.scale: layer_norm`."""
+    path: Path
+    config: object  # the run's RecipeConfig
+    record: object  # its CheckpointRecord
+    tokenizer: object
+    target: nn.Module
+    decoder: nn.Module | None  # the PEFT decoder (None when not asked for)
+    encoder: nn.Module  # the checkpoint's encoder, or a fresh one when it has none
+    has_encoder: bool
+    layer: int
+    options: dict  # make_hf_oracle keywords of this run (placeholders, token caps)
+
+
+def load_checkpoint_models(checkpoint: str | Path, model: str | None = None, layer: float | int | None = None, *, decoder: bool = True) -> CheckpointModels:
+    """Load a checkpoint's target, decoder (LoRA adapter `decoder_adapter`) and encoder (LoRA + head
+    `encoder`; a fresh encoder when the checkpoint has none) as its recipe (`config.yaml`) defines them."""
     from cycle_oracle.checkpoint import load_trained
     from cycle_oracle.encoder import ActivationEncoder
     from cycle_oracle.models import attach_lora, load_adapter_state, load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
 
-    if isinstance(layer, str):
-        layer = float(layer) if "." in layer else int(layer)
-    if checkpoint is None:
-        return untrained_hf_oracle(model or "smollm2-135m-instruct", 0.5 if layer is None else layer, layer_norm=layer_norm, **kwargs)
     trained = load_trained(checkpoint)
     trained.require_tensors("decoder_adapter")
     cfg, rec, tensors = trained.config(), trained.record, trained.tensors
@@ -311,23 +331,50 @@ def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, 
     L = rec.layer if layer is None else resolve_layer(layer, num_layers(target))
     if L != rec.layer:
         raise ValueError(f"checkpoint {trained.path} was trained at layer {rec.layer}; asked to read layer {L}")
-    decoder = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
-    load_adapter_state(decoder, tensors["decoder_adapter"])
-    decoder.eval()
+    dec = None
+    if decoder:
+        dec = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
+        load_adapter_state(dec, tensors["decoder_adapter"])
+        dec.eval()
     encoder = ActivationEncoder(load_causal_lm(model_path, cfg.model.dtype), L, cfg.encoder.lora)
     if "encoder" in tensors:
         unknown = set(tensors["encoder"]) - set(encoder.state_dict())
         if unknown:
             raise ValueError(f"encoder tensors of {trained.path} do not fit this encoder: {sorted(unknown)[:3]}")
         encoder.load_state_dict(tensors["encoder"], strict=False)
-    defaults = dict(
+    options = dict(
         num_placeholders=cfg.injection.num_placeholders, placeholder=cfg.injection.placeholder,
         encoder_max_tokens=cfg.encoder.max_description_tokens, max_context_tokens=cfg.model.max_context_tokens,
     )
+    return CheckpointModels(Path(trained.path), cfg, rec, tok, target, dec, encoder, "encoder" in tensors, L, options)
+
+
+def load_oracle(checkpoint: str | Path | None = None, model: str | None = None, layer: float | int | str | None = None, *, layer_norm: float | None = None, **kwargs) -> Oracle:
+    """An HF oracle for a trained checkpoint, or the untrained floor when checkpoint is None.
+
+    checkpoint: anything `checkpoint.load_trained` accepts (a run folder, a `warmup_then_grpo`
+    folder, or one checkpoint folder); the recipe is the run's `config.yaml`, the read layer and
+    injection norm are the checkpoint record's (`served_injection_norm`). Tensors used:
+    `decoder_adapter` (PEFT LoRA state of the decoder) and `encoder` (LoRA + head of the encoder;
+    a fresh encoder if the checkpoint has none). layer_norm: the read layer's mean norm, used only
+    by the untrained floor with `injection.scale: layer_norm`."""
+    if isinstance(layer, str):
+        layer = float(layer) if "." in layer else int(layer)
+    if checkpoint is None:
+        return untrained_hf_oracle(model or "smollm2-135m-instruct", 0.5 if layer is None else layer, layer_norm=layer_norm, **kwargs)
+    return checkpoint_oracle(load_checkpoint_models(checkpoint, model, layer), **kwargs)
+
+
+def checkpoint_oracle(models: CheckpointModels, **kwargs) -> Oracle:
+    """The trained decoder's oracle from loaded checkpoint models (kwargs override make_hf_oracle's)."""
+    if models.decoder is None:
+        raise ValueError("checkpoint_oracle needs the decoder: load_checkpoint_models(..., decoder=True)")
+    cfg, rec = models.config, models.record
+    defaults = dict(models.options)
     defaults.update(kwargs)
     max_new = defaults.pop("max_new_tokens", cfg.sampling.max_new_tokens)
-    oracle = make_hf_oracle(decoder, encoder, target, tok, L, rec.injection_norm, cfg.injection.mode, cfg.description_instruction, max_new,
-                            cfg.encoder.prefix, **defaults)
-    oracle.info.update({"model": cfg.model.name, "checkpoint": str(trained.path), "step": rec.step, "stage": rec.stage,
-                        "encoder": "from checkpoint" if "encoder" in tensors else "fresh (checkpoint has none)"})
+    oracle = make_hf_oracle(models.decoder, models.encoder, models.target, models.tokenizer, models.layer, rec.injection_norm, cfg.injection.mode,
+                            cfg.description_instruction, max_new, cfg.encoder.prefix, **defaults)
+    oracle.info.update({"model": cfg.model.name, "checkpoint": str(models.path), "step": rec.step, "stage": rec.stage,
+                        "encoder": "from checkpoint" if models.has_encoder else "fresh (checkpoint has none)"})
     return oracle

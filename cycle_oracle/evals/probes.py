@@ -14,6 +14,10 @@ on a stratified train/test split by item (each text is its own document):
                   (predict 1 iff score > t); `oracle_raw` is the same at t = 0 (Yes beats No);
 - majority:       the training split's majority class predicted for every test item.
 
+An oracle without an encoder (`encode` None) skips `reconstruction`, one that cannot answer
+questions about v (`ask_yes_no` None: logit lens, Patchscopes, LatentLens) skips `oracle`; the
+task's `skipped_routes` says which and why.
+
 Every accuracy comes with its 95% Wilson score interval: for k correct out of n, p = k/n, z = 1.96,
 
     centre = (p + z^2/(2n)) / (1 + z^2/n),   half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/(4n^2)).
@@ -44,7 +48,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the interval always holds p; at p = 0 or 1 the bound equals p up to float rounding, which must not cross it
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def accuracy_block(predictions: Sequence[int], labels: Sequence[int]) -> dict:
@@ -135,6 +140,12 @@ def evaluate_task(
         raise ValueError(f"unknown probe route(s) {sorted(unknown)}; expected a subset of {ROUTES}")
     if judge and oracle.judge_yes_no is None:
         raise ValueError("judge=True but this oracle has no judge_yes_no")
+    skipped = {}
+    if "reconstruction" in routes and oracle.encode is None:
+        skipped["reconstruction"] = "the oracle has no encoder"
+    if "oracle" in routes and oracle.ask_yes_no is None:
+        skipped["oracle"] = "the oracle cannot answer questions about v"
+    routes = [r for r in routes if r not in skipped]
     train, test = split_items(task.items, test_fraction, seed)
     y_train, y_test = [x.label for x in train], [x.label for x in test]
     out = {
@@ -146,6 +157,8 @@ def evaluate_task(
         "majority": accuracy_block([majority_label(y_train)] * len(test), y_test),
         "positions": {},
     }
+    if skipped:
+        out["skipped_routes"] = skipped
     need_descriptions = bool({"decoder", "reconstruction"} & set(routes)) or judge
     for pos in positions:
         x_train = oracle.read([x.text for x in train], pos)

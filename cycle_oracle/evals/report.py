@@ -18,6 +18,8 @@ from cycle_oracle.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 ROUTE_ORDER = ("probe", "decoder", "judge", "reconstruction", "oracle")
+PARAPHRASE_KEYS = {"paraphrased": "paraphrase", "word_shuffled": "word_shuffle"}
+"""retrieval condition -> the prefix of its drop keys in the summary."""
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -34,8 +36,24 @@ def _acc(block: dict | None) -> str:
     return f"{block['accuracy']:.3f} [{block['ci_low']:.2f}, {block['ci_high']:.2f}]"
 
 
+def _sections(results: dict) -> dict[str, dict]:
+    """{oracle name: its sections}: the primary's are the top level, the others' `other_oracles`."""
+    names = results.get("oracles") or [results.get("oracle", {}).get("name", "decoder")]
+    return {names[0]: results} | dict(results.get("other_oracles") or {})
+
+
 def summarise(results: dict) -> dict[str, float]:
-    """Flat headline numbers ("<eval>/<name>") for logs and dashboards."""
+    """Flat headline numbers ("<eval>/<name>") for logs and dashboards: the primary oracle's, and
+    with several oracles every oracle's as "oracles/<oracle>/<eval>/<name>"."""
+    s = _summarise_section(results)
+    sections = _sections(results)
+    if len(sections) > 1:
+        for name, sec in sections.items():
+            s.update({f"oracles/{name}/{k}": v for k, v in _summarise_section(sec).items()})
+    return s
+
+
+def _summarise_section(results: dict) -> dict[str, float]:
     s: dict[str, float] = {}
     r = results.get("retrieval")
     if r:
@@ -52,6 +70,13 @@ def summarise(results: dict) -> dict[str, float]:
                 s[f"retrieval/{name}_top1"] = c[name]["top1"]
         if "shuffled_gap" in r:
             s["retrieval/shuffled_gap"] = r["shuffled_gap"]
+        for name, key in PARAPHRASE_KEYS.items():
+            if name in c:
+                s[f"retrieval/{name}_top1"] = c[name]["top1"]
+                s[f"retrieval/{name}_fve"] = c[name]["fve"]
+                drop = r["paraphrase"]["drops"][name]
+                for m in ("top1", "fve", "centred_cosine"):
+                    s[f"retrieval/{key}_drop_{m}"] = drop[f"drop_{m}"]
         tc = r.get("text_controls", {})
         if tc.get("copy_rate"):
             s["retrieval/copy_rate_2"] = tc["copy_rate"].get("2")
@@ -72,6 +97,69 @@ def summarise(results: dict) -> dict[str, float]:
             s[f"arithmetic/first_digit_{nd}digit"] = blk["first_digit"]["accuracy"]
         s["arithmetic/probe_first_digit"] = a["probe_first_digit"].get("accuracy")
     return {k: v for k, v in s.items() if v is not None}
+
+
+def comparison_rows(sections: dict[str, dict]) -> list[dict]:
+    """One row of headline numbers per oracle (results.json `comparison`, the report's side-by-side
+    tables): retrieval under the grading encoder, the paraphrase drops, the text controls, the
+    probes' description route (TF-IDF) per task and position, arithmetic exact match."""
+    rows = []
+    for name, sec in sections.items():
+        info = sec.get("oracle", {})
+        row: dict = {"oracle": name, "decoder": info.get("decoder"), "encoder": info.get("encoder")}
+        r = sec.get("retrieval")
+        if r:
+            c = r["conditions"]
+            row["retrieval"] = {k: c["description"][k] for k in ("top1", "top5", "mrr", "cosine", "centred_cosine", "fve")}
+            row["retrieval"]["shuffled_gap"] = r.get("shuffled_gap")
+            for cond in PARAPHRASE_KEYS:
+                if cond in c:
+                    drop = r["paraphrase"]["drops"][cond]
+                    row["retrieval"][cond] = {"top1": c[cond]["top1"], "fve": c[cond]["fve"], "drop_top1": drop["drop_top1"],
+                                              "drop_fve": drop["drop_fve"], "kept_top1": drop["kept_top1"]}
+            tc = r.get("text_controls", {})
+            row["text_controls"] = {"copy_rate_2": (tc.get("copy_rate") or {}).get("2"), "distinct_2": tc.get("distinct_2"),
+                                    "same_start_share": tc.get("same_start_share")}
+        p = sec.get("probes")
+        if p:
+            row["probes"] = {f"{task}/{pos}": {route: res[route]["accuracy"] for route in ROUTE_ORDER if route in res}
+                             for task, t in p["tasks"].items() for pos, res in t["positions"].items()}
+        a = sec.get("arithmetic")
+        if a:
+            row["arithmetic_exact_match"] = a["overall"]["exact_match"]["accuracy"]
+        rows.append(row)
+    return rows
+
+
+def _comparison_md(rows: list[dict]) -> list[str]:
+    lines = ["## Oracles side by side", "",
+             "Same pool, probe items and problems for every oracle; retrieval under each oracle's encoder (named below).", ""]
+    if any("retrieval" in r for r in rows):
+        lines += ["| oracle | top-1 | top-5 | centred cosine | FVE | paraphrased top-1 (drop) | word-shuffled top-1 (drop) | copy rate (2-grams) | distinct-2 | same start |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "retrieval" not in r:
+                continue
+            m, tc = r["retrieval"], r["text_controls"]
+
+            def cond(name: str) -> str:
+                c = m.get(name)
+                return f"{_fmt(c['top1'])} ({_fmt(c['drop_top1'])})" if c else "–"
+
+            lines.append(f"| {r['oracle']} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['centred_cosine'])} | {_fmt(m['fve'])} | "
+                         f"{cond('paraphrased')} | {cond('word_shuffled')} | {_fmt(tc['copy_rate_2'])} | {_fmt(tc['distinct_2'])} | {_fmt(tc['same_start_share'])} |")
+        lines.append("")
+    keys = sorted({k for r in rows for k in r.get("probes", {})}, key=lambda k: (k.split("/")[1], k))
+    if keys:
+        probe = rows[0]["probes"]
+        lines += ["Probes, the description route (TF-IDF classifier on each oracle's descriptions), test accuracy; "
+                  "`probe` reads v itself (the same for every oracle).", "",
+                  "| task / position | probe | " + " | ".join(r["oracle"] for r in rows) + " |", "|---" * (2 + len(rows)) + "|"]
+        for k in keys:
+            lines.append(f"| {k} | {_fmt(probe.get(k, {}).get('probe'))} | " + " | ".join(_fmt(r.get("probes", {}).get(k, {}).get("decoder")) for r in rows) + " |")
+        lines.append("")
+    lines += ["| oracle | decoder | encoder |", "|---|---|---|"] + [f"| {r['oracle']} | {r['decoder']} | {r['encoder']} |" for r in rows] + [""]
+    return lines
 
 
 # ---- markdown -----------------------------------------------------------------------------
@@ -100,12 +188,24 @@ def _retrieval_md(r: dict) -> list[str]:
     for k in ("distinct_1", "distinct_2", "same_start_share", "empty_share", "mean_words"):
         lines.append(f"| {k} | {_fmt(tc.get(k))} |")
     lines.append(f"| most common start | `{tc.get('most_common_start', '')}` |")
+    if r.get("paraphrase"):
+        pp = r["paraphrase"]
+        lines += ["", f"Paraphrase test (hidden-channel check): each description rewritten by the target (greedy, \"{pp['instruction']}\") "
+                  f"and with its words shuffled (seed {pp['seed']}), then encoded; drop = description - condition.", "",
+                  "| condition | drop top-1 | top-1 kept above chance | drop FVE | drop centred cosine [95%] |", "|---|---|---|---|---|"]
+        for name, d in pp["drops"].items():
+            ci = d["centred_cosine_drop"]
+            lines.append(f"| {name} | {_fmt(d['drop_top1'])} | {_fmt(d['kept_top1'])} | {_fmt(d['drop_fve'])} | "
+                         f"{_fmt(ci['mean'])} [{_fmt(ci['ci_low'])}, {_fmt(ci['ci_high'])}] |")
     if r.get("zero_description") is not None:
         lines += ["", f"Zero-activation description: `{r['zero_description'][:200]}`"]
     lines += ["", "Examples:", ""]
     for it in r["items"][:5]:
         ctx = (it.get("context") or "").replace("\n", " ")[-80:]
         lines.append(f"- …{ctx}**{it['token']!s}** → {it['description'][:200]!r} (cos {it['description_cosine']:.3f}, rank {it['description_rank']})")
+        for name in PARAPHRASE_KEYS:
+            if f"{name}_description" in it:
+                lines.append(f"  - {name}: {it[f'{name}_description'][:200]!r} (rank {it[f'{name}_rank']})")
     return lines + [""]
 
 
@@ -118,6 +218,9 @@ def _probes_md(p: dict) -> list[str]:
             res = t["positions"].get(pos, {})
             lines.append(f"| {name} | {t['n_test']} | {_acc(t['majority'])} | " + " | ".join(_acc(res.get(r)) for r in routes) + " |")
         lines.append("")
+    skipped = {route: why for t in p["tasks"].values() for route, why in t.get("skipped_routes", {}).items()}
+    if skipped:
+        lines += ["Routes this oracle cannot run: " + "; ".join(f"`{r}` ({why})" for r, why in skipped.items()) + ".", ""]
     return lines
 
 
@@ -133,15 +236,31 @@ def _arith_md(a: dict) -> list[str]:
     return lines + [""]
 
 
+def _oracle_line(info: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in info.items() if k in ("name", "model", "checkpoint", "layer", "backend", "decoder", "encoder", "reference"))
+
+
+def _sections_md(sec: dict) -> list[str]:
+    lines = []
+    if sec.get("retrieval"):
+        lines += _retrieval_md(sec["retrieval"])
+    if sec.get("probes"):
+        lines += _probes_md(sec["probes"])
+    if sec.get("arithmetic"):
+        lines += _arith_md(sec["arithmetic"])
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     info = results.get("oracle", {})
-    lines = ["# Eval report", "", f"Created {results.get('created', '')}. Oracle: " + ", ".join(f"{k}={v}" for k, v in info.items() if k in ("model", "checkpoint", "layer", "backend", "decoder", "encoder")), ""]
-    if results.get("retrieval"):
-        lines += _retrieval_md(results["retrieval"])
-    if results.get("probes"):
-        lines += _probes_md(results["probes"])
-    if results.get("arithmetic"):
-        lines += _arith_md(results["arithmetic"])
+    lines = ["# Eval report", "", f"Created {results.get('created', '')}. Oracle: " + _oracle_line(info), ""]
+    others = results.get("other_oracles") or {}
+    if others:
+        lines += _comparison_md(results.get("comparison") or comparison_rows(_sections(results)))
+        lines += [f"# Oracle `{info.get('name', 'decoder')}`", ""]
+    lines += _sections_md(results)
+    for name, sec in others.items():
+        lines += [f"# Oracle `{name}`", "", _oracle_line(sec.get("oracle", {})), ""] + _sections_md(sec)
     if results.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]
     return "\n".join(lines)

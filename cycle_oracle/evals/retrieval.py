@@ -18,7 +18,10 @@ originals v_i:
 - `zero`:         v_hat_i = encode(describe(0)): the decoder with nothing injected;
 - `context_only`: v_hat_i = encode(source window of v_i, `context_tokens` tokens ending at v_i's
                   token): the encoder reading the true text instead of a description (a ceiling
-                  for a decoder that only guesses the context).
+                  for a decoder that only guesses the context);
+- `paraphrased`, `word_shuffled` (with `paraphrase=ParaphraseOptions(...)`): v_hat_i = encode(d_i
+                  rewritten by the target / with its words shuffled), and the drops from
+                  `description` (evals/paraphrase.py: the hidden-channel check).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from cycle_oracle.encoder import centred_cosine, cosine, reconstruction_metrics
 from cycle_oracle.evals.controls import derangement, shuffled_gap, text_controls
+from cycle_oracle.evals.paraphrase import ParaphraseOptions, drops, rewritten_descriptions
 
 
 # ---- pure maths ---------------------------------------------------------------------------
@@ -114,12 +118,16 @@ def evaluate_retrieval(
     rows_per_document: int = 1,
     context_tokens: int = 16,
     controls: Sequence[str] = ("shuffled", "zero", "context_only"),
+    paraphrase: ParaphraseOptions | None = None,
 ) -> dict:
     """Retrieval + reconstruction metrics and controls on a pool from `store` (see module docstring).
 
     Returns {"n", "rows", "chance", "conditions": {name: summary}, "per_item": {name: lists},
-    "text_controls", "shuffled_gap", "items": [...]}.
+    "text_controls", "shuffled_gap", "items": [...]}, plus "paraphrase": {instruction,
+    max_new_tokens, seed, drops: {condition: ...}} when `paraphrase` is given.
     """
+    if oracle.encode is None:
+        raise ValueError("the retrieval eval needs an oracle with an encoder (oracle.encode is None)")
     rows = select_pool(store, pool_size, seed, heldout_fraction, split_seed, rows_per_document)
     n = len(rows)
     if n < 2:
@@ -153,6 +161,12 @@ def evaluate_retrieval(
             raise ValueError("the context_only control needs oracle.detokenize (to decode the store's context windows)")
         conditions["context_only"], per_item["context_only"] = score_condition(oracle.encode(sources), v, mean)
         result["context_tokens"] = context_tokens
+    rewritten = rewritten_descriptions(oracle, descriptions, paraphrase) if paraphrase else {}
+    for name, texts in rewritten.items():
+        conditions[name], per_item[name] = score_condition(oracle.encode(texts), v, mean)
+    if paraphrase:
+        result["paraphrase"] = {"instruction": paraphrase.instruction, "max_new_tokens": paraphrase.max_new_tokens, "seed": paraphrase.seed,
+                                "drops": drops(conditions, per_item, result["chance"]["top1"], list(rewritten), seed)}
     result["conditions"] = conditions
     result["per_item"] = per_item
     result["text_controls"] = text_controls(descriptions, sources)
@@ -161,6 +175,7 @@ def evaluate_retrieval(
         rec = store.records[i]
         item = {"row": i, "doc_id": rec["doc_id"], "token_index": rec["token_index"], "token": rec["token"],
                 "description": descriptions[k], "context": sources[k] if sources else None}
+        item.update({f"{name}_description": texts[k] for name, texts in rewritten.items()})
         for name in per_item:
             if name != "mean_floor":
                 item[f"{name}_cosine"] = per_item[name]["cosine"][k]
