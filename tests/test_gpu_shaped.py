@@ -1,0 +1,60 @@
+"""The GPU-shaped recipe (recipes/smoke_gpu_shaped.yaml) end to end on the CPU, on a 3-node local
+Ray cluster: bf16 through vLLM, DeepSpeed and the encoder (its sync checks pass at the bf16
+tolerance), adapter weight sync, overlapped rollouts, a `datasets` corpus from local files,
+gradient checkpointing and micro-batching, and 2 learners on the 2 worker nodes, so learner rank 0
+and its rendezvous sit on a node that is not the driver's."""
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from cycle_oracle.config import load_recipe
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_shaped_recipe_runs_with_learner_rank0_off_the_drivers_node(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors, list_tasks
+
+    from recipes import grpo
+    from recipes.grpo import SYNC_TOLERANCE
+
+    monkeypatch.chdir(REPO)  # the recipe names its corpus file relative to the repository
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    workers = [cluster.add_node(num_cpus=1, resources={"learner_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out = tmp_path / "run"
+    try:
+        cfg = load_recipe(REPO / "recipes" / "smoke_gpu_shaped.yaml", [f"ray.address={cluster.address}"])
+        assert cfg.model.dtype == "bfloat16" and cfg.rollout.weight_sync == "adapter" and cfg.grpo.overlap_rollout
+        assert cfg.memory.gradient_checkpointing and cfg.memory.micro_batch_tokens and cfg.corpus.kind == "datasets"
+        results = grpo.run(cfg, out)
+        driver_node = ray.get_runtime_context().get_node_id()
+        learners = list_actors(filters=[("class_name", "=", "LearnerActor")], detail=True)
+        rendezvous = list_tasks(filters=[("func_or_class_name", "=", "_node_address_and_port")], detail=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    learner_nodes = {a.node_id for a in learners}
+    worker_nodes = {w.node_id for w in workers}
+    assert len(learners) == 2 and learner_nodes == worker_nodes, "one learner on each worker node"
+    assert driver_node not in learner_nodes
+    assert rendezvous and {t.node_id for t in rendezvous} <= learner_nodes, "rank 0's address and port come from its own node"
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    grpo_rows = {r["step"]: r for r in rows if r["stage"] == "grpo"}
+    assert sorted(grpo_rows) == list(range(1, cfg.grpo.steps + 1))
+    for r in [*grpo_rows.values(), *(r for r in rows if r["stage"] == "grpo_setup")]:
+        assert r["sync_logprob_error_p99"] <= SYNC_TOLERANCE["bfloat16"]["p99"]
+        assert r["sync_logprob_error_mean"] <= SYNC_TOLERANCE["bfloat16"]["mean"]
+    for step in range(2, cfg.grpo.steps + 1):  # overlapped: step s trains on samples of the version before the last sync
+        assert grpo_rows[step]["rollout_versions"] == grpo_rows[step - 1]["weight_version"] - 1
+    assert results["retrieval"]["n"] >= 2
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    size = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
+    assert size < 5_000_000, f"a checkpoint holds what was trained, not the frozen base: {size} bytes"
