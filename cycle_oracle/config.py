@@ -327,6 +327,11 @@ class ProbeFileSettings(Strict):
 
 class EvalSettings(Strict):
     pool_size: int = Field(1000, ge=2)
+    text_encoder_steps: int = Field(0, ge=0)
+    """GRPO's final evals also judge both decoders under a text encoder: a fresh encoder trained for
+    this many steps on source windows of training documents only (never on any description), next
+    to the frozen starting encoder and the co-trained one; 0 = off."""
+    text_encoder_window_tokens: int = Field(16, ge=1)
     rows_per_document: int = Field(1, ge=1)
     """Retrieval pool rows per held-out document (GRPO's final eval). 1: items are independent
     documents; more: a small corpus still gives a large pool, but items of one document share their

@@ -54,6 +54,7 @@ class EncoderTrainer:
         opt = cfg.encoder.optim
         self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
         self.updates = 0
+        self._initial = self.state()[0]  # the fresh encoder (LoRA B = 0, identity head): `train_text_encoder` starts here
 
     def _inputs(self, texts: Sequence[str]):
         """(ids, attention, pool mask) on the encoder's device."""
@@ -135,6 +136,22 @@ class EncoderTrainer:
         rewards = torch.full((len(batch),), float("nan"))
         rewards[idx] = cycle_rewards(v_hat, v, self.mean, self.cfg.grpo.reward_space)
         return rewards, reconstruction_metrics(v_hat, v, self.mean), {"encoder_loss": loss}
+
+    def train_text_encoder(self, texts: Sequence[str], vectors: torch.Tensor, steps: int, batch_size: int = 32, seed: int = 0) -> dict:
+        """Replace the encoder by a text encoder: from the fresh encoder, with a fresh optimiser,
+        `steps` regression steps on (source text, activation) pairs only, so it has never read a
+        description of any decoder (an independent judge for the final evals). -> its last losses."""
+        self.load_state(self._initial)
+        opt = self.cfg.encoder.optim
+        self.optimizer = torch.optim.AdamW(self.encoder.trainable_parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        self.updates = 0
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randperm(len(texts), generator=g)[:batch_size].tolist()
+            losses.append(self.train_step([texts[i] for i in idx], vectors[idx])["encoder_loss"])
+        tail = losses[-max(1, steps // 10):]
+        return {"steps": steps, "pairs": len(texts), "loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas."""

@@ -430,28 +430,57 @@ def train(roles: Roles, train_rows: list[int], start: int, on_step_end=None) -> 
 
 def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None) -> dict:
     """Retrieval on held-out documents for the GRPO decoder (with controls) and, when GRPO started
-    from a checkpoint, for the starting (warmup) decoder on the same pool, each under two encoders:
-    the final one (co-trained on the GRPO decoder's own outputs, so it favours them) and the
+    from a checkpoint, for the starting (warmup) decoder on the same pool, each under up to three
+    encoders: the final one (co-trained on the GRPO decoder's own outputs, so it favours them), the
     starting checkpoint's encoder, frozen (it never saw GRPO output: the unbiased comparison,
-    reported first). Descriptions are written once per decoder (they do not depend on the encoder)."""
+    reported first), and with `eval.text_encoder_steps` a text encoder trained here on source text
+    only (it never saw any description). Descriptions are written once per decoder (they do not
+    depend on the encoder)."""
+    cfg, t = roles.cfg, roles.timeout
     out = {"retrieval": final_retrieval(roles)}
-    if start_ckpt is None:
+    frozen = start_ckpt is not None and "encoder" in start_ckpt.tensors
+    text = cfg.eval.text_encoder_steps > 0
+    if start_ckpt is None and not text:
         return out
-    t = roles.timeout
-    frozen = "encoder" in start_ckpt.tensors
+    final_encoder, final_optim = remote_get(roles.encoder.state.remote(), t, "final encoder state")
+    text_state = None
+    if text:
+        out["text_encoder"] = {"training": train_text_encoder(roles)}
+        text_state, _ = remote_get(roles.encoder.state.remote(), t, "text encoder state")
+        out["text_encoder"]["grpo_decoder"] = final_retrieval(roles, controls=())
     if frozen:
-        final_encoder, final_optim = remote_get(roles.encoder.state.remote(), t, "final encoder state")
         remote_get(roles.encoder.load_state.remote(start_ckpt.tensors["encoder"]), t, "load the starting encoder (frozen)")
         grpo_frozen = final_retrieval(roles, controls=())
-    roles.sync(start_ckpt.tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
-    if frozen:
-        warm_frozen = final_retrieval(roles, controls=())
-        out["frozen_start_encoder"] = {"grpo_decoder": grpo_frozen, "warmup_decoder": warm_frozen,
-                                       "grpo_minus_warmup": decoder_comparison(grpo_frozen, warm_frozen)}
-        remote_get(roles.encoder.load_state.remote(final_encoder, final_optim), t, "restore the final encoder")
-    out["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
-    out["grpo_minus_warmup"] = decoder_comparison(out["retrieval"], out["retrieval_warmup_decoder"])
+    if start_ckpt is not None:
+        roles.sync(start_ckpt.tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
+        if frozen:
+            warm_frozen = final_retrieval(roles, controls=())
+            out["frozen_start_encoder"] = {"grpo_decoder": grpo_frozen, "warmup_decoder": warm_frozen,
+                                           "grpo_minus_warmup": decoder_comparison(grpo_frozen, warm_frozen)}
+        if text:
+            remote_get(roles.encoder.load_state.remote(text_state), t, "load the text encoder")
+            te = out["text_encoder"]
+            te["warmup_decoder"] = final_retrieval(roles, controls=())
+            te["grpo_minus_warmup"] = decoder_comparison(te["grpo_decoder"], te["warmup_decoder"])
+    remote_get(roles.encoder.load_state.remote(final_encoder, final_optim), t, "restore the final encoder")
+    if start_ckpt is not None:
+        out["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
+        out["grpo_minus_warmup"] = decoder_comparison(out["retrieval"], out["retrieval_warmup_decoder"])
     return out
+
+
+def train_text_encoder(roles: Roles) -> dict:
+    """The text encoder of the final evals: the encoder actor, reset, trained on (source window,
+    activation) pairs of training documents (`eval.text_encoder_steps`)."""
+    cfg = roles.cfg
+    train_rows, _held = roles.store.split_by_document(cfg.split.heldout_fraction, cfg.seed)
+    rows = random.Random(f"text-encoder:{cfg.seed}").sample(train_rows, min(len(train_rows), 50 * 32))
+    texts = source_windows(roles.store, rows, roles.tokenizer, cfg.eval.text_encoder_window_tokens)
+    report = remote_get(roles.encoder.train_text_encoder.remote(texts, roles.store.activations[rows], cfg.eval.text_encoder_steps,
+                                                               seed=cfg.seed), cfg.ray.setup_timeout_s, "training the text encoder")
+    print(f"[grpo] text encoder: {report['steps']} steps on {report['pairs']} source windows, loss "
+          f"{report['loss_first']:.3f} -> {report['loss_last']:.3f}")
+    return report
 
 
 def decoder_comparison(grpo: dict, warm: dict) -> dict:
@@ -481,6 +510,11 @@ def retrieval_summary(results: dict) -> dict:
         conditions("frozen_encoder/grpo_decoder", frozen["grpo_decoder"])
         conditions("frozen_encoder/warmup_decoder", frozen["warmup_decoder"])
         difference("frozen_encoder/grpo_minus_warmup", frozen["grpo_minus_warmup"])
+    text = results.get("text_encoder")
+    if text:
+        conditions("text_encoder/grpo_decoder", text.get("grpo_decoder"))
+        conditions("text_encoder/warmup_decoder", text.get("warmup_decoder"))
+        difference("text_encoder/grpo_minus_warmup", text.get("grpo_minus_warmup"))
     conditions("final_encoder/grpo_decoder", results.get("retrieval"))
     conditions("final_encoder/warmup_decoder", results.get("retrieval_warmup_decoder"))
     difference("final_encoder/grpo_minus_warmup", results.get("grpo_minus_warmup"))

@@ -206,12 +206,30 @@ def _encoders(grpo: dict) -> list[tuple[str, str, dict | None, dict | None, dict
     frozen = grpo.get("frozen_start_encoder")
     if frozen:
         out.append(("frozen", "frozen start", frozen.get("grpo_decoder"), frozen.get("warmup_decoder"), frozen.get("grpo_minus_warmup")))
+    text = grpo.get("text_encoder")
+    if text and text.get("grpo_decoder"):
+        out.append(("text", "text encoder", text.get("grpo_decoder"), text.get("warmup_decoder"), text.get("grpo_minus_warmup")))
     if grpo.get("retrieval"):
         out.append(("final", "final (co-trained)", grpo.get("retrieval"), grpo.get("retrieval_warmup_decoder"), grpo.get("grpo_minus_warmup")))
     return out
 
 
-ENCODER_WORDS = {"frozen": "the frozen starting encoder", "final": "the final (co-trained) encoder"}
+ENCODER_WORDS = {"frozen": "the frozen starting encoder", "final": "the final (co-trained) encoder",
+                 "text": "a text encoder (trained on source text only, never on descriptions)"}
+
+
+def gain_only_under_own_encoder(grpo: dict) -> bool:
+    """True when GRPO beats the warmup decoder (centred cosine, interval above 0) under its own
+    co-trained encoder but under no encoder that was not co-trained with it (frozen start, text)."""
+    def above(diff: dict | None) -> bool | None:
+        d = (diff or {}).get("centred_cosine")
+        return None if not d else d.get("ci_low", 0) > 0
+
+    own = above(grpo.get("grpo_minus_warmup"))
+    others = [above((grpo.get("frozen_start_encoder") or {}).get("grpo_minus_warmup")),
+              above((grpo.get("text_encoder") or {}).get("grpo_minus_warmup"))]
+    others = [x for x in others if x is not None]
+    return bool(own) and bool(others) and not any(others)
 CONDITION_LABELS = {"shuffled": "shuffled control", "zero": "zero control", "context_only": "context only (ceiling)",
                     "mean_floor": "predict the mean (floor)"}
 
@@ -403,6 +421,9 @@ def verdict(grpo: dict | None) -> str:
                  f"{_ci(d.get('ci_low'), d.get('ci_high'), signed=True)}, {tail}")
     elif grpo.get("retrieval_warmup_decoder") is None and not grpo.get("frozen_start_encoder"):
         head += "; no warmup decoder to compare with (the run did not start from a checkpoint)"
+    if gain_only_under_own_encoder(grpo):
+        head += ("; FLAG: GRPO's gain over the warmup decoder shows only under its own co-trained encoder, "
+                 "under no independent one")
     return head
 
 

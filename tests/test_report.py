@@ -304,3 +304,16 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     assert [c[0] for c in calls] == ["grpo"] and again["warmup"] == warm_res
     assert again["summary"]["warmup"] == "reused from a previous run"
     assert "## Warmup, held-out" in (tmp_path / "report.md").read_text()
+
+
+def test_a_gain_only_under_the_co_trained_encoder_is_flagged():
+    from recipes.report import gain_only_under_own_encoder
+
+    up = {"centred_cosine": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15}}
+    flat = {"centred_cosine": {"mean": 0.01, "ci_low": -0.02, "ci_high": 0.04}}
+    assert gain_only_under_own_encoder({"grpo_minus_warmup": up, "frozen_start_encoder": {"grpo_minus_warmup": flat},
+                                        "text_encoder": {"grpo_minus_warmup": flat}})
+    assert not gain_only_under_own_encoder({"grpo_minus_warmup": up, "frozen_start_encoder": {"grpo_minus_warmup": flat},
+                                            "text_encoder": {"grpo_minus_warmup": up}})
+    assert not gain_only_under_own_encoder({"grpo_minus_warmup": up})  # nothing independent to compare with: no flag
+    assert not gain_only_under_own_encoder({"grpo_minus_warmup": flat, "text_encoder": {"grpo_minus_warmup": flat}})

@@ -110,3 +110,22 @@ def test_scoring_and_co_training_in_one_forward_gives_the_two_call_rewards_and_u
     assert any(not torch.equal(after_one[k], before[k]) for k in before), "the update moved the encoder"
     for k, v in after_two.items():
         torch.testing.assert_close(after_one[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_the_text_encoder_starts_fresh_and_learns_from_source_text_only(tiny_path):
+    """train_text_encoder resets to the fresh encoder (whatever it learned before) and fits
+    (text, activation) pairs: two calls with the same seed give the same encoder."""
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+
+    cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1}, "encoder": {"lora": {"r": 2, "alpha": 4}}})
+    torch.manual_seed(0)
+    trainer = EncoderTrainer(str(tiny_path), cfg, 1, torch.zeros(128))
+    texts = ["the old ferryman sat idle", "prices rose again today", "a cat sat on the mat", "the river froze that winter"]
+    v = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    trainer.train_step(["something else entirely"] * 4, torch.randn(4, 128))  # co-training before: must not carry over
+    first = trainer.train_text_encoder(texts, v, steps=6, batch_size=4)
+    state = trainer.state()[0]
+    again = trainer.train_text_encoder(texts, v, steps=6, batch_size=4)
+    assert first == again and first["loss_last"] < first["loss_first"]
+    for k, t in trainer.state()[0].items():
+        torch.testing.assert_close(t, state[k])
