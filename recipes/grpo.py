@@ -45,8 +45,9 @@ SYNC_TOLERANCE = {"float32": {"mean": 1e-3, "p99": 5e-3}, "bfloat16": {"mean": 0
 that a correct weight sync shows, per model dtype (the learner and the engine run different
 kernels): about twice the largest values measured on the CPU with SmolLM2 (docs/BENCHMARKS.md,
 "Weight-sync mismatch"; float16 is unmeasured and borrows bfloat16's). `grpo.sync_tolerance`
-replaces them (e.g. with a GPU's own measurement). A sync that served the wrong weights shows a
-mismatch far above them; one that changed nothing shows as `sync_policy_changed` 0 (logged)."""
+replaces them (e.g. with a GPU's own measurement). In bf16 they catch only a sync that moves the
+served log-probs by more than 0.1 per token on average; the weight version on every sample catches a
+stale engine, and `sync_policy_changed` (logged) shows whether the served policy moved at all."""
 SYNC_PROBE = {"activations": 4, "tokens": 16}
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -148,8 +149,8 @@ class Roles:
     def verify_sync(self) -> dict:
         """The served policy's logprobs for a fixed probe equal the learner's within the dtype's
         measured tolerance (`SYNC_TOLERANCE`: mean and 99th percentile of |delta log pi| over the
-        probe's tokens; rank 0 compares), and moved since the previous version (a silently stale
-        engine fails here)."""
+        probe's tokens; rank 0 compares); also logs whether the served log-probs moved since the
+        previous version (`sync_policy_changed`)."""
         vectors = self.store.activations[: SYNC_PROBE["activations"]]
         seeds = [12345 + i for i in range(len(vectors))]
         tolerance = SYNC_TOLERANCE[self.cfg.model.dtype] | (self.cfg.grpo.sync_tolerance or {})
