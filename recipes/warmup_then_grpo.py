@@ -7,6 +7,7 @@ checkpoint; skipped with one line if it cannot be written) and `<out>/report.md`
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from recipes import grpo, warmup
@@ -20,12 +21,18 @@ most this size (the embedded SmolLM2-135M: 0.5 GiB in fp32). Larger ones print t
 
 def run(cfg, out, resume: bool = False) -> dict:
     out = Path(out)
+    t0 = time.time()
+    budget = f", at most {cfg.grpo.max_minutes:g} min" if cfg.grpo.max_minutes else ""
+    print(f"[job] warmup ({cfg.warmup.steps} steps, held-out eval, encoder warm start) -> GRPO ({cfg.grpo.steps} steps{budget}) "
+          f"-> final evals -> report.md")
     warm_cfg = cfg.model_copy(update={"kind": "warmup"})
     warm_dir = out / "warmup"
     done = (warm_dir / "results.json").is_file()
     warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume)
+    print(f"[job] warmup {'reused' if done else 'done'} at {(time.time() - t0) / 60:.1f} min; GRPO next")
     grpo_cfg = cfg.model_copy(update={"kind": "grpo", "init_from": str(warm_dir)})
     result = grpo.run(grpo_cfg, out / "grpo", resume=resume)
+    print(f"[job] GRPO and its final evals done at {(time.time() - t0) / 60:.1f} min; the viewer and the report next")
     summary = {"warmup": (warm or {}).get("summary", "reused from a previous run"), "grpo": result.get("summary")}
     if warm is None:
         warm = read_results(warm_dir / "results.json")

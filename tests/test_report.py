@@ -292,7 +292,7 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     out = warmup_then_grpo.run(cfg, tmp_path)
     assert calls == [("warmup", tmp_path / "warmup"), ("grpo", str(tmp_path / "warmup"))]
     assert out["grpo"] is grpo_res and out["warmup"] is warm_res and out["viewer"] is None  # no checkpoint under grpo/
-    printed = capsys.readouterr().out.strip().splitlines()
+    printed = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("[job]")]  # (one line per stage)
     assert len(printed) == 1 and printed[0].startswith("[viewer] not written")
     assert (tmp_path / "report.md").read_text() == closing_report(grpo_res, warm_res).markdown
     assert report_from_results(out).markdown == closing_report(grpo_res, warm_res).markdown
