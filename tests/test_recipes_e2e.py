@@ -167,8 +167,15 @@ def test_smoke_grpo_two_nodes_role_deaths_resume_and_eval(tmp_path, shared_data)
         if step == 2 and "idle" not in killed:  # idle rollout actor: restarted by Ray with version 0
             killer.join(timeout=600)
             handle = roles.rollouts[0]
-            roles.recover_rollouts()  # the mid-run kill's restart may still be under way: serve first
-            old_pid = ray.get(handle.info.remote())["pid"]
+            old_pid = None
+            for _ in range(60):  # the mid-run kill (asynchronous) may only now restart the actor: wait until it serves
+                roles.recover_rollouts()
+                try:
+                    old_pid = ray.get(handle.info.remote(), timeout=60)["pid"]
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                    time.sleep(1)
+            assert old_pid is not None, "the rollout actor never came back after the mid-run kill"
             ray.kill(handle, no_restart=False)
             deadline = time.time() + 600
             while time.time() < deadline:  # until the restarted process answers (the kill is asynchronous)
