@@ -134,7 +134,7 @@ def completion_token_stats(
 ) -> TokenStats:
     """Log-probs (and entropy, argmax hits) of every completion token, computed from the LM head in
     chunks of `chunk_tokens` positions: fp32 logits exist for one chunk at a time, and with a graph
-    each chunk's are recomputed in the backward pass (activation checkpointing of the head) instead
+    (when there is more than one chunk) each chunk's are recomputed in the backward pass (activation checkpointing of the head) instead
     of being kept, so memory is O(chunk x V) rather than O(num_targets x V).
         logp_t = log softmax(W h_t / temperature)[x_t]     (the same maths as `completion_logprobs`)"""
     from torch.utils.checkpoint import checkpoint
@@ -142,9 +142,11 @@ def completion_token_stats(
     hidden, lm_head = completion_hidden(model, batch, vectors, norm, mode)
     targets = batch.targets().to(hidden.device)
     parts: list[tuple[torch.Tensor, ...]] = []
+    # one chunk in all: its logits are what one chunk costs anyway, so keep them (no recompute)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and len(targets) > chunk_tokens
     for start in range(0, max(len(targets), 1), chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             parts.append(checkpoint(_chunk_stats, lm_head, h, t, temperature, entropy, correct, use_reentrant=False))
         else:
             parts.append(_chunk_stats(lm_head, h, t, temperature, entropy, correct))
