@@ -129,7 +129,7 @@ def print_closing_report(results, out) -> bool:
         return False
     if report is None:
         return False
-    report.print()
+    report.print(compact=True)  # the verdict and the retrieval table; report.md has every section
     if (Path(out) / "report.md").is_file():
         print(f"report: {Path(out) / 'report.md'}")
     return True

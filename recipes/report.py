@@ -133,10 +133,12 @@ class ClosingReport:
             lines += ["## Viewer", "", f"Every token of one embedded passage described by the GRPO checkpoint: `{self.viewer}` (open it in a browser; hover or click a token).", ""]
         return "\n".join(lines).rstrip() + "\n"
 
-    def renderable(self) -> Group:
+    def renderable(self, compact: bool = False) -> Group:
+        """Everything (as report.md has it), or `compact`: the verdict and the first (retrieval)
+        table only, for the end of a job's terminal output."""
         parts: list = [Text("Verdict: ", style="bold") + Text(self.verdict)]
         parts += [Text(h, style="dim") for h in self.header]
-        for s in self.sections:
+        for s in self.sections[:1] if compact else self.sections:
             table = Table(title=s.title, title_justify="left", title_style="bold", expand=False)
             cells = [row for row in s.rows if len(row) > 1]
             for j, c in enumerate(s.columns):  # short columns (numbers) never wrap; text wraps at spaces
@@ -148,13 +150,15 @@ class ClosingReport:
                 else:
                     table.add_row(*(Text(c) for c in row))
             parts.append(table if s.rows else Text(s.title, style="bold"))
-            parts += [Text(n, style="dim") for n in s.notes]
+            parts += [] if compact else [Text(n, style="dim") for n in s.notes]
+        if compact and len(self.sections) > 1:
+            parts.append(Text("report.md also has: " + "; ".join(s.title.split(":")[0] for s in self.sections[1:]), style="dim"))
         if self.viewer:
             parts.append(Text("Viewer: ", style="bold") + Text(f"{self.viewer} (open in a browser; hover a token)"))
         return Group(*parts)
 
-    def print(self, console: Console | None = None) -> None:
-        (console or Console()).print(self.renderable())
+    def print(self, console: Console | None = None, compact: bool = False) -> None:
+        (console or Console()).print(self.renderable(compact))
 
 
 def _md_cell(text: str) -> str:

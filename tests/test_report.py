@@ -256,6 +256,8 @@ def test_the_cli_prints_the_report_instead_of_the_json_summary(store, tmp_path, 
     assert print_closing_report(grpo, tmp_path)
     out = capsys.readouterr().out
     assert "Verdict:" in out and f"report: {tmp_path / 'report.md'}" in out
+    assert "report.md also has: Examples" in out and "Examples:" not in out  # the terminal gets the verdict and the retrieval table
+    assert "Examples" in (tmp_path / "report.md").read_text()
     assert not print_closing_report({"kind": "describe", "summary": {"x": 1}}, tmp_path)
 
 
