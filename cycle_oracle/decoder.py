@@ -134,8 +134,8 @@ def completion_token_stats(
 ) -> TokenStats:
     """Log-probs (and entropy, argmax hits) of every completion token, computed from the LM head in
     chunks of `chunk_tokens` positions: fp32 logits exist for one chunk at a time, and with a graph
-    (when there is more than one chunk) each chunk's are recomputed in the backward pass (activation checkpointing of the head) instead
-    of being kept, so memory is O(chunk x V) rather than O(num_targets x V).
+    (when there is more than one chunk) each chunk's are recomputed in the backward pass (activation
+    checkpointing of the head) instead of being kept, so memory is O(chunk x V), not O(num_targets x V).
         logp_t = log softmax(W h_t / temperature)[x_t]     (the same maths as `completion_logprobs`)"""
     from torch.utils.checkpoint import checkpoint
 
@@ -165,9 +165,7 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """log pi(token) for every completion token, after temperature: padded [N, Tc] (0 beyond each
     completion's length; `completion_mask(batch)` marks the valid entries)."""
-    logits = completion_logits(model, batch, vectors, norm, mode)
-    flat = token_logprobs(logits[None], batch.targets().to(logits.device)[None], temperature)[0]
-    return unflatten(flat, batch)
+    return unflatten(completion_token_stats(model, batch, vectors, norm, temperature, mode).logp, batch)
 
 
 def completion_mask(batch: DecoderBatch) -> torch.Tensor:

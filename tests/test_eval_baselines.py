@@ -11,6 +11,7 @@ from typing import get_args
 
 import pytest
 import torch
+from fake_checkpoints import warmup_like_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,32 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- fixtures: a warmup-like checkpoint and the smoke recipe's store ----------------------------
-
-def _warmup_like_checkpoint(run_dir: Path, cfg) -> Path:
-    """A checkpoint as a warmup writes it (record, a non-identity decoder adapter, an encoder,
-    config.yaml), built in-process from the tiny model (as tests/test_recipes_e2e.py does)."""
-    from cycle_oracle.checkpoint import CheckpointRecord, save_checkpoint
-    from cycle_oracle.config import dump_recipe
-    from cycle_oracle.encoder import ActivationEncoder
-    from cycle_oracle.files import atomic_write_text
-    from cycle_oracle.injection import mean_embedding_norm
-    from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm, resolve_model_path
-
-    path = resolve_model_path(cfg.model.name)
-    torch.manual_seed(7)
-    decoder = attach_lora(load_causal_lm(path), cfg.decoder_lora)
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    encoder = ActivationEncoder(load_causal_lm(path), cfg.model.layer, cfg.encoder.lora)
-    tensors = {k: v for k, v in encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_recipe(cfg.model_copy(update={"kind": "warmup"})))
-    rec = CheckpointRecord(stage="warmup", step=1, model=cfg.model.name, layer=cfg.model.layer, injection=cfg.injection.model_dump(mode="json"),
-                           injection_norm=mean_embedding_norm(decoder.get_input_embeddings()), weight_version=0, world_size=1)
-    return save_checkpoint(run_dir, rec, {"decoder_adapter": adapter_state(decoder), "encoder": tensors})
-
 
 def _smoke(overrides=()):
     from cycle_oracle.config import load_recipe
@@ -68,7 +43,7 @@ def smoke_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("warm")
-    _warmup_like_checkpoint(run, _smoke())
+    warmup_like_checkpoint(run, _smoke())
     return run
 
 

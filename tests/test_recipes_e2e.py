@@ -18,8 +18,9 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cycle_oracle.files import atomic_write_text
 from cycle_oracle.config import load_recipe
+from cycle_oracle.files import atomic_write_text
+from fake_checkpoints import warmup_like_checkpoint
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -90,32 +91,6 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data):
     assert abs(first[3]["loss"] - again[3]["loss"]) < 1e-4, (first[3]["loss"], again[3]["loss"])
 
 
-def _warmup_like_checkpoint(run_dir: Path, cfg) -> Path:
-    """A checkpoint as a warmup writes it (record, decoder adapter, encoder, config.yaml), built
-    in-process from the tiny model: GRPO's init_from path without running a warmup."""
-    import torch
-
-    from cycle_oracle.checkpoint import CheckpointRecord, save_checkpoint
-    from cycle_oracle.config import dump_recipe
-    from cycle_oracle.encoder_trainer import EncoderTrainer
-    from cycle_oracle.injection import mean_embedding_norm
-    from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm, resolve_model_path
-
-    path = resolve_model_path(cfg.model.name)
-    torch.manual_seed(7)
-    decoder = attach_lora(load_causal_lm(path), cfg.decoder_lora)
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    encoder = EncoderTrainer(str(path), cfg, 1, torch.zeros(128))
-    warm_cfg = cfg.model_copy(update={"kind": "warmup"})
-    atomic_write_text(run_dir / "config.yaml", dump_recipe(warm_cfg))
-    rec = CheckpointRecord(stage="warmup", step=1, model=cfg.model.name, layer=1, injection=cfg.injection.model_dump(mode="json"),
-                           injection_norm=mean_embedding_norm(decoder.get_input_embeddings()), weight_version=0, world_size=1)
-    return save_checkpoint(run_dir, rec, {"decoder_adapter": adapter_state(decoder), "encoder": encoder.state()[0]})
-
-
 def _kill_process_of(class_name: str, which: int = 0) -> int:
     """SIGKILL the process of a live actor of `class_name` (as a crash would): -> its pid."""
     import os
@@ -149,7 +124,7 @@ def test_smoke_grpo_two_nodes_role_deaths_resume_and_eval(tmp_path, shared_data)
     overrides = [f"ray.address={cluster.address}", "grpo.steps=5", "logging.checkpoint_every=2", f"init_from={warm}",
                  "resources.learner.num_actors=2"]
     cfg = load_recipe(REPO / "recipes" / "smoke_grpo.yaml", overrides)
-    _warmup_like_checkpoint(warm, cfg)
+    warmup_like_checkpoint(warm, cfg)
     out = tmp_path / "grpo"
     killed: dict = {}
 
