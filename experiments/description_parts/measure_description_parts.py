@@ -2,8 +2,8 @@
 
 Descriptions trained on quoted targets (`warmup.description_quote_tokens`) read
 `It reads: "<quote>". <sentence>`. This takes the held-out descriptions a GRPO run's final retrieval
-wrote (GRPO decoder and warmup decoder, results.json) and scores, with the run's final encoder and
-on the same pool:
+wrote (GRPO decoder and warmup decoder, results.json) and scores, with the run's final encoder (or
+`--encoder-from RUN`'s, e.g. the frozen warmup encoder) and on the same pool:
 
   full             the description as written (reproduces results.json)
   quote_only       `It reads: "<quote>".`, the sentence removed
@@ -44,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a finished GRPO run folder (results.json, checkpoints, activations)")
     ap.add_argument("--quote-tokens", type=int, default=8, help="length of the true quote (the warmup's description_quote_tokens)")
+    ap.add_argument("--encoder-from", type=Path, default=None,
+                    help="score with this run's (or checkpoint's) encoder instead, e.g. the warmup run: the frozen encoder that never saw GRPO output")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -54,11 +56,14 @@ def main() -> None:
     store = ActivationStore(args.run / "activations")
     torch.set_num_threads(2)
     encoder = EncoderTrainer(str(resolve_model_path(cfg.model.name)), cfg, trained.record.layer, store.mean)
-    encoder.load_state(trained.tensors["encoder"])
+    graded_by = load_trained(args.encoder_from) if args.encoder_from else trained
+    graded_by.require_tensors("encoder")
+    encoder.load_state(graded_by.tensors["encoder"])
     ckpt = trained.path
     mean = store.mean.float()
 
-    report: dict = {"run": str(args.run), "checkpoint": ckpt.name, "quote_tokens": args.quote_tokens}
+    report: dict = {"run": str(args.run), "checkpoint": ckpt.name, "quote_tokens": args.quote_tokens,
+                    "encoder": str(graded_by.path) if args.encoder_from else "the run's final encoder"}
     rows = results["retrieval"]["rows"]  # one pool for both decoders
     v = store.activations[rows].float()
     true_quotes = [quote_text(" ".join(encoder.tokenizer.decode(store.context_window(r, before=args.quote_tokens)).split())) for r in rows]
