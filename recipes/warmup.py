@@ -146,7 +146,9 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
             "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
 
 
-def run(cfg, out, resume: bool = False) -> dict:
+def run(cfg, out, resume: bool = False, on_step_time=None) -> dict:
+    """The warmup recipe. `on_step_time(step, seconds)` (optional) is called after each warmup step
+    with its number (1-based) and wall seconds (the main job's ETA: recipes/eta.py)."""
     if cfg.init_from:
         raise ValueError(f"init_from={cfg.init_from!r}: the warmup always starts from the base model (init_from is for grpo, "
                          f"describe and eval; --resume continues a warmup run)")
@@ -206,6 +208,8 @@ def run(cfg, out, resume: bool = False) -> dict:
             every = cfg.logging.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < cfg.warmup.steps:
                 _save(run, group, step + 1, mixture, rng, None)
+            if on_step_time is not None:
+                on_step_time(step + 1, time.time() - t0)
 
     results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group.answer_scores, heldout, cfg, cfg.seed + 1)

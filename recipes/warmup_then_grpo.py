@@ -2,7 +2,8 @@
 checkpoint into `<out>/grpo` (its retrieval eval runs at the end), then the closing report:
 `<out>/viewer.html` (every token of one held-out embedded passage described by the GRPO
 checkpoint; skipped with one line if it cannot be written) and `<out>/report.md`
-(`recipes/report.py`; the CLI prints the same tables)."""
+(`recipes/report.py`; the CLI prints the same tables). Its `[job]` lines carry the job's ETA
+(`recipes/eta.py`): one line after the first warmup steps, then the minutes left at each stage's end."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from recipes import grpo, warmup
+from recipes.eta import JobClock, JobPlan
 from recipes.report import write_report
 
 VIEWER_MAX_MODEL_BYTES = 2 * 2**30
@@ -25,14 +27,16 @@ def run(cfg, out, resume: bool = False) -> dict:
     budget = f", at most {cfg.grpo.max_minutes:g} min" if cfg.grpo.max_minutes else ""
     print(f"[job] warmup ({cfg.warmup.steps} steps, held-out eval, encoder warm start) -> GRPO ({cfg.grpo.steps} steps{budget}) "
           f"-> final evals -> report.md")
+    clock = JobClock(JobPlan.from_config(cfg), t0)
     warm_cfg = cfg.model_copy(update={"kind": "warmup"})
     warm_dir = out / "warmup"
     done = (warm_dir / "results.json").is_file()
-    warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume)
-    print(f"[job] warmup {'reused' if done else 'done'} at {(time.time() - t0) / 60:.1f} min; GRPO next")
+    warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume, on_step_time=clock.warmup_step)
+    print(f"[job] warmup {'reused' if done else 'done'} at {(time.time() - t0) / 60:.1f} min; GRPO next{clock.left_note('warmup_evals')}")
     grpo_cfg = cfg.model_copy(update={"kind": "grpo", "init_from": str(warm_dir)})
-    result = grpo.run(grpo_cfg, out / "grpo", resume=resume)
-    print(f"[job] GRPO and its final evals done at {(time.time() - t0) / 60:.1f} min; the viewer and the report next")
+    result = grpo.run(grpo_cfg, out / "grpo", resume=resume, on_step_end=clock.grpo_step_end)
+    print(f"[job] GRPO and its final evals done at {(time.time() - t0) / 60:.1f} min; the viewer and the report next"
+          f"{clock.left_note('final_evals')}")
     summary = {"warmup": (warm or {}).get("summary", "reused from a previous run"), "grpo": result.get("summary")}
     if warm is None:
         warm = read_results(warm_dir / "results.json")

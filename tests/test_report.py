@@ -287,14 +287,32 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
 
     grpo_res, warm_res = grpo_results(store, grpo_noise=0.3, warm_noise=3.0), warmup_results(reads=True)
     calls = []
-    monkeypatch.setattr(warmup, "run", lambda cfg, out, resume=False: calls.append(("warmup", out)) or warm_res)
-    monkeypatch.setattr(grpo, "run", lambda cfg, out, resume=False: calls.append(("grpo", cfg.init_from)) or grpo_res)
+
+    def fake_warmup(cfg, out, resume=False, on_step_time=None):
+        calls.append(("warmup", out))
+        for step in range(1, cfg.warmup.steps + 1):
+            on_step_time(step, 4.3)
+        return warm_res
+
+    def fake_grpo(cfg, out, resume=False, on_step_end=None):
+        calls.append(("grpo", cfg.init_from))
+        for step in range(1, cfg.grpo.steps + 1):
+            on_step_end(None, step)
+        return grpo_res
+
+    monkeypatch.setattr(warmup, "run", fake_warmup)
+    monkeypatch.setattr(grpo, "run", fake_grpo)
     cfg = RecipeConfig(kind="warmup_then_grpo", model={"name": "tiny-random-llama", "layer": 1})
     capsys.readouterr()
     out = warmup_then_grpo.run(cfg, tmp_path)
     assert calls == [("warmup", tmp_path / "warmup"), ("grpo", str(tmp_path / "warmup"))]
     assert out["grpo"] is grpo_res and out["warmup"] is warm_res and out["viewer"] is None  # no checkpoint under grpo/
-    printed = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("[job]")]  # (one line per stage)
+    lines = capsys.readouterr().out.strip().splitlines()
+    job = [line for line in lines if line.startswith("[job]")]  # the plan, the ETA after 5 warmup steps, one line per stage
+    assert len(job) == 4 and job[1].startswith("[job] ETA: about ") and "from the first 5 warmup steps at 4.3 s each" in job[1], job
+    assert job[2].startswith("[job] warmup done at ") and job[2].endswith(" min left)"), job
+    assert job[3].endswith("the viewer and the report next (about 0.5 min left)"), job
+    printed = [line for line in lines if not line.startswith("[job]")]
     assert len(printed) == 1 and printed[0].startswith("[viewer] not written")
     assert (tmp_path / "report.md").read_text() == closing_report(grpo_res, warm_res).markdown
     assert report_from_results(out).markdown == closing_report(grpo_res, warm_res).markdown
@@ -302,8 +320,11 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     (tmp_path / "warmup").mkdir()  # a finished warmup is reused: its results come from results.json
     (tmp_path / "warmup" / "results.json").write_text(json.dumps(warm_res))
     calls.clear()
+    capsys.readouterr()
     again = warmup_then_grpo.run(cfg, tmp_path)
     assert [c[0] for c in calls] == ["grpo"] and again["warmup"] == warm_res
+    job = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[job]")]
+    assert len(job) == 3 and job[1].endswith("; GRPO next"), job  # no warmup step measured: no ETA yet
     assert again["summary"]["warmup"] == "reused from a previous run"
     assert "## Warmup, held-out" in (tmp_path / "report.md").read_text()
 

@@ -1,0 +1,99 @@
+"""The main job's ETA (`recipes/eta.py`): the pure cost model against the measured reference run
+(docs/RESULTS.md, "The main job from a fresh clone"), its scaling, and the lines the driver prints."""
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from cycle_oracle.config import load_recipe
+from recipes.eta import DATA_BUILD_STEPS, GRPO_STEP_STEPS, REPORT_STEPS, STAGES, JobClock, JobPlan, estimate, eta_line, left_note, minutes
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_STEP_S = 4.3
+
+
+@pytest.fixture(scope="module")
+def plan() -> JobPlan:
+    return JobPlan.from_config(load_recipe(REPO / "recipes" / "warmup_then_grpo.yaml"))
+
+
+def test_the_plan_of_the_main_recipe(plan):
+    assert plan == JobPlan(warmup_steps=150, eval_items=64, encoder_steps=40, grpo_steps=8, text_encoder_steps=60,
+                           pool_size=120, grpo_max_minutes=None)
+
+
+def test_the_model_gives_back_the_reference_run(plan):
+    """33.4 min from a fresh clone (data built: 299 s), 25.5 min to the end of the warmup, 32.9 to the end of GRPO."""
+    est = estimate(plan, REFERENCE_STEP_S, data_cached=False)
+    assert est.total_s / 60 == pytest.approx(33.4, rel=0.05)
+    assert est.seconds["data_build"] == pytest.approx(299, rel=0.05)
+    assert (est.total_s - est.seconds_left("warmup_evals")) / 60 == pytest.approx(25.5, rel=0.05)
+    assert (est.total_s - est.seconds_left("final_evals")) / 60 == pytest.approx(32.9, rel=0.05)
+
+
+def test_every_stage_scales_with_the_measured_step_time(plan):
+    slow, fast = estimate(plan, 2 * REFERENCE_STEP_S, data_cached=False), estimate(plan, REFERENCE_STEP_S, data_cached=False)
+    assert slow.total_s == pytest.approx(2 * fast.total_s)
+    assert all(slow.seconds[s] == pytest.approx(2 * fast.seconds[s]) for s in STAGES)
+
+
+@pytest.mark.parametrize("field", ["warmup_steps", "eval_items", "encoder_steps", "grpo_steps", "text_encoder_steps", "pool_size"])
+def test_fewer_steps_or_items_take_less_time(plan, field):
+    smaller = dataclasses.replace(plan, **{field: getattr(plan, field) // 2})
+    assert estimate(smaller, REFERENCE_STEP_S, True).total_s < estimate(plan, REFERENCE_STEP_S, True).total_s
+
+
+def test_the_data_build_counts_only_when_not_cached(plan):
+    built, cached = estimate(plan, REFERENCE_STEP_S, data_cached=False), estimate(plan, REFERENCE_STEP_S, data_cached=True)
+    assert cached.seconds["data_build"] == 0
+    assert built.total_s - cached.total_s == pytest.approx(DATA_BUILD_STEPS * REFERENCE_STEP_S)
+    assert built.seconds_left("data_build") == cached.seconds_left("data_build")  # later stages do not depend on it
+
+
+def test_grpo_max_minutes_caps_the_grpo_stage(plan):
+    long = dataclasses.replace(plan, grpo_steps=1000)
+    capped = dataclasses.replace(long, grpo_max_minutes=10)
+    assert estimate(capped, REFERENCE_STEP_S, True).seconds["grpo"] < 11 * 60 < estimate(long, REFERENCE_STEP_S, True).seconds["grpo"]
+
+
+def test_seconds_left(plan):
+    est = estimate(plan, REFERENCE_STEP_S, data_cached=False)
+    assert est.seconds_left("report") == 0
+    assert est.seconds_left("final_evals") == pytest.approx(REPORT_STEPS * REFERENCE_STEP_S)
+    assert est.seconds_left("data_build") == pytest.approx(est.total_s - est.seconds["data_build"])
+    after_five = est.seconds_left_in_warmup(5, plan.warmup_steps)
+    assert after_five == pytest.approx(est.seconds_left("warmup_steps") + 145 * REFERENCE_STEP_S)
+    assert est.seconds_left_in_warmup(plan.warmup_steps, plan.warmup_steps) == est.seconds_left("warmup_steps")
+
+
+def test_the_printed_phrases():
+    now = time.mktime((2026, 12, 2, 14, 0, 0, 0, 0, -1))
+    assert eta_line(33.4 * 60, 31 * 60, 5, 4.26, now) == \
+        "[job] ETA: about 33 min for the whole job (finish near 14:31), from the first 5 warmup steps at 4.3 s each"
+    assert minutes(30) == "0.5" and minutes(8.24 * 60) == "8.2" and minutes(12.6 * 60) == "13"
+    assert left_note(30) == " (about 0.5 min left)" and left_note(None) == ""
+
+
+def test_the_clock_prints_one_eta_line_after_the_first_steps(plan, capsys):
+    clock = JobClock(plan, start=time.time() - 400, first_steps=5)  # 400 s: data build + set-up
+    assert clock.left_note("warmup_evals") == ""  # nothing measured yet (a reused warmup, before GRPO)
+    for step in range(1, 11):
+        clock.warmup_step(step, 9.0 if step == 1 else 4.3)  # a slow first step does not move the median
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"\[job\] ETA: about 33 min for the whole job \(finish near \d\d:\d\d\), "
+                        r"from the first 5 warmup steps at 4\.3 s each", lines[0]), lines[0]
+    assert clock.left_note("final_evals") == " (about 0.5 min left)"
+    left = estimate(plan, 4.3, True).seconds_left("warmup_evals")
+    assert clock.left_note("warmup_evals") == f" (about {minutes(left)} min left)"
+
+
+def test_a_reused_warmup_takes_the_step_time_from_grpo(plan):
+    clock = JobClock(plan, start=0.0)
+    clock.grpo_step_end(None, 1)
+    assert clock.step_s() is None  # one step end: no step time yet
+    clock.grpo_ends = [100.0, 120.0, 138.0, 160.0]  # steps of 20, 18 and 22 s
+    assert clock.step_s() == pytest.approx(20 / GRPO_STEP_STEPS)
