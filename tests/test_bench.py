@@ -169,6 +169,34 @@ def test_the_case_side_runs_the_kind_it_is_given(monkeypatch, tmp_path):
     assert json.loads(result.read_text()) == {"case": "e", "seconds": 1.5}
 
 
+def test_engine_settings_table_renders_old_and_new_case_records():
+    """The Engine settings table: records from before max_num_seqs / requests / preload existed,
+    the new cases' settings in the `other` column, a crashed case (error) and a skipped one."""
+    pt = {"B": 4, "K": 4, "seconds": 1.0, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": 0.2}
+    old = {"binding": "0-1", "prefix_caching": False, "lora": None, "prompt_len": 50, "new_tokens": 8, "engine_start_s": 3.0,
+           "peak_rss_mb": 1.0, "compilation_mode": "default", "points": [pt]}
+    cases = {"bind01_nocache_nolora": old, "eager_nolora": dict(old, compilation_mode=0, points=[dict(pt, tokens_per_s=50.0)]),
+             "prefix_caching_on": {"case": "prefix_caching_on", "error": "exit -11", "stderr_tail": "Segmentation fault"},
+             "max_num_seqs_16": dict(old, max_num_seqs=16, requests="n"),
+             "separate_requests": dict(old, max_num_seqs=64, requests="separate"),
+             "preload_iomp": dict(old, preload={"libs": ["/v/lib/libiomp5.so", "/usr/lib/libtcmalloc.so.4"],
+                                                "mapped": {"/v/lib/libiomp5.so": True, "/usr/lib/libtcmalloc.so.4": False}})}
+    results = {"meta": {"model": {"name": "m"}, "date_utc": "now", "cpu": "cpu", "cpus": 2, "memory_gb": 1, "git": "x", "versions": {}},
+               "rollout": {"cases": cases}}
+    md = bench.report.to_markdown(results)
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ") and " | " in line}
+    assert "| 0-1 | off | none | compilation mode 0 | 4x4 | 50 | 0.50 |" in rows["eager_nolora"]
+    assert "| max_num_seqs 16 | 4x4 | 100 | 1.00 |" in rows["max_num_seqs_16"]
+    assert "| K requests of n=1 |" in rows["separate_requests"]
+    assert "| LD_PRELOAD libiomp5.so, libtcmalloc.so.4 (not mapped) |" in rows["preload_iomp"]
+    assert "error: exit -11" in rows["prefix_caching_on"]
+    assert "| none | - | 4x4 |" in rows["bind01_nocache_nolora"]
+    header = next(line for line in md.splitlines() if line.startswith("| case | binding"))
+    assert rows["prefix_caching_on"].count("|") == header.count("|")
+    cases["preload_iomp"] = {"case": "preload_iomp", "skipped": "no libtcmalloc / libiomp5.so in /x"}
+    assert "| preload_iomp | skipped: no libtcmalloc / libiomp5.so in /x |" in bench.report.to_markdown(results)
+
+
 def test_mapped_libraries_reads_the_maps_format(tmp_path):
     import bench.rollout
 
