@@ -180,6 +180,7 @@ class Placement:
         from ray.util.placement_group import placement_group
 
         self.plan = placement_plan(cfg)
+        self.rollout_settings = cfg.rollout
         check_cluster_fits(self.plan)  # an impossible plan fails now, not after the timeout
         self.group = placement_group([item["bundle"] for item in self.plan], strategy="PACK")
         ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
@@ -203,8 +204,16 @@ class Placement:
         return [item for b, item in enumerate(self.plan) if b not in placed]
 
     def options(self, role: str, index: int = 0, **extra) -> dict:
-        """Ray `.options(...)` for actor/task `index` of `role`: its bundle's CPUs/GPUs, inside the group."""
+        """Ray `.options(...)` for actor/task `index` of `role`: its bundle's CPUs/GPUs, inside the group.
+        A rollout actor's runtime_env also gets the LD_PRELOAD of `rollout.preload: auto`."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if role == "rollout":
+            from cycle_oracle.rollout import rollout_runtime_env
+
+            runtime_env = rollout_runtime_env(self.rollout_settings, base=extra.pop("runtime_env", None))
+            if runtime_env:
+                extra["runtime_env"] = runtime_env
 
         for b, item in enumerate(self.plan):
             if item["role"] == role and item["index"] == index:

@@ -29,7 +29,8 @@ def run_here(case: dict, result_path: Path) -> int:
 
 
 def run_case(case: dict, timeout_s: float = 1800, profile_dir: str | None = None) -> dict:
-    """Run one case in a fresh interpreter; returns its JSON (or an error record). With profile_dir
+    """Run one case in a fresh interpreter; returns its JSON, or an error record when the interpreter
+    fails (an engine crash, a segfault, a timeout: the bench goes on with the next case). With profile_dir
     the interpreter runs under `py-spy record --native` (its timings are then perturbed: profile
     in a separate invocation from the one whose numbers you report)."""
     waited = wait_quiet(QUIET["max_wait_s"]) if QUIET["max_wait_s"] else None
@@ -42,7 +43,8 @@ def run_case(case: dict, timeout_s: float = 1800, profile_dir: str | None = None
             raw = Path(profile_dir) / f"{case.get('name', case['kind'])}.pyspy.txt"
             pyspy = Path(sys.executable).parent / "py-spy"
             cmd = [str(pyspy), "record", "--native", "-r", "25", "-f", "raw", "-o", str(raw), "--", *cmd]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+        # case["env"]: variables the interpreter must have from its start (LD_PRELOAD acts only then)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **case.get("env", {})}
         t0 = time.time()
         print(f"[bench] case {case.get('name', case['kind'])} ...", flush=True)
         try:

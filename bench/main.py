@@ -27,7 +27,8 @@ from bench.report import CONVENTIONS, evaluate_targets, to_markdown
 from bench.rollout import rollout_flop_fields
 
 ALL_SECTIONS = ("machine", "rollout", "hf", "encoder", "learner", "e2e", "scaling", "paper")
-ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "merged_after_sync", "eager_nolora")
+ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "merged_after_sync", "eager_nolora",
+                "preload_iomp", "max_num_seqs_16", "separate_requests")
 
 
 def parse_points(text: str) -> list[int]:
@@ -123,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     base = {"model": args.model, "recipe": recipe, "overrides": overrides, "threads": args.threads, "new_tokens": T, "reps": reps,
             "quiet_wait_s": args.wait_quiet}
     if "rollout" in sections:
+        from cycle_oracle.rollout import cpu_preload_libraries, preload_env, preload_search_dirs
+
         sweep = [(b, k) for b in batches for k in ks]
+        libs = cpu_preload_libraries()
         cases = [dict(base, kind="engine", name="bind01_nocache_nolora", binding=f"0-{args.threads - 1}", prefix_caching=False,
                       points=sweep, sample_api_point=[4, 4] if not args.quick else [2, 2]),
                  dict(base, kind="engine", name="nobind", binding="nobind", prefix_caching=False, points=case_points),
@@ -131,11 +135,22 @@ def main(argv: list[str] | None = None) -> int:
                  dict(base, kind="engine", name="lora_adapter_path", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="adapter", points=case_points),
                  dict(base, kind="engine", name="merged_after_sync", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="merged", points=case_points),
                  # no torch.compile (what vLLM-CPU does by itself whenever LoRA is enabled): start-up vs speed
-                 dict(base, kind="engine", name="eager_nolora", binding=f"0-{args.threads - 1}", prefix_caching=False, compilation_mode=0, points=case_points)]
+                 dict(base, kind="engine", name="eager_nolora", binding=f"0-{args.threads - 1}", prefix_caching=False, compilation_mode=0, points=case_points),
+                 # vLLM's CPU guide: tcmalloc + Intel OpenMP preloaded into the engine's process (what rollout.preload=auto does)
+                 dict(base, kind="engine", name="preload_iomp", binding=f"0-{args.threads - 1}", prefix_caching=False, points=case_points,
+                      preload=libs, env={"LD_PRELOAD": preload_env(libs)} if libs else {}),
+                 dict(base, kind="engine", name="max_num_seqs_16", binding=f"0-{args.threads - 1}", prefix_caching=False, max_num_seqs=16, points=case_points),
+                 # the K samples of an activation as K requests with n=1: what one request with n=K buys
+                 dict(base, kind="engine", name="separate_requests", binding=f"0-{args.threads - 1}", prefix_caching=False, separate_requests=True,
+                      points=case_points)]
         wanted = ENGINE_CASES if args.engine_cases == "all" else args.engine_cases.split(",")
         results["rollout"] = {"cases": {}}
         for c in (c for c in cases if c["name"] in wanted):
-            results["rollout"]["cases"][c["name"]] = add_mfu(run_case(c, profile_dir=args.profile), peak)
+            if c["name"] == "preload_iomp" and not c["preload"]:
+                results["rollout"]["cases"][c["name"]] = {"case": c["name"], "skipped": "no libtcmalloc / libiomp5.so in "
+                                                          + ", ".join(preload_search_dirs())}
+            else:  # a case whose engine crashes comes back as {"error": ...} (run_case) and the bench goes on
+                results["rollout"]["cases"][c["name"]] = add_mfu(run_case(c, profile_dir=args.profile), peak)
             save()
     if "hf" in sections:
         results["hf"] = add_mfu(run_case(dict(base, kind="hf", name="hf_generate", points=hf_points), profile_dir=args.profile), peak)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 TARGETS = {"rollout_mfu": 0.60, "rollout_vs_hf": 2.0, "learner_mfu": 0.50, "orchestration_sync_share": 0.10}
 
 
@@ -81,6 +83,22 @@ def _load_cell(p: dict) -> str:
     return f"{p['load1_start']:.2f} / {p.get('foreign_cores', 0):.2f}"
 
 
+def _engine_extras(c: dict) -> str:
+    """The settings of an engine case beyond binding / prefix cache / LoRA (older files lack the keys)."""
+    extras = []
+    if c.get("max_num_seqs", 64) != 64:
+        extras.append(f"max_num_seqs {c['max_num_seqs']}")
+    if c.get("requests") == "separate":
+        extras.append("K requests of n=1")
+    if isinstance(c.get("compilation_mode"), int):
+        extras.append(f"compilation mode {c['compilation_mode']}")
+    pre = c.get("preload")
+    if pre:
+        mapped = pre.get("mapped", {})
+        extras.append("LD_PRELOAD " + ", ".join(f"{os.path.basename(lib)}{'' if mapped.get(lib) else ' (not mapped)'}" for lib in pre["libs"]))
+    return "; ".join(extras) or "-"
+
+
 def to_markdown(r: dict) -> str:
     m = r["meta"]
     L = [f"# cycle-oracle bench ({m['model']['name']}, {m['date_utc']})", "",
@@ -119,17 +137,18 @@ def to_markdown(r: dict) -> str:
         L.append("")
     if ro:
         L += ["### Engine settings (separate engine starts)", "",
-              "| case | binding | prefix cache | LoRA | B x K | gen tokens/s | vs default | MFU (gen) | engine start s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | binding | prefix cache | LoRA | other | B x K | gen tokens/s | vs default | MFU (gen) | engine start s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         base_by = {(p["B"], p["K"]): p for p in (base or {}).get("points", [])}
         for name, c in ro.items():
-            if "error" in c:
-                L.append(f"| {name} | error: {c['error']} |||||||||")
+            if "error" in c or "skipped" in c:
+                L.append(f"| {name} | {'error: ' + str(c['error']) if 'error' in c else 'skipped: ' + c['skipped']} ||||||||||")
                 continue
             for p in c["points"]:
                 if name == "bind01_nocache_nolora" and (p["B"], p["K"]) not in {(pp["B"], pp["K"]) for cc in ro.values() if cc is not c for pp in cc.get("points", [])}:
                     continue
                 b0 = base_by.get((p["B"], p["K"]))
-                L.append(f"| {name} | {c['binding']} | {'on' if c['prefix_caching'] else 'off'} | {c['lora'] or 'none'} | {p['B']}x{p['K']} | "
+                L.append(f"| {name} | {c['binding']} | {'on' if c['prefix_caching'] else 'off'} | {c['lora'] or 'none'} | {_engine_extras(c)} | {p['B']}x{p['K']} | "
                          f"{p['tokens_per_s']:.0f} | {_f(p['tokens_per_s'] / b0['tokens_per_s'], 2) if b0 else '-'} | {_f(p.get('mfu'), 1, True)} | "
                          f"{c['engine_start_s']:.0f} | {_load_cell(p)} |")
         ws = ro.get("merged_after_sync", {}).get("weight_sync")

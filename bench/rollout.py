@@ -34,6 +34,17 @@ def _lora_model(path: str, rank: int, alpha: int, seed: int = 0):
     return model
 
 
+def mapped_libraries(paths, maps: str | None = None) -> dict[str, bool]:
+    """For each library path: is it mapped into this process (/proc/self/maps, symlinks resolved)?"""
+    if maps is None:
+        try:
+            maps = open("/proc/self/maps").read()
+        except OSError:
+            maps = ""
+    mapped = {line.split(maxsplit=5)[5] for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
+    return {p: os.path.realpath(p) in mapped or p in mapped for p in paths}
+
+
 def case_engine(case: dict) -> dict:
     from cycle_oracle.rollout import configure_cpu_environment
 
@@ -65,9 +76,13 @@ def case_engine(case: dict) -> dict:
     out: dict = {"case": case["name"], "binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "threads": threads,
                  "compilation_mode": case.get("compilation_mode", "default (CPU: dynamo trace once + inductor; LoRA engines: none)"),
                  "prefix_caching": bool(case.get("prefix_caching")), "lora": lora, "prompt_len": len(prompt.input_ids),
-                 "new_tokens": case["new_tokens"]}
+                 "new_tokens": case["new_tokens"], "max_num_seqs": case.get("max_num_seqs", 64),
+                 # "n": K samples as one request with n=K (what RolloutEngine.sample sends); "separate": K requests with n=1
+                 "requests": "separate" if case.get("separate_requests") else "n"}
+    if case.get("preload"):  # the case's interpreter was started with LD_PRELOAD (bench.case.run_case, case["env"])
+        out["preload"] = {"libs": case["preload"], "ld_preload": os.environ.get("LD_PRELOAD"), "mapped": mapped_libraries(case["preload"])}
     t0 = time.perf_counter()
-    engine = RolloutEngine(info["path"], seed=0, max_model_len=512, max_num_seqs=case.get("max_num_seqs", 64),
+    engine = RolloutEngine(info["path"], seed=0, max_model_len=512, max_num_seqs=out["max_num_seqs"],
                            prefix_caching=bool(case.get("prefix_caching")), enable_lora=(lora == "adapter"),
                            max_lora_rank=rank, dtype="float32")
     out["engine_start_s"] = time.perf_counter() - t0
@@ -95,10 +110,14 @@ def case_engine(case: dict) -> dict:
         del peft_model
 
     def run(batch: int, k: int, new_tokens: int, seed: int) -> tuple[float, int, list[int]]:
+        """One generate call of batch x k samples: batch requests with n=k, or (separate_requests)
+        each prompt repeated k times as requests with n=1 and their own seeds."""
         embeds = prompt_embeds(emb, prompt, random_vectors(batch, shape.d_model, seed), norm, cfg.injection.mode)
-        params = [SamplingParams(n=k, temperature=1.0, top_p=1.0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=0,
-                                 seed=seed * 1000 + i, stop_token_ids=[eos], detokenize=True) for i in range(batch)]
-        prompts = [{"prompt_embeds": embeds[i].detach().float()} for i in range(batch)]
+        n, copies = (1, k) if case.get("separate_requests") else (k, 1)
+        params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=0,
+                                 seed=seed * 1000 + i * copies + j, stop_token_ids=[eos], detokenize=True)
+                  for i in range(batch) for j in range(copies)]
+        prompts = [{"prompt_embeds": embeds[i].detach().float()} for i in range(batch) for _ in range(copies)]
         t0 = time.perf_counter()
         outs = engine.llm.generate(prompts, params, lora_request=engine._lora_request(), use_tqdm=False)
         dt = time.perf_counter() - t0

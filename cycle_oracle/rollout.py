@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,54 @@ def configure_cpu_environment(threads: int, binding: str | None, kv_cache_gb: fl
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
     else:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind" if threads < (os.cpu_count() or 1) else f"0-{threads - 1}")
+
+
+PRELOAD_LIBRARIES = (
+    ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),  # tcmalloc (gperftools)
+    ("libiomp5.so",),  # Intel OpenMP (PyPI intel-openmp: <prefix>/lib/libiomp5.so)
+)
+"""Libraries vLLM's CPU guide preloads, one group each: the first name found in any search directory."""
+
+
+def preload_search_dirs() -> list[str]:
+    """Where `cpu_preload_libraries` looks: the environment's lib/ (pip's intel-openmp), then the system's."""
+    return [os.path.join(sys.prefix, "lib"), f"/usr/lib/{platform.machine()}-linux-gnu", "/usr/lib64", "/usr/lib"]
+
+
+def cpu_preload_libraries(dirs: Sequence[str] | None = None) -> list[str]:
+    """Paths of tcmalloc and Intel OpenMP where present (each may be absent: then it is left out)."""
+    dirs = preload_search_dirs() if dirs is None else dirs
+    found = []
+    for names in PRELOAD_LIBRARIES:
+        path = next((os.path.join(d, n) for n in names for d in dirs if os.path.isfile(os.path.join(d, n))), None)
+        if path:
+            found.append(path)
+    return found
+
+
+def preload_env(libs: Sequence[str], existing: str | None = None) -> str:
+    """LD_PRELOAD value: `libs` first, then the entries of `existing` (default: this process's
+    LD_PRELOAD), colon-joined, without duplicates. It only acts when a process starts, so it goes in
+    the environment of the process that will run the engine."""
+    existing = os.environ.get("LD_PRELOAD", "") if existing is None else existing
+    entries = [*libs, *existing.replace(" ", ":").split(":")]
+    return ":".join(dict.fromkeys(e for e in entries if e))
+
+
+def rollout_runtime_env(settings, libs: Sequence[str] | None = None, base: dict | None = None) -> dict:
+    """Ray runtime_env of a rollout actor: `base`, plus LD_PRELOAD of `libs` (default: those found
+    here by `cpu_preload_libraries`) when `settings.preload` is "auto" and any is found. The paths are
+    looked up where the actor is created; a path missing on the actor's node is ignored by the loader."""
+    env = dict(base or {})
+    if settings.preload != "auto":
+        return env
+    libs = cpu_preload_libraries() if libs is None else libs
+    if not libs:
+        return env
+    env_vars = dict(env.get("env_vars") or {})
+    env_vars["LD_PRELOAD"] = preload_env(libs, env_vars.get("LD_PRELOAD"))
+    env["env_vars"] = env_vars
+    return env
 
 
 class RolloutEngine:

@@ -167,3 +167,93 @@ def test_the_case_side_runs_the_kind_it_is_given(monkeypatch, tmp_path):
     result = tmp_path / "result.json"
     assert bench.main.main(["--_case", json.dumps({"kind": "echo", "name": "e"}), "--_result", str(result)]) == 0
     assert json.loads(result.read_text()) == {"case": "e", "seconds": 1.5}
+
+
+def test_engine_settings_table_renders_old_and_new_case_records():
+    """The Engine settings table: records from before max_num_seqs / requests / preload existed,
+    the new cases' settings in the `other` column, a crashed case (error) and a skipped one."""
+    pt = {"B": 4, "K": 4, "seconds": 1.0, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": 0.2}
+    old = {"binding": "0-1", "prefix_caching": False, "lora": None, "prompt_len": 50, "new_tokens": 8, "engine_start_s": 3.0,
+           "peak_rss_mb": 1.0, "compilation_mode": "default", "points": [pt]}
+    cases = {"bind01_nocache_nolora": old, "eager_nolora": dict(old, compilation_mode=0, points=[dict(pt, tokens_per_s=50.0)]),
+             "prefix_caching_on": {"case": "prefix_caching_on", "error": "exit -11", "stderr_tail": "Segmentation fault"},
+             "max_num_seqs_16": dict(old, max_num_seqs=16, requests="n"),
+             "separate_requests": dict(old, max_num_seqs=64, requests="separate"),
+             "preload_iomp": dict(old, preload={"libs": ["/v/lib/libiomp5.so", "/usr/lib/libtcmalloc.so.4"],
+                                                "mapped": {"/v/lib/libiomp5.so": True, "/usr/lib/libtcmalloc.so.4": False}})}
+    results = {"meta": {"model": {"name": "m"}, "date_utc": "now", "cpu": "cpu", "cpus": 2, "memory_gb": 1, "git": "x", "versions": {}},
+               "rollout": {"cases": cases}}
+    md = bench.report.to_markdown(results)
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ") and " | " in line}
+    assert "| 0-1 | off | none | compilation mode 0 | 4x4 | 50 | 0.50 |" in rows["eager_nolora"]
+    assert "| max_num_seqs 16 | 4x4 | 100 | 1.00 |" in rows["max_num_seqs_16"]
+    assert "| K requests of n=1 |" in rows["separate_requests"]
+    assert "| LD_PRELOAD libiomp5.so, libtcmalloc.so.4 (not mapped) |" in rows["preload_iomp"]
+    assert "error: exit -11" in rows["prefix_caching_on"]
+    assert "| none | - | 4x4 |" in rows["bind01_nocache_nolora"]
+    header = next(line for line in md.splitlines() if line.startswith("| case | binding"))
+    assert rows["prefix_caching_on"].count("|") == header.count("|")
+    cases["preload_iomp"] = {"case": "preload_iomp", "skipped": "no libtcmalloc / libiomp5.so in /x"}
+    assert "| preload_iomp | skipped: no libtcmalloc / libiomp5.so in /x |" in bench.report.to_markdown(results)
+
+
+def test_mapped_libraries_reads_the_maps_format(tmp_path):
+    import bench.rollout
+
+    lib = tmp_path / "libiomp5.so"
+    lib.write_bytes(b"")
+    link = tmp_path / "libiomp5.so.link"
+    link.symlink_to(lib)
+    maps = f"7f00-7f01 r-xp 00000000 08:01 123    {lib}\n7f02-7f03 rw-p 00000000 00:00 0 \n"
+    assert bench.rollout.mapped_libraries([str(lib), str(link), "/nope/libtcmalloc.so.4"], maps) == {
+        str(lib): True, str(link): True, "/nope/libtcmalloc.so.4": False}
+    assert bench.rollout.mapped_libraries(["/nope/x.so"]) == {"/nope/x.so": False}  # this process's own maps
+
+
+def test_a_case_env_reaches_the_case_interpreter(monkeypatch):
+    """case["env"] (the preload case's LD_PRELOAD) is in the subprocess environment from its start."""
+    seen = {}
+
+    def fake_run(cmd, cwd, env, **kw):
+        seen.update(env=env)
+        Path(cmd[cmd.index("--_result") + 1]).write_text(json.dumps({"case": "x", "points": []}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.case.subprocess, "run", fake_run)
+    bench.case.run_case({"kind": "engine", "name": "x", "env": {"LD_PRELOAD": "/v/lib/libiomp5.so"}})
+    assert seen["env"]["LD_PRELOAD"] == "/v/lib/libiomp5.so" and seen["env"]["WANDB_MODE"] == "disabled"
+
+
+def test_a_crashed_case_is_an_error_record(monkeypatch):
+    """An engine that kills its interpreter (the prefix-caching crash was a segfault) is recorded, not raised."""
+    monkeypatch.setattr(bench.case.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, -11, "", "Segmentation fault"))
+    out = bench.case.run_case({"kind": "engine", "name": "prefix_caching_on"})
+    assert out == {"case": "prefix_caching_on", "error": "exit -11", "stderr_tail": "Segmentation fault"}
+
+
+def test_the_rollout_section_runs_each_engine_case_as_its_own_case(monkeypatch, tmp_path):
+    """Every engine case is one run_case (one engine start) with its setting; preload_iomp carries
+    LD_PRELOAD in its env, or is recorded as skipped where no library is found."""
+    import cycle_oracle.rollout as ro
+
+    ran = []
+    monkeypatch.setattr(bench.main, "machine_section", lambda *a: {"fp32": {"flops_per_s": 1e9}})
+    monkeypatch.setattr(bench.main, "matmul_flops", lambda *a, **kw: {})
+    monkeypatch.setattr(bench.main, "run_case", lambda case, **kw: ran.append(case) or {"case": case["name"], "error": "not run"})
+    monkeypatch.setattr(ro, "cpu_preload_libraries", lambda dirs=None: ["/v/lib/libiomp5.so"])
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    argv = ["--sections", "rollout", "--model", "tiny-random-llama", "--out", str(tmp_path / "r.json")]
+    assert bench.main.main(argv) == 0
+    by = {c["name"]: c for c in ran}
+    assert list(by) == list(bench.main.ENGINE_CASES)
+    assert by["preload_iomp"]["env"] == {"LD_PRELOAD": "/v/lib/libiomp5.so"} and by["preload_iomp"]["preload"] == ["/v/lib/libiomp5.so"]
+    assert by["max_num_seqs_16"]["max_num_seqs"] == 16 and by["separate_requests"]["separate_requests"]
+    assert not any(c.get("env") for name, c in by.items() if name != "preload_iomp")
+    assert all(c["points"] == [(4, 4), (8, 8)] for name, c in by.items() if name != "bind01_nocache_nolora")
+
+    ran.clear()
+    monkeypatch.setattr(ro, "cpu_preload_libraries", lambda dirs=None: [])
+    assert bench.main.main(argv + ["--engine-cases", "preload_iomp"]) == 0
+    assert ran == []
+    rec = json.loads((tmp_path / "r.json").read_text())["rollout"]["cases"]["preload_iomp"]
+    assert rec["skipped"].startswith("no libtcmalloc / libiomp5.so in ")
