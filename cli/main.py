@@ -258,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_library_environment() -> None:
+    """Environment the libraries read at import, set before any of them is imported (the Ray actors
+    this driver starts inherit it): transformers logs errors only, no tqdm bars from transformers
+    or huggingface_hub ("Loading weights", "Writing model shards"), and DeepSpeed is told the
+    accelerator where this process sees no CUDA device (else it warns "Setting accelerator to CPU"
+    at import). A value already set wins."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # bench forwards every option to bench.main (REMAINDER misses a leading --option)
         args.rest = [*extra, *args.rest]
     if not getattr(args, "verbose", False):  # known-harmless library noise in the driver process, at its source
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        quiet_library_environment()
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

