@@ -95,9 +95,17 @@ def f(x, d=3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
 
+def drop_cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    c = d.get("centred_cosine_drop") or {}
+    return f"{f(d.get('drop_top1'))}, {f(c.get('mean'))} [{f(c.get('ci_low'))}, {f(c.get('ci_high'))}]"
+
+
 def markdown(rows: list[dict], baselines: dict) -> str:
     L = ["| arm | steps (median s) | frozen top-1 GRPO / warmup | frozen FVE GRPO | GRPO - warmup centred [95%] | text-enc top-1 GRPO / warmup "
-         "| own-enc top-1 | copy-2 GRPO / warmup | paraphrase drop top-1 | shuffle drop top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "| own-enc top-1 | copy-2 GRPO / warmup | eval top-1 (own enc, greedy) | paraphrase drop: top-1, centred [95%] | word-shuffle drop: top-1, centred [95%] |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["frozen"]["diff"] or {}
         drops = (r["eval"] or {}).get("paraphrase_drops") or {}
@@ -105,14 +113,14 @@ def markdown(rows: list[dict], baselines: dict) -> str:
                  f"| {f(r['frozen']['grpo'].get('fve'))} | {f(d.get('mean'))} [{f(d.get('ci_low'))}, {f(d.get('ci_high'))}] "
                  f"| {f(r['text']['grpo'].get('top1'))} / {f(r['text']['warmup'].get('top1'))} | {f(r['final']['grpo'].get('top1'))} "
                  f"| {f(r['copy_rate_2']['grpo'], 2)} / {f(r['copy_rate_2']['warmup'], 2)} "
-                 f"| {f((drops.get('paraphrased') or {}).get('drop_top1'))} | {f((drops.get('word_shuffled') or {}).get('drop_top1'))} |")
+                 f"| {f((r['eval'] or {}).get('top1'))} | {drop_cell(drops.get('paraphrased'))} | {drop_cell(drops.get('word_shuffled'))} |")
     if rows:
         L += ["", f"Pool {rows[0]['pool']} held-out activations, chance top-1 {f(rows[0]['chance_top1'])}; context-only ceiling "
                   f"(own encoder) {f(rows[0]['context_only_top1'])}."]
     if baselines:
-        L += ["", "| baseline (frozen warmup encoder) | top-1 | FVE | copy-2 | paraphrase drop top-1 |", "|---|---|---|---|---|"]
+        L += ["", "| baseline (frozen warmup encoder) | top-1 | FVE | copy-2 | paraphrase drop: top-1, centred [95%] | word-shuffle drop |", "|---|---|---|---|---|---|"]
         for name, b in baselines.items():
-            L.append(f"| {name} | {f(b['top1'])} | {f(b['fve'])} | {f(b['copy_rate_2'], 2)} | {f(((b['paraphrase_drops'] or {}).get('paraphrased') or {}).get('drop_top1'))} |")
+            L.append(f"| {name} | {f(b['top1'])} | {f(b['fve'])} | {f(b['copy_rate_2'], 2)} | {drop_cell((b['paraphrase_drops'] or {}).get('paraphrased'))} | {drop_cell((b['paraphrase_drops'] or {}).get('word_shuffled'))} |")
     tasks = sorted({t for r in rows for t in ((r['eval'] or {}).get('probes') or {})} | {t for b in baselines.values() for t in b['probes']})
     if tasks:
         L += ["", "| probe accuracy (text route) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
