@@ -123,5 +123,7 @@ def run_e2e(name: str, recipe: str, overrides: list[str], workdir: Path, timeout
             # with overlap the rollout wait is only the unhidden part: no throughput to read from it
             res["samples_per_s_rollout"] = n / mean_s["rollout"] if mean_s["rollout"] > 0 and not res["overlap_rollout"] else None
             res["mean_description_tokens"] = sum(r.get("description_tokens", 0) for r in chosen) / len(chosen)
-            res["rollout"] = {k: cfg["rollout"][k] for k in ("num_actors", "num_cpus", "threads", "thread_binding", "weight_sync")}
+            placed = (cfg.get("resources") or {}).get("rollout") or {}  # actors, CPUs, threads live under resources.rollout
+            res["rollout"] = {**{k: placed.get(k) for k in ("num_actors", "num_cpus", "threads")},
+                              **{k: cfg["rollout"].get(k) for k in ("thread_binding", "weight_sync", "preload")}}
     return res
