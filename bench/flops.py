@@ -165,16 +165,17 @@ def encoder_flops(shape: ModelShape, layers: int, n_texts: int, text_len: int, l
 
 
 def learner_flops(shape: ModelShape, n_samples: int, prompt_len: int, completion_len: int, lora_params: int = 0,
-                  reference: str | None = "base", reference_prompt_len: int = 0, epochs: int = 1) -> dict:
-    """GRPO learner step on n_samples (prompt + completion) sequences.
+                  reference: str | None = "base", reference_prompt_len: int = 0, epochs: int = 1, old_pass: bool = True) -> dict:
+    """GRPO learner step on n_samples (prompt + completion) sequences: only the passes the step needs.
 
-    old: policy forward without grad (old log-probs); ref: reference forward (`base` = bare model on
+    old: policy forward without grad (old log-probs), only with `old_pass` (more than one update per
+    rollout; with one, the old log-probs are the gradient pass's own, detached); ref: reference forward (`base` = bare model on
     a short reference prompt + the completion; `warmup` = same prompt as the policy; None = no KL);
     policy: forward + backward per epoch (backward = 2x forward for input grads + 2 * N_lora for
     LoRA weight grads). The head runs on completion tokens only."""
     T = prompt_len + completion_len
     fwd = forward_flops(shape, T, completion_len, lora_params=lora_params)
-    out = {"old": fwd * n_samples}
+    out = {"old": fwd * n_samples if old_pass else 0}
     if reference == "base":
         out["ref"] = forward_flops(shape, reference_prompt_len + completion_len, completion_len) * n_samples
     elif reference == "warmup":

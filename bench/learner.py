@@ -1,4 +1,6 @@
-"""Learner case: DecoderLearner.grpo_step (old + reference log-probs, policy forward + backward + step)."""
+"""Learner case: DecoderLearner.grpo_step as the recipe runs it (the old-policy pass only when an
+update per rollout is not enough: epochs or minibatches > 1), FLOPs counted for the passes it makes;
+the reference forward is also timed alone to split the step."""
 
 from __future__ import annotations
 
@@ -45,29 +47,31 @@ def case_learner(case: dict) -> dict:
                                group_size=1, temperature=temp, advantages=adv.float())
         lp, _, _ = learner.policy_logprobs(samples)  # sampler logprobs = the current policy's (ratio 1)
         samples.sampler_logprobs = [lp[i, :T].tolist() for i in range(n)]
+        g = cfg.grpo
+        old_pass = g.epochs_per_rollout > 1 or g.minibatches_per_epoch > 1
         f = bf.learner_flops(shape, n, out["prompt_len"], T, lora, out["kl_reference"], out["reference_prompt_len"],
-                             cfg.grpo.epochs_per_rollout)
+                             g.epochs_per_rollout, old_pass=old_pass)
+        out["old_policy_pass"] = old_pass
         learner.grpo_step(samples)  # warm-up
         def once():
             t0 = time.perf_counter()
-            learner.policy_logprobs(samples)
-            t_old = time.perf_counter() - t0
-            t0 = time.perf_counter()
             if out["kl_reference"]:
-                learner.reference_logprobs(samples)
+                learner.reference_logprobs(samples)  # timed alone: the step makes the same pass inside
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
             learner.grpo_step(samples)
             t_step = time.perf_counter() - t0
-            return t_step, {"old_forward": t_old, "ref_forward": t_ref}
+            return t_step, {"ref_forward": t_ref}
 
         rec, timings = measure(once, case["reps"], case.get("quiet_wait_s", 0))
         timings["step"] = rec["seconds"]
-        timings["policy_update"] = max(timings["step"] - timings["old_forward"] - timings["ref_forward"], 1e-9)
+        # the step's own passes: the old-policy forward (only with old_pass; its time is inside the rest), the reference
+        # forward (timed alone above), the policy forward + backward + AdamW step (the rest)
+        timings["policy_update"] = max(timings["step"] - timings["ref_forward"], 1e-9)
         pieces = {
-            "old_forward": {"seconds": timings["old_forward"], "flops": f["old"]},
             "ref_forward": {"seconds": timings["ref_forward"], "flops": f["ref"]},
-            "policy_update": {"seconds": timings["policy_update"], "flops": f["policy"], "note": "step - old - ref: forward + backward + AdamW step"},
+            "policy_update": {"seconds": timings["policy_update"], "flops": f["policy"] + f["old"],
+                              "note": "step - ref: (old-policy forward, only with more than one update per rollout) + forward + backward + AdamW step"},
         }
         for p in pieces.values():
             p["flops_per_s"] = p["flops"] / p["seconds"] if p["seconds"] > 0 and p["flops"] else None

@@ -15,8 +15,9 @@ CONVENTIONS = {
     "rollout_flops": "flops/mfu: generated tokens only (per generated token 2 N_blocks + 2 d V + attention over its context); "
                      "flops_work/mfu_work: + the prefill of every sample's prompt (B*K prefills: what the engine computes with "
                      "prefix caching off); flops_useful/mfu_useful: + one prefill per activation (B prefills)",
-    "learner_flops": "old-policy forward + reference forward (bare assistant header + completion, base model) + policy forward "
-                     "and backward, over prompt + completion tokens (padding excluded)",
+    "learner_flops": "the passes grpo_step makes: old-policy forward (only with more than one update per rollout) + reference "
+                     "forward (bare assistant header + completion, base model) + policy forward and backward, over prompt + "
+                     "completion tokens (padding excluded)",
     "mfu": "model FLOP/s / dense fp32 2048^2 matmul FLOP/s measured with the same thread count in the same run",
     "tokens_per_s": "rollout: generated tokens / wall time of one generate call (best of reps); learner: completion "
                     "(trained) tokens / GRPO step time; encoder: description tokens (with prefix) / call time",
@@ -178,6 +179,7 @@ def to_markdown(r: dict) -> str:
         L += [f"## Learner: DecoderLearner.grpo_step (prompt {le['prompt_len']} + completion {le['completion_len']} tokens, "
               f"KL reference {le['kl_reference']}, ZeRO {le['zero_stage']}; DeepSpeed start {le['start_s']:.0f} s)", "",
               "| variant | samples | step s | trained tokens/s | MFU (step) | old fwd s / MFU | ref fwd s / MFU | policy fwd+bwd+step s / MFU | peak RSS MB | load |",
+              # an old fwd of "-": the step makes no old-policy pass (one update per rollout); its FLOPs are not counted
               "|---|---|---|---|---|---|---|---|---|---|"]
         for vname, v in variants.items():
             if "points" not in v:
@@ -187,7 +189,8 @@ def to_markdown(r: dict) -> str:
             for p in v["points"]:
                 pc = p["pieces"]
                 L.append(f"| {vname}{' (' + ', '.join(extra) + ')' if extra else ''} | {p['n_samples']} | {p['seconds']:.2f} | {p['trained_tokens_per_s']:.0f} | {_f(p.get('mfu'), 1, True)} | "
-                         + " | ".join(f"{pc[k]['seconds']:.2f} / {_f(pc[k].get('mfu'), 1, True)}" for k in ("old_forward", "ref_forward", "policy_update"))
+                         + " | ".join(f"{pc[k]['seconds']:.2f} / {_f(pc[k].get('mfu'), 1, True)}" if k in pc else "-"
+                                      for k in ("old_forward", "ref_forward", "policy_update"))
                          + f" | {v.get('peak_rss_mb', 0):.0f} | {_load_cell(p)} |")
         L.append("")
     e2e = r.get("e2e", {})
