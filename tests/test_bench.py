@@ -111,7 +111,7 @@ def test_markdown_and_targets_from_a_synthetic_result():
         "rollout": {"cases": {"bind01_nocache_nolora": {"binding": "0-1", "prefix_caching": False, "lora": None, "prompt_len": 50,
                                                         "new_tokens": 8, "engine_start_s": 1.0, "peak_rss_mb": 1.0, "points": [pt]}}},
         "hf": {"points": [dict(pt, tokens_per_s=25.0)]},
-        "learner": {"points": [{"n_samples": 4, "mfu": 0.55}]},
+        "learner": {"points": [{"n_samples": 4, "mfu": 0.65}]},
         "e2e": {"e2e_plain": {"fractions": {"orchestration_plus_sync": 0.2}}},
         "paper": bench.paper.paper_section(),
     }

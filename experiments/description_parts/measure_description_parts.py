@@ -50,7 +50,6 @@ def main() -> None:
     args = ap.parse_args()
 
     trained = load_trained(args.run)
-    trained.require_tensors("encoder")
     cfg = trained.config()
     results = json.loads((args.run / "results.json").read_text())
     store = ActivationStore(args.run / "activations")
