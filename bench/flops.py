@@ -14,7 +14,8 @@ Conventions (docs/BENCHMARKS.md repeats them):
   Over a causal sequence of length T that sums to 2 * n_layers * d_attn * T * (T + 1), i.e. about
   2 * n_layers * d_attn * T per token: the "2 * n_layers * context * d" convention.
 - Backward of a LoRA model with a frozen base: input gradients only for the base weights
-  (2 * N per token, no weight gradients), plus LoRA weight gradients (2 * N_lora). So a policy
+  (2 * N per token, as many as their forward; the LM head's likewise, no weight gradients), plus
+  LoRA weight gradients (2 * N_lora). So a policy
   forward + backward is 4 * N + 6 * N_lora per token (plus attention x 3); the old-policy and the
   reference log-probs are one more forward (2 * N) each.
 - Padding is not counted (model FLOPs are the useful work; padding shows up as lower MFU).
@@ -123,6 +124,15 @@ def forward_flops(shape: ModelShape, seq_len: int, head_tokens: int, layers: int
     return 2 * (n_blocks + lora_params) * tokens + attention_flops(shape, start, seq_len, layers) + 2 * shape.head_params * head_tokens
 
 
+def backward_flops(shape: ModelShape, seq_len: int, head_tokens: int, layers: int | None = None, lora_params: int = 0) -> int:
+    """The backward pass of `forward_flops` with a frozen base and a trainable LoRA: every matmul's
+    input gradient (as many FLOPs as its forward: blocks, LoRA and the LM head alike), the LoRA
+    weights' gradients (2 * N_lora per token) and, in attention, the second operand's gradient
+    (QK^T and AV multiply two activations: one more attention forward). No base weight gradients.
+        backward = forward + 2 * N_lora * T + attention"""
+    return forward_flops(shape, seq_len, head_tokens, layers, lora_params) + 2 * lora_params * seq_len + attention_flops(shape, 0, seq_len, layers)
+
+
 def generation_flops(shape: ModelShape, prompt_len: int, new_tokens: int) -> dict:
     """One sampled sequence of new_tokens after a prompt of prompt_len tokens.
 
@@ -154,11 +164,11 @@ def rollout_flops(shape: ModelShape, batch: int, k: int, prompt_len: int, new_to
 def encoder_flops(shape: ModelShape, layers: int, n_texts: int, text_len: int, lora_params: int = 0, update: bool = True) -> dict:
     """Encoder (first `layers` blocks + LoRA, pooling/projection ignored: d^2 per text) on n_texts
     of text_len tokens: scoring = one forward; update = forward + backward (input grads of the
-    frozen base, LoRA weight grads) - the co-training step re-runs its own forward."""
+    frozen base, LoRA weight grads: `backward_flops`) - the co-training step re-runs its own forward."""
     fwd = forward_flops(shape, text_len, 0, layers=layers, lora_params=lora_params) * n_texts
     out = {"score": fwd, "tokens": n_texts * text_len}
     if update:
-        bwd = 2 * fwd + 2 * lora_params * text_len * n_texts  # input grads (2x forward) + LoRA weight grads
+        bwd = backward_flops(shape, text_len, 0, layers=layers, lora_params=lora_params) * n_texts
         out["update"] = fwd + bwd
     out["total"] = out["score"] + out.get("update", 0)
     return out
@@ -171,8 +181,8 @@ def learner_flops(shape: ModelShape, n_samples: int, prompt_len: int, completion
     old: policy forward without grad (old log-probs), only with `old_pass` (more than one update per
     rollout; with one, the old log-probs are the gradient pass's own, detached); ref: reference forward (`base` = bare model on
     a short reference prompt + the completion; `warmup` = same prompt as the policy; None = no KL);
-    policy: forward + backward per epoch (backward = 2x forward for input grads + 2 * N_lora for
-    LoRA weight grads). The head runs on completion tokens only."""
+    policy: forward + backward per epoch (`backward_flops`: input gradients, LoRA weight gradients,
+    attention's second operand). The head runs on completion tokens only."""
     T = prompt_len + completion_len
     fwd = forward_flops(shape, T, completion_len, lora_params=lora_params)
     out = {"old": fwd * n_samples if old_pass else 0}
@@ -182,7 +192,7 @@ def learner_flops(shape: ModelShape, n_samples: int, prompt_len: int, completion
         out["ref"] = forward_flops(shape, T, completion_len) * n_samples
     else:
         out["ref"] = 0
-    bwd = 2 * fwd + 2 * lora_params * T  # input grads (2x forward) + LoRA weight grads
+    bwd = backward_flops(shape, T, completion_len, lora_params=lora_params)
     out["policy"] = (fwd + bwd) * n_samples * epochs
     out["trained_tokens"] = n_samples * completion_len * epochs
     out["processed_tokens"] = n_samples * T

@@ -12,7 +12,7 @@ CONVENTIONS = {
     "flops": "forward = 2 * N_blocks per token + 2 * d * V per token whose logits are computed (generated tokens; learner "
              "completion tokens; never prefill except its last position, never the encoder) + attention 4 * n_layers * "
              "d_attn * (keys attended) per token (= 2 * n_layers * d_attn * T per token over a causal sequence of length T). "
-             "Embedding lookups are free. LoRA backward: input grads only for the frozen base (2x forward) + LoRA weight grads.",
+             "Embedding lookups are free. LoRA backward: input grads only for the frozen base (1x forward) + LoRA weight grads + attention's second operand.",
     "rollout_flops": "flops/mfu: generated tokens only (per generated token 2 N_blocks + 2 d V + attention over its context); "
                      "flops_work/mfu_work: + the prefill of every sample's prompt (B*K prefills: what the engine computes with "
                      "prefix caching off); flops_useful/mfu_useful: + one prefill per activation (B prefills)",
