@@ -108,14 +108,15 @@ class TokenStats:
 
 def _chunk_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                  entropy: bool, correct: bool) -> tuple[torch.Tensor, ...]:
-    from cycle_oracle.grpo import token_entropy
+    from cycle_oracle.grpo import token_logprobs_and_entropy
 
     logits = lm_head(hidden).float()  # [chunk, V], fp32 whatever the model's dtype
-    logp = token_logprobs(logits[None], targets[None], temperature)[0]
-    out = [logp]
+    if entropy:  # one read of the logits for both where TRL has the fused kernel (entropy detached)
+        logp, ent = (x[0] for x in token_logprobs_and_entropy(logits[None], targets[None], temperature))
+        out = [logp, ent]
+    else:
+        out = [token_logprobs(logits[None], targets[None], temperature)[0]]
     with torch.no_grad():  # logged / scored, never differentiated
-        if entropy:
-            out.append(token_entropy(logits[None].detach(), temperature)[0])
         if correct:
             out.append((logits.argmax(-1) == targets).float())
     return tuple(out)

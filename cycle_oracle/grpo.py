@@ -157,6 +157,21 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return entropy_from_logits(logits / temperature)
 
 
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` and `token_entropy` from one read of the logits where the hardware allows.
+
+    logits: [N, T, V], token_ids: [N, T] -> (logp [N, T] with grad, H [N, T] detached)
+      logp[n, t] = log p_x,   H[n, t] = -sum_v p_v log p_v,   p = softmax(logits[n, t] / temperature)
+    TRL's selective_log_softmax_and_entropy: one fused Triton kernel over the logits on GPU, its
+    two-pass torch fallback elsewhere. The entropy is only logged, so it carries no graph.
+    """
+    from trl.trainer.utils import selective_log_softmax_and_entropy  # lazy: see token_logprobs
+
+    return selective_log_softmax_and_entropy(logits, token_ids, entropy_requires_grad=False, temperature=temperature)
+
+
 def kl_estimate(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = DEFAULT_KL_ESTIMATOR
 ) -> torch.Tensor:

@@ -26,7 +26,7 @@ from cycle_oracle.data.items import SftExample
 from cycle_oracle.devices import model_device
 from cycle_oracle.decoder import DecoderBatch, build_batch, completion_mask, completion_token_stats, unflatten
 from cycle_oracle.batch import RolloutBatch, micro_batches
-from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, token_entropy, token_logprobs, truncated_importance_weights
+from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, truncated_importance_weights
 from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
 from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
 

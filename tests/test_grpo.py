@@ -20,6 +20,7 @@ from cycle_oracle.grpo import (
     masked_mean,
     token_entropy,
     token_logprobs,
+    token_logprobs_and_entropy,
     truncated_importance_weights,
 )
 
@@ -103,6 +104,18 @@ def test_token_entropy_with_temperature():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     expected = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))
     assert token_entropy(logits, 0.5).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_token_logprobs_and_entropy_one_call():
+    # p = (1/10, 9/10) at T = 0.5 (see above); the token is outcome 1 in row 0, outcome 0 in row 1
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]], requires_grad=True)
+    logp, entropy = token_logprobs_and_entropy(logits, torch.tensor([[1, 0]]), 0.5)
+    torch.testing.assert_close(logp.detach(), torch.tensor([[math.log(0.9), math.log(0.1)]]))
+    h = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))
+    torch.testing.assert_close(entropy, torch.full((1, 2), h))
+    assert logp.requires_grad and not entropy.requires_grad  # the entropy is logged, never differentiated
+    logp.sum().backward()  # d log p_x / d z = (onehot(x) - p) / T
+    torch.testing.assert_close(logits.grad[0, 0], torch.tensor([-0.1, 0.1]) / 0.5)
 
 
 def test_masked_mean():
