@@ -105,7 +105,9 @@ def run_e2e(name: str, recipe: str, overrides: list[str], workdir: Path, timeout
         res["setup_sync_s"] = setup[0].get("time_sync") if setup else None
         res["steps"] = [{k: r[k] for k in r if k.startswith("time_") or k in ("step", "description_tokens", "truncation_rate")} for r in steps]
         lo, hi = measured_steps
-        chosen = [r for r in steps if lo <= r["step"] <= hi]
+        chosen = [dict(r) for r in steps if lo <= r["step"] <= hi]
+        for r in chosen:  # "sync" = the push and, on the steps that make one, its check (grpo.sync_check_every)
+            r["time_sync"] = r["time_sync"] + r.get("time_sync_check", 0.0)
         if chosen:
             keys = ("time_rollout", "time_score", "time_learn", "time_sync", "time_idle")
             frac = {k.removeprefix("time_"): sum(r[k] / r["time_step"] for r in chosen) / len(chosen) for k in keys}

@@ -299,6 +299,13 @@ class GrpoSettings(Strict):
     checkpoint's (updated) policy, where the original run had sampled it with the policy before the
     last update: resumed metrics match the original only without overlap."""
     sync_check: bool = True
+    """Verify a weight sync: a probe sampled by every rollout actor, scored by the learner, must
+    match within `sync_tolerance` (a failed or stale sync raises)."""
+    sync_check_every: int = Field(10, ge=1)
+    """Verify the first sync and then every this many (1: every step). A probe costs a rollout call
+    and a learner forward (about 0.6 s of a 15 s CPU step); between checks the version check on
+    every batch and the step's own `logp_mismatch` (learner vs sampler log-probs of the sampled
+    tokens) still watch the sync."""
     sync_tolerance: dict[Literal["mean", "p99"], float] | None = None
     """Bounds on |log pi_learner - log pi_served| over the sync probe's tokens ({mean: .., p99: ..});
     None: the bounds measured for `model.dtype` (recipes/grpo.py SYNC_TOLERANCE)."""

@@ -92,6 +92,7 @@ class Roles:
         self.tokenizer = load_tokenizer(run.model_path)
         self.version = 0
         self.probe = None  # (vector, sample tokens, logprobs) of the last verified sync
+        self.syncs = 0  # syncs by these roles (the first is always verified, then every grpo.sync_check_every-th)
         self.description_cache: dict = {}
         self.sft_pools = sft_pools or {}  # supervised mixing: the warmup's training items per task
         if self.sft_pools.get("latentqa") and cfg.warmup.latentqa_centre:  # as the warmup read them
@@ -126,8 +127,14 @@ class Roles:
             print(f"[grpo] a rollout actor died during sync v{self.version} ({type(err).__name__}); recovering")
             self.recover_rollouts()
         out = {"time_sync": time.time() - t0, "weight_version": self.version}
-        if self.cfg.grpo.sync_check and verify:
+        self.syncs += 1
+        g = self.cfg.grpo
+        if g.sync_check and verify and (self.syncs - 1) % g.sync_check_every == 0:
+            t1 = time.time()
             out.update(self.with_recovery(self.verify_sync))
+            out["time_sync_check"] = time.time() - t1
+        else:
+            out["time_sync_check"] = 0.0
         return out
 
     def with_recovery(self, fn, retries: int = 2):
@@ -412,7 +419,7 @@ def train(roles: Roles, train_rows: list[int], start: int, on_step_end=None) -> 
             metrics.update(roles.sync())
             metrics["time_rollout"] = time_rollout
             metrics["time_step"] = time.time() - t_step
-            busy = sum(metrics[k] for k in ("time_rollout", "time_score", "time_learn", "time_sync"))
+            busy = sum(metrics[k] for k in ("time_rollout", "time_score", "time_learn", "time_sync", "time_sync_check"))
             metrics["time_idle"] = max(0.0, metrics["time_step"] - busy)
             run.metrics.log("grpo", step + 1, metrics)
             progress.update(bar, advance=1, description=f"grpo reward {metrics['reward_mean']:.3f}")

@@ -29,7 +29,8 @@ def test_the_gpu_shaped_recipe_runs_with_learner_rank0_off_the_drivers_node(tmp_
     cluster.wait_for_nodes()
     out = tmp_path / "run"
     try:
-        cfg = load_recipe(REPO / "recipes" / "smoke_gpu_shaped.yaml", [f"ray.address={cluster.address}"])
+        # a sync check at the first sync and every 2nd after it: the setup sync and the one after step 2
+        cfg = load_recipe(REPO / "recipes" / "smoke_gpu_shaped.yaml", [f"ray.address={cluster.address}", "grpo.sync_check_every=2"])
         assert cfg.model.dtype == "bfloat16" and cfg.rollout.weight_sync == "adapter" and cfg.grpo.overlap_rollout
         assert cfg.memory.gradient_checkpointing and cfg.memory.micro_batch_tokens and cfg.corpus.kind == "datasets"
         results = grpo.run(cfg, out)
@@ -49,7 +50,10 @@ def test_the_gpu_shaped_recipe_runs_with_learner_rank0_off_the_drivers_node(tmp_
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     grpo_rows = {r["step"]: r for r in rows if r["stage"] == "grpo"}
     assert sorted(grpo_rows) == list(range(1, cfg.grpo.steps + 1))
-    for r in [*grpo_rows.values(), *(r for r in rows if r["stage"] == "grpo_setup")]:
+    checked = [r for r in rows if "sync_logprob_error_p99" in r]
+    assert [(r["stage"], r["step"]) for r in checked] == [("grpo_setup", 0), ("grpo", 2)], "grpo.sync_check_every=2"
+    assert all(grpo_rows[s]["time_sync_check"] == 0.0 for s in (1, 3)) and grpo_rows[2]["time_sync_check"] > 0
+    for r in checked:
         assert r["sync_logprob_error_p99"] <= SYNC_TOLERANCE["bfloat16"]["p99"]
         assert r["sync_logprob_error_mean"] <= SYNC_TOLERANCE["bfloat16"]["mean"]
     for step in range(2, cfg.grpo.steps + 1):  # overlapped: step s trains on samples of the version before the last sync

@@ -121,7 +121,7 @@ def test_smoke_grpo_two_nodes_role_deaths_resume_and_eval(tmp_path, shared_data)
     cluster.add_node(num_cpus=1, temp_dir=str(temp / "n"))
     cluster.wait_for_nodes()
     warm = tmp_path / "warm"
-    overrides = [f"ray.address={cluster.address}", "grpo.steps=5", "logging.checkpoint_every=2", f"init_from={warm}",
+    overrides = [f"ray.address={cluster.address}", "grpo.steps=5", "grpo.sync_check_every=1", "logging.checkpoint_every=2", f"init_from={warm}",
                  "resources.learner.num_actors=2"]
     cfg = load_recipe(REPO / "recipes" / "smoke_grpo.yaml", overrides)
     warmup_like_checkpoint(warm, cfg)
