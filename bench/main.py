@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-points", default="2x2,4x4,8x8", help="BxK points of the HF generate baseline")
     ap.add_argument("--e2e-steps", type=int, default=4)
     ap.add_argument("--e2e-timeout", type=float, default=1500)
+    ap.add_argument("--e2e-set", action="append", default=[], metavar="KEY=VAL",
+                    help="extra recipe override for the e2e runs (repeatable), e.g. init_from=runs/main/warmup "
+                         "grpo.kl_reference=warmup: GRPO steps of a trained decoder, as the long recipe takes them")
     ap.add_argument("--keep-e2e", help="keep the e2e run folders here (default: a temp dir, deleted)")
     ap.add_argument("--wait-quiet", type=float, default=0, help="before the bench and before every case, wait up to this many seconds for a quiet machine (< 0.3 cores busy over 2 x 5 s)")
     ap.add_argument("--profile", metavar="DIR", help="run the case subprocesses under py-spy (raw stacks + a summary in the JSON; timings perturbed)")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.keep_e2e) if args.keep_e2e else Path(tempfile.mkdtemp(prefix="bench-e2e-"))
         workdir.mkdir(parents=True, exist_ok=True)
         common = [f"grpo.steps={args.e2e_steps}", "logging.wandb_mode=disabled", "eval.pool_size=8", "logging.checkpoint_every=0",
-                  f"model.name={args.model}", *e2e_extra]
+                  f"model.name={args.model}", *e2e_extra, *args.e2e_set]
         measured = (2, args.e2e_steps)
         runs = []
         if "e2e" in sections:
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("e2e_two_rollout_actors", common + two))
         results.setdefault("e2e", {})
         results["meta"]["e2e_recipe"] = e2e_recipe
+        results["meta"]["e2e_overrides"] = common
         for name, ov in runs:
             results["e2e"][name] = run_e2e(name, e2e_recipe, ov, workdir, args.e2e_timeout, measured)
             save()

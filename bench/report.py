@@ -101,6 +101,38 @@ def _engine_extras(c: dict) -> str:
     return "; ".join(extras) or "-"
 
 
+def _profiled_cases(r: dict):
+    """(name, case record) of every case that ran under py-spy (`--profile`)."""
+    for section in ("rollout", "hf", "encoder", "learner"):
+        rec = r.get(section) or {}
+        if rec.get("profile"):
+            yield section, rec
+        for name, case in (rec.get("cases") or {}).items():
+            if case.get("profile"):
+                yield name, case
+    for name, case in (r.get("learner_variants") or {}).items():
+        if case.get("profile"):
+            yield f"learner_{name}", case
+
+
+def _profiles_markdown(r: dict, top: int = 8) -> list[str]:
+    """Where each profiled case's main thread spent its samples: categories and the top leaf frames."""
+    L: list[str] = []
+    for name, case in _profiled_cases(r):
+        p = case["profile"]
+        if not L:
+            L += ["## Profiles (py-spy --native, 25 Hz, main thread; timings of this invocation are perturbed)", ""]
+        L += [f"### {name}: {p['samples']} samples in the measured calls ({p['focus_share_of_all_samples']:.0%} of the process's)", "",
+              "| category | share |", "|---|---|"]
+        L += [f"| {k} | {v:.1%} |" for k, v in p["categories"].items()]
+        L += ["", "| top leaf frame | share |", "|---|---|"]
+        L += [f"| `{x['frame'][:110]}` | {x['share']:.1%} |" for x in p["top_leaves"][:top]]
+        L += ["", "| top Python frame (inclusive) | share |", "|---|---|"]
+        L += [f"| `{x['frame'][:110]}` | {x['share']:.1%} |" for x in p["top_python_inclusive"][:top]]
+        L.append("")
+    return L
+
+
 def to_markdown(r: dict) -> str:
     m = r["meta"]
     L = [f"# cycle-oracle bench ({m['model']['name']}, {m['date_utc']})", "",
@@ -200,6 +232,7 @@ def to_markdown(r: dict) -> str:
               f"2..{m.get('args', {}).get('e2e_steps', '')})", "",
               "`rollout` is the driver's wait for the step's samples (with overlap_rollout it is the part not hidden behind the "
               "previous step); `idle` = time_step minus the four timed phases (driver work, advantages, logging, Ray calls).", "",
+              *([f"Recipe overrides: `{' '.join(m['e2e_overrides'])}`.", ""] if m.get("e2e_overrides") else []),
               "| run | rollout actors | step s | rollout | score+enc update | learn | sync | idle | orchestration+sync | samples/s (step) | samples/s (rollout wait) | wall s | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, x in e2e.items():
@@ -235,6 +268,7 @@ def to_markdown(r: dict) -> str:
         L += ["", f"Decode is bandwidth-bound first: {s['description_len']} decode steps each reading {p['params']['total'] * s['bytes_per_param'] / 1e9:.1f} GB "
                   f"of weights at {s['gpu_hbm_bytes_per_s'] / 1e12:.2f} TB/s = {p['rollout_decode_bandwidth_bound_s']:.2f} s per engine "
                   f"(one engine per GPU, {p['sequences_per_engine']:.0f} sequences each), vs {p['rollout_seconds_at_mfu_all_gpus']:.2f} s of rollout FLOPs at the stated MFU.", ""]
+    L += _profiles_markdown(r)
     t = r.get("targets", {})
     if t:
         L += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
