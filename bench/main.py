@@ -240,6 +240,20 @@ def rerender(results: dict) -> dict:
             f = rollout_flop_fields(shape, p["B"], p["K"], c["prompt_len"], c["new_tokens"])
             p.update(f, flops_per_s=f["flops"] / p["seconds"])
         add_mfu(c, peak)
+    learners = ([results["learner"]] if "learner" in results else []) + list(results.get("learner_variants", {}).values())
+    for c in learners:
+        for p in c.get("points", []):
+            pieces = p.get("pieces", {})
+            old_pass = "old_forward" in pieces or bool(c.get("old_policy_pass"))
+            f = bf.learner_flops(shape, p["n_samples"], c["prompt_len"], c["completion_len"], c["lora_params"], c.get("kl_reference"),
+                                 c.get("reference_prompt_len", 0), old_pass=old_pass)
+            p.update(flops=f["total"], flops_per_s=f["total"] / p["seconds"])
+            # an old-policy pass timed alone is its own piece; otherwise it is inside policy_update
+            piece_flops = {"old_forward": f["old"], "ref_forward": f["ref"], "policy_update": f["policy"] + (0 if "old_forward" in pieces else f["old"])}
+            for name, piece in pieces.items():
+                piece["flops"] = piece_flops[name]
+                piece["flops_per_s"] = piece["flops"] / piece["seconds"] if piece["seconds"] > 0 and piece["flops"] else None
+        add_mfu(c, peak)
     results["conventions"] = CONVENTIONS
     results["targets"] = evaluate_targets(results)
     return results

@@ -261,3 +261,22 @@ def test_the_rollout_section_runs_each_engine_case_as_its_own_case(monkeypatch, 
     assert ran == []
     rec = json.loads((tmp_path / "r.json").read_text())["rollout"]["cases"]["preload_iomp"]
     assert rec["skipped"].startswith("no libtcmalloc / libiomp5.so in ")
+
+
+def test_rerender_recounts_learner_flops_with_the_current_convention():
+    """A results file written under an older FLOP count (here: the learner's 2x-forward backward)
+    gets the current count and MFU from its raw timings; a timed-alone old-policy pass stays its own piece."""
+    s = bf.SMOLLM2_135M
+    lora = s.lora_params(8)
+    case = {"prompt_len": 63, "reference_prompt_len": 6, "completion_len": 40, "lora_params": lora, "kl_reference": "base"}
+    stale = {"seconds": 2.0, "flops": 1.0, "flops_per_s": 0.5, "mfu": 9.9}
+    results = {"meta": {"model": {"name": "smollm2", "shape": {k: getattr(s, k) for k in s.__dataclass_fields__}}},
+               "machine": {"fp32": {"flops_per_s": 1e11}},
+               "learner": {**case, "points": [{"n_samples": 16, "seconds": 8.0, "flops": 1.0, "pieces": {
+                   "old_forward": dict(stale), "ref_forward": dict(stale), "policy_update": dict(stale, seconds=4.0)}}]}}
+    out = bench.main.rerender(results)
+    point = out["learner"]["points"][0]
+    f = bf.learner_flops(s, 16, 63, 40, lora, "base", 6, old_pass=True)
+    assert point["flops"] == f["total"] and point["mfu"] == f["total"] / 8.0 / 1e11
+    assert point["pieces"]["old_forward"]["flops"] == f["old"] and point["pieces"]["policy_update"]["flops"] == f["policy"]
+    assert point["pieces"]["policy_update"]["mfu"] == f["policy"] / 4.0 / 1e11
