@@ -11,6 +11,13 @@ from bench.inputs import case_model, corpus_token_rows, input_embedding, random_
 from bench.load import measure, peak_rss_mb
 
 
+def piece_flops(f: dict, old_timed_alone: bool = False) -> dict:
+    """FLOPs of each timed piece of a step from `learner_flops`: the reference forward, and the rest
+    of the step (policy forward + backward + step), which holds the old-policy pass unless that was
+    timed as a piece of its own (result files written before issue 18)."""
+    return {"old_forward": f["old"], "ref_forward": f["ref"], "policy_update": f["policy"] + (0 if old_timed_alone else f["old"])}
+
+
 def case_learner(case: dict) -> dict:
     import torch
 
@@ -68,9 +75,10 @@ def case_learner(case: dict) -> dict:
         # the step's own passes: the old-policy forward (only with old_pass; its time is inside the rest), the reference
         # forward (timed alone above), the policy forward + backward + AdamW step (the rest)
         timings["policy_update"] = max(timings["step"] - timings["ref_forward"], 1e-9)
+        flops = piece_flops(f)
         pieces = {
-            "ref_forward": {"seconds": timings["ref_forward"], "flops": f["ref"]},
-            "policy_update": {"seconds": timings["policy_update"], "flops": f["policy"] + f["old"],
+            "ref_forward": {"seconds": timings["ref_forward"], "flops": flops["ref_forward"]},
+            "policy_update": {"seconds": timings["policy_update"], "flops": flops["policy_update"],
                               "note": "step - ref: (old-policy forward, only with more than one update per rollout) + forward + backward + AdamW step"},
         }
         for p in pieces.values():

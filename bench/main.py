@@ -19,6 +19,7 @@ from bench import __doc__ as USAGE
 from bench import flops as bf
 from bench.case import run_case, run_here
 from bench.e2e import run_e2e
+from bench.learner import piece_flops
 from bench.inputs import REPO, model_info
 from bench.load import QUIET, loadavg, wait_quiet
 from bench.machine import machine_section, matmul_flops
@@ -248,10 +249,9 @@ def rerender(results: dict) -> dict:
             f = bf.learner_flops(shape, p["n_samples"], c["prompt_len"], c["completion_len"], c["lora_params"], c.get("kl_reference"),
                                  c.get("reference_prompt_len", 0), old_pass=old_pass)
             p.update(flops=f["total"], flops_per_s=f["total"] / p["seconds"])
-            # an old-policy pass timed alone is its own piece; otherwise it is inside policy_update
-            piece_flops = {"old_forward": f["old"], "ref_forward": f["ref"], "policy_update": f["policy"] + (0 if "old_forward" in pieces else f["old"])}
+            flops = piece_flops(f, old_timed_alone="old_forward" in pieces)
             for name, piece in pieces.items():
-                piece["flops"] = piece_flops[name]
+                piece["flops"] = flops[name]
                 piece["flops_per_s"] = piece["flops"] / piece["seconds"] if piece["seconds"] > 0 and piece["flops"] else None
         add_mfu(c, peak)
     results["conventions"] = CONVENTIONS
