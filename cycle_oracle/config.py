@@ -244,6 +244,23 @@ class WarmupSettings(Strict):
     but not held out is memorising; no gap on either is not reading the activation at all."""
     token_items_per_document: int = Field(4, ge=1)
     """Token-prediction questions per corpus document (cheap: no generation)."""
+    token_prediction_directions: list[Literal["previous", "next", "current"]] = Field(["previous", "next"], min_length=1)
+    """Which token-prediction questions are asked (one drawn per item): the previous k tokens, the next k
+    tokens, or the current token (the read token's identity: "What is the current token?")."""
+    description_sentence: bool = True
+    """True: a description target is the target model's sentence about the window (after the quote when
+    `description_quote_tokens` > 0). False: the quote alone (`description_quote_tokens` must be > 0): the
+    description says what can be read and stops; nothing is generated, so `description_items_per_document`
+    positions cost nothing."""
+    description_items_per_document: int = Field(1, ge=1)
+    """Description positions per corpus document (each a target-written sentence unless `description_sentence` is False)."""
+
+    @model_validator(mode="after")
+    def _quote_without_sentence(self):
+        if not self.description_sentence and self.description_quote_tokens < 1:
+            raise ValueError("warmup.description_sentence=false makes the description target the quote alone: "
+                             f"set warmup.description_quote_tokens >= 1 (got {self.description_quote_tokens})")
+        return self
     generation_engine: Literal["hf", "vllm"] = "hf"
     """What writes the target-generated warmup data (completions, corpus, description targets):
     HF `generate`, or a vLLM engine (about twice as fast on the CPU; cached separately, see DATA.md)."""

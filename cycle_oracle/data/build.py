@@ -72,12 +72,13 @@ def build_warmup_data(
     corpus_tokens: int = 96,
     description_tokens: int = 48,
     token_items_per_document: int = 4,
-    description_items_per_document: int = 1,
     progress: bool = True,
+    corpus_documents: list | None = None,
 ) -> tuple[dict[str, list[WarmupItem]], dict[str, list[WarmupItem]], dict]:
     """(train, heldout, report): task -> items for each side, and a JSON-able report (counts,
     sources, malformed rows, cache files, timings). `generate_fn` may be None only when nothing
-    needs generating (public LatentQA + text corpus + description weight 0)."""
+    needs generating (public LatentQA + text corpus + description weight 0). `corpus_documents`:
+    the text corpus's documents already read (by the driver, `load_corpus`); None reads them here."""
     t_start = time.time()
     weights = settings.mixture
     wanted = [t for t in TASKS if weights.get(t, 0) > 0]
@@ -110,23 +111,26 @@ def build_warmup_data(
     if "token_prediction" in wanted or "description" in wanted:
         t0 = time.time()
         docs, corpus_info = load_corpus(
-            settings.corpus, generate_fn, settings.num_corpus_documents, seed, model_id, cache_dir, progress, corpus_tokens
+            settings.corpus, generate_fn, settings.num_corpus_documents, seed, model_id, cache_dir, progress, corpus_tokens,
+            documents=corpus_documents,
         )
         corpus_info["seconds"] = round(time.time() - t0, 1)
         report["corpus"] = corpus_info
         held = heldout_sources((d.group for d in docs), heldout_fraction, seed)
         if "token_prediction" in wanted:
-            items, stats = token_prediction_items(docs, tokenizer, seed, token_items_per_document, max_context_tokens)
+            items, stats = token_prediction_items(docs, tokenizer, seed, token_items_per_document, max_context_tokens,
+                                                  directions=settings.token_prediction_directions)
             train["token_prediction"], heldout["token_prediction"] = split_by_source(items, heldout_fraction, seed, held)
             report["token_prediction"] = stats
         if "description" in wanted:
-            if generate_fn is None:
+            if generate_fn is None and settings.description_sentence:
                 raise ValueError("description targets are written by the target model: pass a generate_fn")
             t0 = time.time()
             items, info = build_description_items(
-                docs, tokenizer, generate_fn, description_instruction, seed, description_items_per_document,
+                docs, tokenizer, generate_fn, description_instruction, seed, settings.description_items_per_document,
                 max_tokens=max_context_tokens, max_new_tokens=description_tokens, model_id=model_id,
                 cache_dir=cache_dir, progress=progress, quote_tokens=settings.description_quote_tokens,
+                sentence=settings.description_sentence,
             )
             train["description"], heldout["description"] = split_by_source(items, heldout_fraction, seed, held)
             report["description"] = {**info, "seconds": round(time.time() - t0, 1)}

@@ -12,7 +12,9 @@ real vs shuffled vs zero activations to measure how much it actually uses v.
 
 With `quote_tokens` N > 0 the answer starts with a quote of the last N tokens up to p, content the
 encoder can reconstruct from, first so that a length cap cannot cut it off (the quote is added on
-load; the cache holds the raw sentences).
+load; the cache holds the raw sentences). Without the sentence (`sentence=False`) the answer is the
+quote alone: the description says what can be read at p and stops, and no target generation is
+needed, so the task can use many positions per document at no cost.
 
 Generated descriptions are cached as JSONL keyed by the model, seed, sizes, the tokenizer and the
 documents themselves.
@@ -133,14 +135,22 @@ def build_description_items(
     progress: bool = True,
     strip_lead_in: bool = True,
     quote_tokens: int = 0,
+    sentence: bool = True,
 ) -> tuple[list[WarmupItem], dict]:
     """`description` items: question = `instruction`, answer = the target's one-sentence description
     of the window [p - window, p] (with `quote_tokens` > 0, after `quoted_tail`);
-    context_ids = the document up to p, read_positions = (p,)."""
+    context_ids = the document up to p, read_positions = (p,). With `sentence=False` the answer is
+    the quote alone (`quote_tokens` > 0): nothing is generated, so positions cost nothing."""
     if not instruction or not instruction.strip():
         raise ValueError("the description instruction is empty")
     chosen = choose_positions(documents, tokenizer, seed, items_per_document, max_tokens, min_position)
     special = set(tokenizer.all_special_ids)
+    if not sentence:
+        if quote_tokens < 1:
+            raise ValueError(f"a description without its sentence is the quote alone: it needs quote_tokens >= 1, got {quote_tokens}")
+        items = [WarmupItem("description", doc.group, tuple(ids[: p + 1]), (p,), instruction, quoted_tail(tokenizer, ids, p, quote_tokens, special))
+                 for doc, ids, p in chosen]
+        return items, {"positions": len(chosen), "items": len(items), "generated": 0, "sentence": False, "seconds": 0.0}
     windows = []
     for doc, ids, p in chosen:
         lo = content_span(ids, special)[0]

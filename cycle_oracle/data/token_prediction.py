@@ -8,9 +8,10 @@ Corpus kinds (`WarmupSettings.corpus.kind`):
 
 Items: at a seeded position p (at least `min_position` tokens in), "What are the previous k
 tokens?" (answer: the k tokens before p) or "What are the next k tokens?" (the k tokens after p),
-k seeded in 1..16. The target reads the document up to and including p (`context_ids =
-tokens[:p+1]`, `read_positions = (p,)`) for both directions; for "next" the answer lies beyond
-what the target read. Answers are the decoded true tokens, stripped.
+k seeded in 1..16, and with the `current` direction "What is the current token?" (the token at p
+itself: the read token's identity, the first thing a description of v can say). The target reads
+the document up to and including p (`context_ids = tokens[:p+1]`, `read_positions = (p,)`) for
+every direction; for "next" the answer lies beyond what the target read. Answers are the decoded true tokens, stripped.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ FRAMINGS = (
 )
 
 
+DIRECTIONS = ("previous", "next", "current")
+
+
 def question_for(direction: str, k: int) -> str:
-    if direction not in ("previous", "next"):
-        raise ValueError(f"direction must be 'previous' or 'next', got {direction!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if direction == "current":
+        return "What is the current token?"
     return f"What is the {direction} token?" if k == 1 else f"What are the {direction} {k} tokens?"
 
 
@@ -116,10 +122,12 @@ def load_corpus(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     max_new_tokens: int = 96,
+    documents: Sequence[Document] | None = None,
 ) -> tuple[list[Document], dict]:
     """Documents for token prediction / description from a `DataSource` (config.py): for `embedded`
     the target's replies (`embedded_corpus`), otherwise a seeded subset of `corpus.load_documents`
-    with each text stripped (a `datasets` row may carry surrounding whitespace)."""
+    (or `documents`, that subset as the caller already read it) with each text stripped (a
+    `datasets` row may carry surrounding whitespace)."""
     info: dict = {"kind": source.kind}
     if source.kind == "embedded":
         if generate_fn is None:
@@ -128,7 +136,9 @@ def load_corpus(
         docs, gen_info = embedded_corpus(generate_fn, limit, seed, max_new_tokens, model_id, cache_dir, progress)
         info.update(gen_info)
     else:
-        docs = [replace(d, text=d.text.strip()) for d in load_documents(source, num_documents, seed)]
+        if documents is None:
+            documents = load_documents(source, num_documents, seed)
+        docs = [replace(d, text=d.text.strip()) for d in documents]
         if source.kind == "text_files":
             info["paths"] = list(source.paths)
         else:
@@ -179,8 +189,10 @@ def token_prediction_items(
             if len(made) >= items_per_document:
                 break
             direction = rng.choice(list(directions))
-            k = rng.randint(1, max_k)
-            if direction == "next":
+            k = 1 if direction == "current" else rng.randint(1, max_k)
+            if direction == "current":
+                first, last = lo + min_position, hi
+            elif direction == "next":
                 first, last = lo + min_position, hi - k
             else:
                 first, last = max(lo + min_position, lo + k), hi
@@ -192,7 +204,7 @@ def token_prediction_items(
             p = rng.randint(first, last)
             if (direction, k, p) in made:
                 continue
-            answer_ids = ids[p + 1 : p + 1 + k] if direction == "next" else ids[p - k : p]
+            answer_ids = {"next": ids[p + 1 : p + 1 + k], "previous": ids[p - k : p], "current": ids[p : p + 1]}[direction]
             answer = tokenizer.decode(answer_ids).strip()
             if not answer:
                 stats["empty_answers"] += 1
