@@ -36,6 +36,7 @@ ORACLE_HELP = {
     "patchscopes": 'the untrained target continuing "cat -> cat; 1135 -> 1135; hello -> hello; ? ->" with v at "?" (Ghandeharioun et al. 2024)',
     "logit_lens": "the top-k tokens of unembed(final_norm(v)) (eval.logit_lens_top_k; nostalgebraist 2020)",
     "latentlens": "the k nearest training-corpus token activations of v, shown in their contexts (Krojer et al. 2026)",
+    "text_guess": "no activation: the target reads the source text and answers the description instruction (the black-box control)",
 }
 """`cycle-oracle eval --oracle NAME`: one line per name of `config.OracleName` (a test checks they match)."""
 
@@ -166,7 +167,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--oracle NAME ...] [--out DIR] [--set k=v] [--data-dir DIR]`."""
+    """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--oracle NAME ...] [--grader DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
     oracles = _oracle_names(args.oracle)  # before anything is imported or started
     from recipes import evaluate
 
@@ -176,6 +177,8 @@ def cmd_eval(args) -> int:
         overrides.append(f"init_from={args.checkpoint}")
     if oracles:
         overrides.append(f"eval.oracles=[{','.join(oracles)}]")
+    if args.grader:
+        overrides.append(f"eval.grader={args.grader}")
     cfg = load_recipe(recipe, overrides)
     if cfg.kind != "eval":
         cfg = cfg.model_copy(update={"kind": "eval"})
@@ -239,14 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (or the untrained decoder) and training-free baselines side by side on the\n"
                     "same pools, splits and graders; write results.json, report.md and plots.",
         epilog="oracles (--oracle NAME, repeatable; eval.oracles in the recipe):\n" + "\n".join(f"  {k:<12} {h}" for k, h in ORACLE_HELP.items())
-               + "\nRetrieval grades every oracle with the checkpoint's encoder: patchscopes, logit_lens and latentlens\n"
-                 "need --checkpoint with an encoder for it (docs/EVALS.md).",
+               + "\nRetrieval grades every oracle with the checkpoint's encoder: patchscopes, logit_lens, latentlens and\n"
+                 "text_guess need --checkpoint with an encoder for it (docs/EVALS.md). Evals (eval.tasks): retrieval, probes,\n"
+                 "arithmetic, secrets (Taboo organisms: recipes/secrets_cpu.yaml).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe", nargs="?", default=None, help="an eval recipe YAML (kind: eval)")
     v.add_argument("--checkpoint", help="run folder or checkpoint folder (omit for the untrained decoder)")
     v.add_argument("--oracle", action="append", metavar="NAME",
                    help=f"an oracle to evaluate, the first one's results at the top of results.json: {', '.join(ORACLE_HELP)} "
                         f"(repeatable or comma-separated; default: eval.oracles, i.e. decoder)")
+    v.add_argument("--grader", metavar="CHECKPOINT",
+                   help="another run or checkpoint folder whose encoder grades every oracle's descriptions beside the checkpoint's own "
+                        "(a frozen warmup encoder, a text encoder); same model and read layer (eval.grader)")
     v.add_argument("--out", help="eval run folder")
     v.add_argument("--set", action="append", metavar="KEY=VALUE")
     v.add_argument("--data-dir", help="folder with the eval data files")

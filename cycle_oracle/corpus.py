@@ -9,6 +9,12 @@ Kinds (`DataSource.kind`):
 - `datasets`: a HF `datasets` name (and/or `paths` as data files) with a text column; needs a
   reachable hub or local files, and fails with a clear message otherwise.
 
+A source with a `fallback` (another `DataSource`, itself with an optional fallback) reads the
+fallback when it cannot be read (a missing file, a hub that is not reachable: `hub_reachable`),
+and says so in one line. The CPU recipes read WikiText-2's validation split from the local file,
+else from the hub (`datasets`), else the embedded passages: they run on a fresh machine with only
+PyPI (`load_documents`).
+
 The activation corpus (describe, GRPO, evals: `corpus`) and the warmup's token-prediction /
 description corpus (`warmup.corpus`, `data/token_prediction.load_corpus`) both read documents
 here, so a file yields the same doc ids, texts and groups for both. The one exception is
@@ -17,9 +23,12 @@ here, so a file yields the same doc ids, texts and groups for both. The one exce
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -132,9 +141,47 @@ def sample_documents(docs: list[Document], limit: int | None, seed: int) -> list
     return [docs[i] for i in keep]
 
 
-def load_documents(source, limit: int | None = None, seed: int | None = None) -> list[Document]:
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (once per process): False at once when HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE is set, else one HEAD request to the hub's endpoint with a short timeout, so
+    an offline machine falls back in seconds instead of waiting on `datasets`' retries."""
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+        return True
+    except Exception:  # no network, DNS, proxy, TLS: all mean "not reachable from here"
+        return False
+
+
+def load_documents(source, limit: int | None = None, seed: int | None = None, log: Callable[[str], None] | None = print) -> list[Document]:
     """The documents of a `DataSource`, at most `limit` and `source.max_documents`: the first ones,
-    or with a `seed` a seeded subset kept in corpus order (`sample_documents`)."""
+    or with a `seed` a seeded subset kept in corpus order (`sample_documents`). A source that cannot
+    be read (`DataSourceError`: a missing file, an unreachable hub) is replaced by its `fallback`,
+    with one line through `log`; without a fallback the error stands."""
+    try:
+        return _load_one(source, limit, seed)
+    except DataSourceError as err:
+        if getattr(source, "fallback", None) is None:
+            raise
+        if log:
+            log(f"[corpus] {str(err).split(';')[0]}; reading the fallback corpus ({describe_source(source.fallback)})")
+        return load_documents(source.fallback, limit, seed, log)
+
+
+def describe_source(source) -> str:
+    """A short name of a corpus source for messages: `embedded`, `text_files: a.txt`, `datasets: wikitext`."""
+    what = source.name or ", ".join(source.paths)
+    return source.kind + (f": {what}" if what else "")
+
+
+def _load_one(source, limit: int | None, seed: int | None) -> list[Document]:
+    if source.kind == "datasets" and source.name and not hub_reachable() and not Path(source.name).exists():
+        raise DataSourceError(f"the Hugging Face hub is not reachable for the datasets corpus {source.name!r} "
+                              f"(offline, or HF_HUB_OFFLINE set); use local text_files or the embedded corpus")
     if source.kind == "embedded":
         docs = embedded_passages()
     elif source.kind == "text_files":

@@ -154,6 +154,22 @@ def description_prompt(tokenizer, layer: int, settings, instruction: str) -> Dec
     return build_decoder_prompt(tokenizer, layer, instruction, settings.num_placeholders, settings.placeholder)
 
 
+def text_guess_message(text: str, instruction: str) -> str:
+    """The black-box control's user turn (`evals/baselines.text_guess`): the description prompt with
+    the source text written where the decoder's `Layer: L` line and placeholders carry the
+    activation, then the same instruction, so the guess answers the decoder's own question from
+    the text alone."""
+    if not instruction or not instruction.strip():
+        raise ValueError("the description instruction is empty")
+    return f'Text: "{" ".join(text.split())}"\n{instruction}'
+
+
+def text_guess_prompt(tokenizer, text: str, instruction: str) -> DecoderPrompt:
+    """`text_guess_message` chat-templated, ending with the assistant header (no placeholders)."""
+    rendered = render_chat(tokenizer, [{"role": "user", "content": text_guess_message(text, instruction)}])
+    return DecoderPrompt(tuple(tokenizer.encode(rendered, add_special_tokens=False)), (), 0)
+
+
 def reference_prompt(tokenizer) -> DecoderPrompt:
     """The bare assistant header (no oracle prompt, no placeholder): the context under which the
     `base` KL reference scores the generated text alone."""

@@ -31,7 +31,7 @@ METRICS: dict[str, tuple[str, ...]] = {
         "time_rollout", "time_score", "time_learn", "time_idle", "time_step", *_SYNC,
     ),
     "describe": ("num_descriptions", "seconds"),
-    "eval": ("retrieval/*", "probes/*", "arithmetic/*", "oracles/*"),
+    "eval": ("retrieval/*", "probes/*", "arithmetic/*", "secrets/*", "oracles/*"),
 }
 """stage -> the metric names (fnmatch patterns) it logs: the one list of names in the project."""
 

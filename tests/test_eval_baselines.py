@@ -74,7 +74,8 @@ def test_every_baseline_runs_retrieval_probes_controls_and_paraphrase_side_by_si
         assert sec["oracle"]["name"] == name and sec["oracle"]["encoder"] == "from checkpoint", name
         r = sec["retrieval"]
         assert r["rows"] == pool, name  # the same pool for every oracle
-        assert {"description", "shuffled", "zero", "context_only", "paraphrased", "word_shuffled"} <= set(r["conditions"]), name
+        controls = {"description", "shuffled", "zero", "context_only", "paraphrased", "word_shuffled", "truncated_2", "quote_banned"}
+        assert controls - ({"zero"} if name == "text_guess" else set()) <= set(r["conditions"]), name  # the guess reads text: no zero activation
         assert all(isinstance(it["description"], str) and "paraphrased_description" in it for it in r["items"])
         for cond in ("paraphrased", "word_shuffled"):
             d = r["paraphrase"]["drops"][cond]
@@ -324,7 +325,7 @@ def test_probe_file_names_and_paths_are_checked_before_compute(tmp_path, shared_
 def test_recipe_validates_oracle_names_and_the_patchscopes_prompt():
     from cycle_oracle.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"eval.oracles.1: Input should be 'decoder', 'selfie', 'patchscopes', 'logit_lens' or 'latentlens' \(got 'nope'\)"):
+    with pytest.raises(ConfigError, match=r"eval.oracles.1: Input should be 'decoder', 'selfie', 'patchscopes', 'logit_lens', 'latentlens' or 'text_guess' \(got 'nope'\)"):
         _smoke(["eval.oracles=[decoder, nope]"])
     with pytest.raises(ConfigError, match=r"exactly one '\?'"):
         _smoke(["eval.patchscopes_prompt=a -> a; b ->"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cycle_oracle.evals.oracle import describe_items
 from cycle_oracle.evals.probes import accuracy_block, fit_vector_probe
 
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+")
@@ -110,7 +111,7 @@ def _split(problems: Sequence[Problem], test_fraction: float, seed: int) -> tupl
 def evaluate_arithmetic(oracle, n_per_digits: int = 20, seed: int = 0, ops: Sequence[str] = ("+", "-", "*"), test_fraction: float = 0.5, examples: int = 5) -> dict:
     problems = make_problems(n_per_digits, seed, ops)
     vectors = oracle.read([p.prompt for p in problems], "last")
-    descriptions = oracle.describe(vectors)
+    descriptions = describe_items(oracle, vectors, [p.prompt for p in problems])
     exact = [states_answer(d, p) for d, p in zip(descriptions, problems)]
     first = [first_digit_match(d, p) for d, p in zip(descriptions, problems)]
     stated = [first_stated_number(d, p) is not None for d, p in zip(descriptions, problems)]

@@ -8,6 +8,7 @@ recipe asks for (`eval.oracles`, `cycle-oracle eval --oracle NAME`), built on on
 | `patchscopes` | the untrained target continuing "cat -> cat; 1135 -> 1135; hello -> hello; ? ->" with v injected at "?" (the project's injection), greedy, cut at the first ";" or line end | Ghandeharioun et al. 2024, Patchscopes (arXiv 2401.06102) |
 | `logit_lens`  | the top-k tokens of lm_head(final_norm(v)) (special tokens excluded), space-joined | nostalgebraist 2020, "interpreting GPT: the logit lens" |
 | `latentlens`  | the k nearest contextual activations of v (cosine, same layer) in a bank of training-document activations, written as `token: "...context"` per neighbour | Krojer et al. 2026, LatentLens (arXiv 2602.00462) |
+| `text_guess`  | no activation: the target (adapter off) reads the item's source text (the `eval.text_guess_window_tokens` tokens ending at v's token) and answers the decoder's description instruction, greedy; with a quote format (`warmup.description_quote_tokens` N), prefixed by the quote of its last N tokens | the black-box control of Li et al. 2026, "Do Activation Verbalization Methods Convey Privileged Information?" |
 
 Every oracle of one eval reads the same frozen target (`read`, the LLM `judge_yes_no`, the
 paraphrase test's rewrites), so the probe routes, the controls and retrieval treat a baseline's
@@ -36,20 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cycle_oracle.checkpoint import load_trained
 from cycle_oracle.config import OracleName
 from cycle_oracle.errors import UserError
-from cycle_oracle.evals.oracle import Oracle, _batches, _lm_parts, checkpoint_oracle, load_checkpoint_models, make_hf_oracle
-from cycle_oracle.injection import decoder_inputs, placeholder_token_id
+from cycle_oracle.evals.oracle import Oracle, _adapter_off, _batches, _lm_parts, checkpoint_oracle, load_checkpoint_models, make_hf_oracle
+from cycle_oracle.injection import decoder_inputs, placeholder_token_id, text_guess_message
 
 ORACLES: tuple[str, ...] = get_args(OracleName)
-BASELINES = ("selfie", "patchscopes", "logit_lens", "latentlens")
-NEEDS_TRAINED_ENCODER = ("patchscopes", "logit_lens", "latentlens")
+BASELINES = ("selfie", "patchscopes", "logit_lens", "latentlens", "text_guess")
+NEEDS_TRAINED_ENCODER = ("patchscopes", "logit_lens", "latentlens", "text_guess")
 REFERENCES = {
     "decoder": "this project (cycle-consistent decoder)",
     "selfie": "Chen, Vondrick, Mao 2024: SelfIE: Self-Interpretation of Large Language Model Embeddings (arXiv 2403.10949)",
     "patchscopes": "Ghandeharioun et al. 2024: Patchscopes: A Unifying Framework for Inspecting Hidden Representations of Language Models (arXiv 2401.06102)",
     "logit_lens": "nostalgebraist 2020: interpreting GPT: the logit lens (LessWrong)",
     "latentlens": "Krojer et al. 2026: LatentLens: Revealing Highly Interpretable Visual Tokens in LLMs (arXiv 2602.00462)",
+    "text_guess": "Li et al. 2026 (ICML): Do Activation Verbalization Methods Convey Privileged Information? (the text-only black-box control)",
 }
 
 
@@ -79,14 +82,21 @@ def oracle_names(cfg) -> list[str]:
 
 
 def _checkpoint_has_encoder(checkpoint) -> bool:
-    from cycle_oracle.checkpoint import load_trained
-
     return "encoder" in load_trained(checkpoint).tensors
 
 
 def check_oracle_request(cfg, names: Sequence[str]) -> None:
     """Errors a user can fix, raised before anything is extracted: a baseline that only writes text
     is graded in retrieval by the checkpoint's encoder, so it needs a checkpoint that has one."""
+    check_grader(cfg)
+    if "secrets" in cfg.eval.tasks:
+        from cycle_oracle.data.taboo import check_secret_words, load_hints
+        from cycle_oracle.models import load_tokenizer, resolve_model_path
+
+        model = load_trained(cfg.init_from).record.model if cfg.init_from is not None else cfg.model.name
+        trained_here = [w for w in cfg.eval.secrets.words if w not in cfg.eval.secrets.organisms]
+        check_secret_words(load_tokenizer(resolve_model_path(model)), cfg.eval.secrets.words, model,
+                           load_hints(cfg.eval.secrets.hints_path) if trained_here else None)
     wants_retrieval = bool({"retrieval", "controls"} & set(cfg.eval.tasks))
     textual = [n for n in names if n in NEEDS_TRAINED_ENCODER]
     if wants_retrieval and textual and (cfg.init_from is None or not _checkpoint_has_encoder(cfg.init_from)):
@@ -94,6 +104,37 @@ def check_oracle_request(cfg, names: Sequence[str]) -> None:
         raise OracleError(
             f"retrieval of the oracle(s) {', '.join(textual)} needs a trained encoder to reconstruct v from their descriptions, and {where}: "
             f"pass --checkpoint with a run or checkpoint that holds an encoder, or leave retrieval out (--set 'eval.tasks=[probes,arithmetic]')")
+
+
+def check_grader(cfg) -> None:
+    """`eval.grader` (`--grader`) must be a checkpoint with an encoder that reads the eval's model at
+    the eval's layer (the checkpoint's, or the recipe's without one): else one message naming it."""
+    from cycle_oracle.models import resolve_layer
+
+    if cfg.eval.grader is None:
+        return
+    grader = load_trained(cfg.eval.grader)
+    if "encoder" not in grader.tensors:
+        raise OracleError(f"--grader {cfg.eval.grader}: the checkpoint {grader.path} has no encoder; expected a run or checkpoint "
+                          f"folder that holds one (a warmup or GRPO checkpoint)")
+    if cfg.init_from is not None:
+        own = load_trained(cfg.init_from).record
+        model, layer, whose = own.model, own.layer, f"the checkpoint's ({cfg.init_from})"
+    else:
+        model, whose = cfg.model.name, "the recipe's"
+        layer = cfg.model.layer if isinstance(cfg.model.layer, int) else resolve_layer(cfg.model.layer, _depth(cfg.model.name))
+    got = grader.record
+    if got.model != model or got.layer != layer:
+        raise OracleError(f"--grader {cfg.eval.grader}: its encoder reads layer {got.layer} of {got.model}; expected layer {layer} of "
+                          f"{model}, {whose}: a grader must reconstruct the same activations")
+
+
+def _depth(model_name: str) -> int:
+    import json
+
+    from cycle_oracle.models import resolve_model_path
+
+    return int(json.loads((resolve_model_path(model_name) / "config.json").read_text())["num_hidden_layers"])
 
 
 def needs_store(cfg, names: Sequence[str]) -> bool:
@@ -222,9 +263,59 @@ def latentlens_describe(bank: ContextBank, top_k: int, context_tokens: int, deto
     return describe
 
 
+def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequence[int]], instruction: str, max_new_tokens: int,
+                      window_tokens: int = 32, quote_tokens: int = 0, batch_size: int = 16) -> list[str]:
+    """The text-only guess per item: `model` (adapter off: the target) reads the last `window_tokens`
+    tokens of each token list (special tokens dropped) as text (`injection.text_guess_message`) and
+    writes a greedy description under the decoder's instruction; with `quote_tokens` N > 0 it is
+    prefixed by `It reads: "<the last N tokens>".`, the quote format the decoder was warmed up on
+    (`data/description.quoted_tail`). An item without text gets the empty description."""
+    from cycle_oracle.data.description import quoted_tail
+    from cycle_oracle.data.generation import hf_generate_fn
+
+    special = set(tokenizer.all_special_ids)
+    windows = [[t for t in ids if t not in special][-window_tokens:] for ids in token_lists]
+    texts = [tokenizer.decode(w).strip() for w in windows]
+    todo = [i for i, t in enumerate(texts) if t]
+    generate = hf_generate_fn(model, tokenizer, batch_size)
+    with _adapter_off(model):
+        replies = generate([[{"role": "user", "content": text_guess_message(texts[i], instruction)}] for i in todo], max_new_tokens) if todo else []
+    out = ["" for _ in texts]
+    for i, reply in zip(todo, replies):
+        quote = quoted_tail(tokenizer, windows[i], len(windows[i]) - 1, quote_tokens, special) + " " if quote_tokens else ""
+        out[i] = (quote + " ".join(reply.split())).strip()
+    return out
+
+
+def text_guess_describe(model: nn.Module, tokenizer, instruction: str, max_new_tokens: int, window_tokens: int = 32,
+                        quote_tokens: int = 0, batch_size: int = 16) -> Callable[[Sequence[str]], list[str]]:
+    """describe_text(source texts) -> the text-only guess of each (`guess_from_tokens`)."""
+
+    def describe_text(texts: Sequence[str]) -> list[str]:
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return guess_from_tokens(model, tokenizer, ids, instruction, max_new_tokens, window_tokens, quote_tokens, batch_size)
+
+    return describe_text
+
+
+def text_guess_descriptions(model: nn.Module, tokenizer, store, rows: Sequence[int], instruction: str, max_new_tokens: int,
+                            window_tokens: int = 32, quote_tokens: int = 0, batch_size: int = 16) -> list[str]:
+    """The text-only guess for ActivationStore rows (their source windows read from the store): the
+    same control `cycle-oracle eval --oracle text_guess` runs, for callers that hold store rows
+    (GRPO's final evals). Grade the result like the decoder's descriptions; the paired difference
+    decoder - guess is what the activation added to the text."""
+    return guess_from_tokens(model, tokenizer, [store.context_window(i, before=window_tokens) for i in rows], instruction,
+                             max_new_tokens, window_tokens, quote_tokens, batch_size)
+
+
+def _needs_source_text(vectors: torch.Tensor) -> list[str]:
+    raise OracleError("text_guess writes from the source text, not from v: evals call evals/oracle.describe_items with the items' texts")
+
+
 # ---- building every oracle of an eval -------------------------------------------------------------
 
-def _baseline(name: str, base: Oracle, target, tokenizer, cfg, store, injection_norm: float, injection_mode: str, split_seed: int) -> Oracle:
+def _baseline(name: str, base: Oracle, target, tokenizer, cfg, store, injection_norm: float, injection_mode: str, split_seed: int,
+              quote_tokens: int = 0) -> Oracle:
     e = cfg.eval
     info = dict(base.info, name=name, reference=REFERENCES[name], decoder=f"none: {name} (training-free)")
     if name == "selfie":
@@ -243,9 +334,15 @@ def _baseline(name: str, base: Oracle, target, tokenizer, cfg, store, injection_
         bank = ContextBank.from_store(store, cfg.split.heldout_fraction, split_seed, e.latentlens_bank_rows, cfg.seed)
         describe = latentlens_describe(bank, e.latentlens_top_k, e.latentlens_context_tokens, base.detokenize)
         info.update(top_k=e.latentlens_top_k, context_tokens=e.latentlens_context_tokens, bank_rows=len(bank.rows), bank_documents=bank.documents)
+    elif name == "text_guess":
+        quote = e.text_guess_quote_tokens if e.text_guess_quote_tokens is not None else quote_tokens
+        guess = text_guess_describe(target, tokenizer, base.info["description_instruction"], base.info["max_new_tokens"],
+                                    e.text_guess_window_tokens, quote)
+        info.update(window_tokens=e.text_guess_window_tokens, quote_tokens=quote, decoder="none: the target reads the source text (no activation)")
+        return dataclasses.replace(base, describe=_needs_source_text, describe_text=guess, ask_yes_no=None, answer=None, info=info)
     else:
         raise OracleError(f"{name!r} is not a baseline; expected one of {BASELINES}")
-    return dataclasses.replace(base, describe=describe, ask_yes_no=None, info=info)
+    return dataclasses.replace(base, describe=describe, ask_yes_no=None, answer=None, info=info)
 
 
 def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_seed: int | None = None) -> dict[str, Oracle]:
@@ -289,6 +386,7 @@ def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_see
         run_cfg = cfg
     base = make_hf_oracle(target, encoder, target, tok, L, norm, mode, instruction, max_new, prefix, **options)
     base.info.update({"model": run_cfg.model.name, "checkpoint": None if cfg.init_from is None else str(cfg.init_from), "encoder": encoder_note})
+    quote_tokens = run_cfg.warmup.description_quote_tokens
     for name in names:
         if name == "decoder":
             continue
@@ -296,7 +394,21 @@ def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_see
             floor = make_hf_oracle(target, fresh_for_selfie, target, tok, L, norm, mode, instruction, max_new, prefix, **options)
             floor.info.update({k: base.info[k] for k in ("model", "checkpoint")},
                               encoder=f"fresh, identity init (v_hat = mean of the description tokens' layer-{L} states)")
-            oracles[name] = _baseline(name, floor, target, tok, cfg, store, norm, mode, split_seed)
+            oracles[name] = _baseline(name, floor, target, tok, cfg, store, norm, mode, split_seed, quote_tokens)
         else:
-            oracles[name] = _baseline(name, base, target, tok, cfg, store, norm, mode, split_seed)
+            oracles[name] = _baseline(name, base, target, tok, cfg, store, norm, mode, split_seed, quote_tokens)
     return {name: oracles[name] for name in names}
+
+
+def build_graders(cfg) -> dict[str, Callable[[Sequence[str]], torch.Tensor]]:
+    """{"grader": encode} for `eval.grader` (`--grader CHECKPOINT`; {} without one): that
+    checkpoint's encoder, with its own recipe's description prefix and token cap, reading texts ->
+    v_hat [N, d]. `check_grader` has checked its model and layer."""
+    if cfg.eval.grader is None:
+        return {}
+    models = load_checkpoint_models(cfg.eval.grader, decoder=False)
+    run_cfg = models.config
+    grader = make_hf_oracle(models.target, models.encoder, models.target, models.tokenizer, models.layer, models.record.injection_norm,
+                            run_cfg.injection.mode, run_cfg.description_instruction, run_cfg.sampling.max_new_tokens, run_cfg.encoder.prefix,
+                            **models.options)
+    return {"grader": grader.encode}

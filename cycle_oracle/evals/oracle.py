@@ -11,6 +11,13 @@ An eval never touches models directly; it calls
     read_tokens(text)               -> (token strings [T], V [T, d], readable [T] bool)   (viewer)
     detokenize(token_ids)           -> str      (context windows of an ActivationStore)
     paraphrase(texts, instruction, max_new_tokens) -> texts rewritten by the target (paraphrase test)
+    answer(V [N, d], question, max_new_tokens) -> N greedy answers to a question about v (QA route)
+    tokenize(text)                  -> token ids without special tokens (truncation to n tokens)
+    describe_text(texts)            -> N descriptions written from source TEXT, no activation (the
+                                       text-only guess, evals/baselines.text_guess; None elsewhere)
+
+`describe_items(oracle, V, texts)` is what an eval calls: `describe_text(texts)` for an oracle that
+reads text, `describe(V)` for every other one.
 
 `encode` / `encode_with_weights` are None for an oracle without an encoder (a training-free
 baseline without a checkpoint: no retrieval, no reconstruction route) and `ask_yes_no` for one
@@ -60,6 +67,19 @@ class Oracle:
     detokenize: Callable[[Sequence[int]], str] | None = None
     info: dict = field(default_factory=dict)
     paraphrase: Callable[[Sequence[str], str, int], list[str]] | None = None
+    answer: Callable[[Vectors, str, int], list[str]] | None = None
+    tokenize: Callable[[str], list[int]] | None = None
+    describe_text: Callable[[Sequence[str]], list[str]] | None = None
+
+
+def describe_items(oracle: Oracle, vectors: Vectors, texts: Sequence[str] | None = None) -> list[str]:
+    """The oracle's descriptions of N items: from their source texts for the text-only guess
+    (`oracle.describe_text`), from their activations vectors [N, d] for every other oracle."""
+    if oracle.describe_text is not None:
+        if texts is None:
+            raise ValueError(f"oracle {oracle.info.get('name')!r} describes source texts, and this eval passed none")
+        return list(oracle.describe_text(list(texts)))
+    return oracle.describe(vectors)
 
 
 def _single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -161,6 +181,21 @@ def make_hf_oracle(
             # with inputs_embeds only, generate returns the new tokens only
             texts.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist())
         return texts
+
+    @torch.no_grad()
+    def answer(vectors: torch.Tensor, question: str, max_new: int = 16) -> list[str]:
+        """Greedy answer of the decoder, v injected, to `question` (the QA route: warmup's LatentQA format)."""
+        prompt = build_decoder_prompt(tokenizer, layer, question.strip(), num_placeholders, placeholder)
+        texts: list[str] = []
+        for sl in _batches(vectors.shape[0], batch_size):
+            embeds = _prompt_embeds(prompt, vectors[sl])
+            out = decoder_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                         max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(end_ids))
+            texts.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist())
+        return texts
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
     @torch.no_grad()
     def encode_with_weights(texts: Sequence[str]):
@@ -270,7 +305,8 @@ def make_hf_oracle(
     }
     if encoder is None:
         encode = encode_with_weights = None
-    return Oracle(describe, encode, encode_with_weights, ask_yes_no, read, judge_yes_no, read_tokens, detokenize, info, paraphrase)
+    return Oracle(describe, encode, encode_with_weights, ask_yes_no, read, judge_yes_no, read_tokens, detokenize, info, paraphrase,
+                  answer=answer, tokenize=tokenize)
 
 
 def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: int = 8, injection=None, **kwargs) -> Oracle:

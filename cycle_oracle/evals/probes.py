@@ -33,6 +33,7 @@ import torch
 
 from cycle_oracle.evals.controls import text_controls
 from cycle_oracle.evals.data import BinaryTask, split_items
+from cycle_oracle.evals.oracle import describe_items
 
 Z95 = 1.959963984540054
 ROUTES = ("probe", "decoder", "reconstruction", "oracle")
@@ -168,7 +169,8 @@ def evaluate_task(
         if "probe" in routes:
             res["probe"] = accuracy_block(probe.predict(x_test.numpy()), y_test)
         if need_descriptions:
-            d_train, d_test = oracle.describe(x_train), oracle.describe(x_test)
+            d_train = describe_items(oracle, x_train, [x.text for x in train])
+            d_test = describe_items(oracle, x_test, [x.text for x in test])
             if "decoder" in routes:
                 res["decoder"] = accuracy_block(fit_text_classifier(d_train, y_train, seed).predict(d_test), y_test)
             if "reconstruction" in routes:

@@ -5,7 +5,8 @@ and PNG plots (matplotlib, Agg backend):
 - `cosine_distributions.png`  per-item cosine (raw and centred) of each condition, against the
                               predict-the-mean floor;
 - `probe_accuracy.png`        per-task accuracy of each route with 95% Wilson intervals, per position;
-- `arithmetic.png`            exact-match / first-digit rates per answer length vs the probe.
+- `arithmetic.png`            exact-match / first-digit rates per answer length vs the probe;
+- `truncation.png`            retrieval top-1 and FVE against the description tokens kept, per oracle.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def _sections(results: dict) -> dict[str, dict]:
 
 def summarise(results: dict) -> dict[str, float]:
     """Flat headline numbers ("<eval>/<name>") for logs and dashboards: the primary oracle's, and
-    with several oracles every oracle's as "oracles/<oracle>/<eval>/<name>"."""
-    s = _summarise_section(results)
-    sections = _sections(results)
+    with several oracles every oracle's as "oracles/<oracle>/<eval>/<name>"; the secrets eval's
+    organism-side numbers as "secrets/black_box" and "secrets/leak_rate"."""
+    sections = {name: dict(sec, _versus_text_guess=(results.get("versus_text_guess") or {}).get(name)) for name, sec in _sections(results).items()}
+    s = _summarise_section(next(iter(sections.values())))
+    controls = results.get("secret_controls")
+    if controls:
+        s["secrets/black_box"] = controls["black_box"]["accuracy"]
+        s["secrets/leak_rate"] = controls["leak_rate"]["accuracy"]
     if len(sections) > 1:
         for name, sec in sections.items():
             s.update({f"oracles/{name}/{k}": v for k, v in _summarise_section(sec).items()})
@@ -77,6 +83,13 @@ def _summarise_section(results: dict) -> dict[str, float]:
                 drop = r["paraphrase"]["drops"][name]
                 for m in ("top1", "fve", "centred_cosine"):
                     s[f"retrieval/{key}_drop_{m}"] = drop[f"drop_{m}"]
+        for name, cond in c.items():
+            if name.startswith("truncated_") or name == "quote_banned":
+                s[f"retrieval/{name}_top1"] = cond["top1"]
+                s[f"retrieval/{name}_fve"] = cond["fve"]
+        for grader, graded in (r.get("graders") or {}).items():
+            gd = graded["conditions"]["description"]
+            s.update({f"retrieval/graded_by_{grader}/{k}": gd[k] for k in ("top1", "fve", "centred_cosine")})
         tc = r.get("text_controls", {})
         if tc.get("copy_rate"):
             s["retrieval/copy_rate_2"] = tc["copy_rate"].get("2")
@@ -96,6 +109,18 @@ def _summarise_section(results: dict) -> dict[str, float]:
             s[f"arithmetic/exact_match_{nd}digit"] = blk["exact_match"]["accuracy"]
             s[f"arithmetic/first_digit_{nd}digit"] = blk["first_digit"]["accuracy"]
         s["arithmetic/probe_first_digit"] = a["probe_first_digit"].get("accuracy")
+    sec = results.get("secrets")
+    if sec:
+        for route, blk in sec["routes"].items():
+            s[f"secrets/{route}"] = blk["accuracy"]
+    vs = results.get("_versus_text_guess")
+    if vs:
+        for grader, pd in (vs.get("retrieval") or {}).items():
+            prefix = "retrieval/minus_text_guess" if grader == "own" else f"retrieval/graded_by_{grader}/minus_text_guess"
+            s[f"{prefix}_centred_cosine"] = pd["centred_cosine"]["mean"]
+            s[f"{prefix}_top1"] = pd["top1"]["mean"]
+        if vs.get("secrets"):
+            s["secrets/minus_text_guess"] = vs["secrets"]["mean"]
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -111,6 +136,7 @@ def comparison_rows(sections: dict[str, dict]) -> list[dict]:
         if r:
             c = r["conditions"]
             row["retrieval"] = {k: c["description"][k] for k in ("top1", "top5", "mrr", "cosine", "centred_cosine", "fve")}
+            row["chance_top1"] = r["chance"]["top1"]
             row["retrieval"]["shuffled_gap"] = r.get("shuffled_gap")
             for cond in PARAPHRASE_KEYS:
                 if cond in c:
@@ -124,9 +150,20 @@ def comparison_rows(sections: dict[str, dict]) -> list[dict]:
         if p:
             row["probes"] = {f"{task}/{pos}": {route: res[route]["accuracy"] for route in ROUTE_ORDER if route in res}
                              for task, t in p["tasks"].items() for pos, res in t["positions"].items()}
+        if r and r.get("truncation"):
+            row["truncation"] = r["truncation"]["curve"]
+        if r and r.get("graders"):
+            row["graders"] = {g: {k: graded["conditions"]["description"][k] for k in ("top1", "fve", "centred_cosine")}
+                              for g, graded in r["graders"].items()}
+        if r and "quote_banned" in r["conditions"]:
+            row["quote_banned"] = {k: r["conditions"]["quote_banned"][k] for k in ("top1", "fve")}
         a = sec.get("arithmetic")
         if a:
             row["arithmetic_exact_match"] = a["overall"]["exact_match"]["accuracy"]
+        sc = sec.get("secrets")
+        if sc:
+            row["secrets"] = {route: {k: blk[k] for k in ("accuracy", "ci_low", "ci_high", "ci_words_low", "ci_words_high", "n")}
+                              for route, blk in sc["routes"].items()}
         rows.append(row)
     return rows
 
@@ -135,8 +172,10 @@ def _comparison_md(rows: list[dict]) -> list[str]:
     lines = ["## Oracles side by side", "",
              "Same pool, probe items and problems for every oracle; retrieval under each oracle's encoder (named below).", ""]
     if any("retrieval" in r for r in rows):
-        lines += ["| oracle | top-1 | top-5 | centred cosine | FVE | paraphrased top-1 (drop) | word-shuffled top-1 (drop) | copy rate (2-grams) | distinct-2 | same start |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        chance = next((r["chance_top1"] for r in rows if r.get("chance_top1") is not None), None)
+        lines += ["| oracle | top-1 | FVE | top-5 | centred cosine | paraphrased top-1 (drop) | word-shuffled top-1 (drop) | copy rate (2-grams) | distinct-2 | same start |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| predict the mean (v_hat = corpus mean) | {_fmt(chance)} | 0 | – | 0 | – | – | – | – | – |"]
         for r in rows:
             if "retrieval" not in r:
                 continue
@@ -146,7 +185,7 @@ def _comparison_md(rows: list[dict]) -> list[str]:
                 c = m.get(name)
                 return f"{_fmt(c['top1'])} ({_fmt(c['drop_top1'])})" if c else "–"
 
-            lines.append(f"| {r['oracle']} | {_fmt(m['top1'])} | {_fmt(m['top5'])} | {_fmt(m['centred_cosine'])} | {_fmt(m['fve'])} | "
+            lines.append(f"| {r['oracle']} | {_fmt(m['top1'])} | {_fmt(m['fve'])} | {_fmt(m['top5'])} | {_fmt(m['centred_cosine'])} | "
                          f"{cond('paraphrased')} | {cond('word_shuffled')} | {_fmt(tc['copy_rate_2'])} | {_fmt(tc['distinct_2'])} | {_fmt(tc['same_start_share'])} |")
         lines.append("")
     keys = sorted({k for r in rows for k in r.get("probes", {})}, key=lambda k: (k.split("/")[1], k))
@@ -158,8 +197,96 @@ def _comparison_md(rows: list[dict]) -> list[str]:
         for k in keys:
             lines.append(f"| {k} | {_fmt(probe.get(k, {}).get('probe'))} | " + " | ".join(_fmt(r.get("probes", {}).get(k, {}).get("decoder")) for r in rows) + " |")
         lines.append("")
+    lines += _truncation_md(rows) + _graders_md(rows)
     lines += ["| oracle | decoder | encoder |", "|---|---|---|"] + [f"| {r['oracle']} | {r['decoder']} | {r['encoder']} |" for r in rows] + [""]
     return lines
+
+
+def _ci(pd: dict | None) -> str:
+    if not pd:
+        return "–"
+    return f"{pd['mean']:+.3f} [{pd['ci_low']:+.3f}, {pd['ci_high']:+.3f}]"
+
+
+def _truncation_md(rows: list[dict]) -> list[str]:
+    """Top-1 / FVE per oracle with each description cut to its first n tokens, and with quotes banned."""
+    rows = [r for r in rows if r.get("truncation")]
+    if not rows:
+        return []
+    tokens = [p["tokens"] for p in rows[0]["truncation"]]
+    lines = ["What survives truncation: retrieval top-1 / FVE with each description cut to its first n tokens "
+             "(a description of at most n tokens is unchanged), and with its quoted spans removed.", "",
+             "| oracle | " + " | ".join(f"n = {t}" for t in tokens) + " | quote banned |", "|---" * (len(tokens) + 2) + "|"]
+    for r in rows:
+        qb = r.get("quote_banned")
+        lines.append(f"| {r['oracle']} | " + " | ".join(f"{_fmt(p['top1'])} / {_fmt(p['fve'])}" for p in r["truncation"])
+                     + f" | {_fmt(qb['top1']) + ' / ' + _fmt(qb['fve']) if qb else '–'} |")
+    return lines + [""]
+
+
+def _graders_md(rows: list[dict]) -> list[str]:
+    rows_g = [r for r in rows if r.get("graders")]
+    if not rows_g:
+        return []
+    graders = sorted({g for r in rows_g for g in r["graders"]})
+    lines = ["The same descriptions graded by another checkpoint's encoder (`--grader`), beside each oracle's own: top-1 / FVE.", "",
+             "| oracle | own encoder | " + " | ".join(f"{g} encoder" for g in graders) + " |", "|---" * (2 + len(graders)) + "|"]
+    for r in rows_g:
+        m = r["retrieval"]
+        lines.append(f"| {r['oracle']} | {_fmt(m['top1'])} / {_fmt(m['fve'])} | "
+                     + " | ".join(f"{_fmt(r['graders'][g]['top1'])} / {_fmt(r['graders'][g]['fve'])}" if g in r["graders"] else "–" for g in graders) + " |")
+    return lines + [""]
+
+
+def _versus_guess_md(vs: dict) -> list[str]:
+    """Each oracle minus the text-only guess, paired over the same items, with 95% bootstrap intervals."""
+    if not vs:
+        return []
+    lines = ["## Minus the text-only guess", "",
+             "Each oracle minus `text_guess` (the target reading the source text, no activation), paired over the same items, "
+             "95% bootstrap interval. An interval above 0 is what the activation added to what the text already said.", "",
+             "| oracle | grader | centred cosine | top-1 | reciprocal rank | secrets (item named) |", "|---|---|---|---|---|---|"]
+    for name, row in vs.items():
+        graded = row.get("retrieval") or {"own": None}
+        for k, (grader, pd) in enumerate(graded.items()):
+            secrets = _ci(row.get("secrets")) if k == 0 else ""
+            lines.append(f"| {name} | {grader} | {_ci(pd and pd['centred_cosine'])} | {_ci(pd and pd['top1'])} | {_ci(pd and pd['reciprocal_rank'])} | {secrets} |")
+    return lines + [""]
+
+
+def _secrets_md(results: dict, sections: dict[str, dict]) -> list[str]:
+    controls = results.get("secret_controls")
+    if not controls:
+        return []
+    bb, leak = controls["black_box"], controls["leak_rate"]
+    lines = ["## Secret elicitation (Taboo organisms)", "",
+             f"{len(controls['words'])} organisms ({', '.join(controls['words'])}), {controls['items']} items (words x held-out prompts), "
+             f"each organism read at layer {controls['layer']}, position `{controls['read']}`. An item is correct when the text says the word. "
+             "Accuracy with a 95% Wilson interval over items and a bootstrap interval over words.", "",
+             "| oracle / baseline | route | accuracy | 95% CI (items) | 95% CI (words) |", "|---|---|---|---|---|",
+             f"| black box: asking the organism | its reply | {_fmt(bb['accuracy'])} | [{bb['ci_low']:.2f}, {bb['ci_high']:.2f}] | "
+             f"[{bb['ci_words_low']:.2f}, {bb['ci_words_high']:.2f}] |"]
+    for name, sec in sections.items():
+        for route, blk in (sec.get("secrets") or {}).get("routes", {}).items():
+            lines.append(f"| {name} | {route} | {_fmt(blk['accuracy'])} | [{blk['ci_low']:.2f}, {blk['ci_high']:.2f}] | "
+                         f"[{blk['ci_words_low']:.2f}, {blk['ci_words_high']:.2f}] |")
+    lines += ["", f"Organism leak rate (its own replies to the eval prompts that say the word): {_fmt(leak['accuracy'])} "
+              f"[{leak['ci_low']:.2f}, {leak['ci_high']:.2f}] of {leak['n']}.", ""]
+    words = controls["words"]
+    lines += ["Per word: " + " | ".join(words), "", "| oracle / route | " + " | ".join(words) + " |", "|---" * (1 + len(words)) + "|",
+              "| black box | " + " | ".join(_fmt(bb["per_word"].get(w)) for w in words) + " |",
+              "| leak rate | " + " | ".join(_fmt(leak["per_word"].get(w)) for w in words) + " |"]
+    for name, sec in sections.items():
+        for route, blk in (sec.get("secrets") or {}).get("routes", {}).items():
+            lines.append(f"| {name} / {route} | " + " | ".join(_fmt(blk["per_word"].get(w)) for w in words) + " |")
+    lines += ["", "Examples:", ""]
+    for name, sec in sections.items():
+        for ex in (sec.get("secrets") or {}).get("examples", [])[:2]:
+            said = "; ".join(f"{r}: {ex[r][:100]!r}" for r in ("answer", "description") if r in ex)
+            lines.append(f"- {name}, secret `{ex['word']}`, \"{ex['prompt']}\" → {said}")
+    for ex in controls.get("reply_examples", [])[:3]:
+        lines.append(f"- organism `{ex['word']}`, \"{ex['prompt']}\" → {ex['reply'][:160]!r}")
+    return lines + [""]
 
 
 # ---- markdown -----------------------------------------------------------------------------
@@ -172,12 +299,20 @@ def _retrieval_md(r: dict) -> list[str]:
         f"Pool of N = {r['n']} activations ({r['pool']['documents']} documents). Chance: top-1 {ch['top1']:.3f}, "
         f"top-5 {ch['top5']:.3f}, MRR {ch['mrr']:.3f}. Rank ties count against the true activation.",
         "",
-        "| condition | top-1 | top-5 | MRR | median rank | cosine | centred cosine | FVE |",
+        "| condition | top-1 | FVE | top-5 | MRR | median rank | cosine | centred cosine |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in r["conditions"].items():
-        lines.append(f"| {name} | {_fmt(c['top1'])} | {_fmt(c['top5'])} | {_fmt(c['mrr'])} | {_fmt(c['median_rank'], 1)} | "
-                     f"{_fmt(c['cosine'])} | {_fmt(c['centred_cosine'])} | {_fmt(c['fve'])} |")
+        label = "mean_floor (predict the mean: FVE 0 by definition)" if name == "mean_floor" else name
+        lines.append(f"| {label} | {_fmt(c['top1'])} | {_fmt(c['fve'])} | {_fmt(c['top5'])} | {_fmt(c['mrr'])} | {_fmt(c['median_rank'], 1)} | "
+                     f"{_fmt(c['cosine'])} | {_fmt(c['centred_cosine'])} |")
+    if r.get("truncation"):
+        t = r["truncation"]
+        lines += ["", f"Truncation (descriptions average {t['mean_description_tokens']:.1f} tokens): "
+                  + "; ".join(f"n = {p['tokens']}: top-1 {_fmt(p['top1'])}, FVE {_fmt(p['fve'])} ({p['cut_share']:.0%} cut)" for p in t["curve"])]
+    for g, graded in (r.get("graders") or {}).items():
+        gd = graded["conditions"]
+        lines += ["", f"Graded by the {g} encoder: " + "; ".join(f"{k} top-1 {_fmt(v['top1'])}, FVE {_fmt(v['fve'])}" for k, v in gd.items())]
     lines.append("")
     lines.append(f"Predict-the-mean floor cosine: {_fmt(r['conditions']['description']['mean_baseline_cosine'])}. "
                  + (f"Shuffled-activation gap (cosine): {_fmt(r['shuffled_gap'])}; centred: {_fmt(r.get('shuffled_gap_centred'))}." if "shuffled_gap" in r else ""))
@@ -257,6 +392,9 @@ def render_markdown(results: dict) -> str:
     others = results.get("other_oracles") or {}
     if others:
         lines += _comparison_md(results.get("comparison") or comparison_rows(_sections(results)))
+    lines += _versus_guess_md(results.get("versus_text_guess") or {})
+    lines += _secrets_md(results, _sections(results))
+    if others:
         lines += [f"# Oracle `{info.get('name', 'decoder')}`", ""]
     lines += _sections_md(results)
     for name, sec in others.items():
@@ -366,6 +504,30 @@ def plot_arithmetic(a: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_truncation(sections: dict[str, dict], path: Path) -> None:
+    """Top-1 and FVE against the number of description tokens kept, one line per oracle."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, sec in sections.items():
+        t = (sec.get("retrieval") or {}).get("truncation")
+        if not t:
+            continue
+        xs = list(range(len(t["curve"])))
+        for ax, key in zip(axes, ("top1", "fve")):
+            ax.plot(xs, [p[key] if p[key] is not None else float("nan") for p in t["curve"]], marker="o", label=name)
+            ax.set_xticks(xs, [str(p["tokens"]) for p in t["curve"]])
+    first = next(sec["retrieval"] for sec in sections.values() if (sec.get("retrieval") or {}).get("truncation"))
+    axes[0].axhline(first["chance"]["top1"], color="grey", ls=":", label="chance")
+    axes[1].axhline(0, color="k", ls="--", label="predict the mean (FVE 0)")
+    for ax, key in zip(axes, ("retrieval top-1", "FVE")):
+        ax.set_xlabel("description tokens kept")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict:
     """Write plots, `results.json` and `report.md` into out_dir; returns results (with `plots`,
     `summary` and `schema_version` filled in)."""
@@ -379,6 +541,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
         jobs.append(("probe_accuracy.png", plot_probes, results["probes"]))
     if results.get("arithmetic"):
         jobs.append(("arithmetic.png", plot_arithmetic, results["arithmetic"]))
+    if (results.get("retrieval") or {}).get("truncation"):
+        jobs.append(("truncation.png", plot_truncation, _sections(results)))
     for name, fn, data in jobs:
         fn(data, out / name)
         plots.append(name)
