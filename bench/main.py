@@ -28,7 +28,7 @@ from bench.report import CONVENTIONS, evaluate_targets, to_markdown
 from bench.rollout import rollout_flop_fields
 
 ALL_SECTIONS = ("machine", "rollout", "hf", "encoder", "learner", "e2e", "scaling", "paper")
-ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "merged_after_sync", "eager_nolora",
+ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "lora_adapter_synced", "merged_after_sync", "eager_nolora",
                 "preload_iomp", "max_num_seqs_16", "separate_requests")
 
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                  dict(base, kind="engine", name="nobind", binding="nobind", prefix_caching=False, points=case_points),
                  dict(base, kind="engine", name="prefix_caching_on", binding=f"0-{args.threads - 1}", prefix_caching=True, points=case_points),
                  dict(base, kind="engine", name="lora_adapter_path", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="adapter", points=case_points),
+                 dict(base, kind="engine", name="lora_adapter_synced", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="adapter", sync_every_call=True, points=case_points),
                  dict(base, kind="engine", name="merged_after_sync", binding=f"0-{args.threads - 1}", prefix_caching=False, lora="merged", points=case_points),
                  # no torch.compile (what vLLM-CPU does by itself whenever LoRA is enabled): start-up vs speed
                  dict(base, kind="engine", name="eager_nolora", binding=f"0-{args.threads - 1}", prefix_caching=False, compilation_mode=0, points=case_points),

