@@ -194,16 +194,18 @@ def verify_checkpoint(path: str | Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
-    """-> (tensor groups, state.json, objects). Verifies the manifest first."""
+    """-> (tensor groups, state.json, objects), every tensor on the CPU whatever device wrote it.
+    Verifies the manifest first."""
     path = Path(path)
     manifest = verify_checkpoint(path)
     top = [n for n in manifest if "/" not in n]
-    tensors = {n[: -len(".safetensors")]: load_file(str(path / n)) for n in top if n.endswith(".safetensors")}
+    tensors = {n[: -len(".safetensors")]: load_file(str(path / n), device="cpu") for n in top if n.endswith(".safetensors")}
     for n in manifest:  # PEFT adapter folders: <group>/adapter_model.safetensors
         parts = n.split("/")
         if len(parts) == 2 and parts[1] == PEFT_WEIGHTS:
-            tensors[parts[0]] = load_file(str(path / n))
-    objects = {n[: -len(".pt")]: torch.load(path / n, weights_only=True) for n in top if n.endswith(".pt")}
+            tensors[parts[0]] = load_file(str(path / n), device="cpu")
+    # map_location: a checkpoint written on a GPU cluster records its tensors' devices (cuda:N); every load maps them to the CPU
+    objects = {n[: -len(".pt")]: torch.load(path / n, weights_only=True, map_location="cpu") for n in top if n.endswith(".pt")}
     state = json.loads((path / "state.json").read_text())
     return tensors, state, objects
 

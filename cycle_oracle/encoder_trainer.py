@@ -40,6 +40,19 @@ def regression_targets(v_hat: torch.Tensor, v: torch.Tensor, mean: torch.Tensor,
     raise ValueError(f"reward space {space!r}; expected 'raw' or 'centred'")
 
 
+def cpu_copy(obj):
+    """A nested state (dicts, lists, tuples; e.g. an optimizer's `state_dict()`) with every tensor
+    detached, copied and on the CPU: what may leave a role (the copy also cuts it loose from the
+    live optimizer state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 class EncoderTrainer:
     """The encoder, its own optimiser (`encoder.optim`) and the corpus mean mu."""
 
@@ -154,9 +167,12 @@ class EncoderTrainer:
         return {"steps": steps, "pairs": len(texts), "loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas."""
+        """(encoder tensors: LoRA + head, optimizer state) for checkpoints and scoring replicas, every
+        tensor on the CPU and a copy: on a GPU role the AdamW moments live on its GPU, and a GPU tensor
+        that leaves the actor is unpickled onto the receiver's GPU 0 (or fails where it has no CUDA).
+        `load_state` puts them back on the encoder's device."""
         tensors = {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items() if "lora_" in k or k.startswith(("scorer", "projection"))}
-        return tensors, {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        return tensors, {"optimizer": cpu_copy(self.optimizer.state_dict()), "updates": self.updates}
 
     def load_state(self, tensors: dict[str, torch.Tensor], optim: dict | None = None) -> None:
         missing = set(tensors) - set(self.encoder.state_dict())

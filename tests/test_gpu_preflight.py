@@ -130,3 +130,83 @@ def test_prefix_caching_is_refused_with_prompt_embeddings():
     for lora in (False, True):
         args = engine_args("unused", seed=0, enable_lora=lora)
         assert args["enable_prompt_embeds"] is True and args["enable_prefix_caching"] is False
+
+
+# ---------------------------------------------------------------- 3. role state leaves on the CPU, loads map to the CPU
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:0: a stand-in for a GPU tensor on a machine without
+    one. Moving it to the CPU (`.to("cpu")`, `.cpu()`) gives a plain tensor; anything else keeps the claim."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.to, torch.Tensor.cpu) or not isinstance(out, torch.Tensor):
+            return out
+        return out.as_subclass(cls)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_encoder_state_leaves_the_role_on_the_cpu(tiny_path):
+    """The encoder's state (its tensors and the AdamW moments) is on the CPU and a copy, even when
+    the role computes on a GPU (the moments here claim cuda:0), and it loads back."""
+    from cycle_oracle.encoder_trainer import EncoderTrainer
+
+    cfg = RecipeConfig(kind="grpo", model={"name": "tiny-random-llama", "layer": 1}, encoder={"lora": LORA})
+    torch.manual_seed(0)
+    trainer = EncoderTrainer(str(tiny_path), cfg, 1, torch.zeros(128))
+    trainer.train_step(["a first description", "another one"], torch.randn(2, 128))
+    moments = 0
+    for per_param in trainer.optimizer.state.values():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                per_param[key] = value.as_subclass(_OnGpu)
+                moments += 1
+    assert moments and all(t.device.type == "cuda" for s in trainer.optimizer.state.values() for t in _tensors(s) if isinstance(t, _OnGpu))
+
+    tensors, optim = trainer.state()
+    leaving = list(_tensors(tensors)) + list(_tensors(optim))
+    assert len(leaving) > moments
+    off = sorted({f"{type(t).__name__} on {t.device}" for t in leaving if type(t) is not torch.Tensor or t.device.type != "cpu"})
+    assert not off, f"tensors leave the encoder role off the CPU: {off}"
+    live = {t.data_ptr() for s in trainer.optimizer.state.values() for t in _tensors(s)}
+    assert not live & {t.data_ptr() for t in _tensors(optim)}, "the returned optimizer state shares memory with the live one"
+    trainer.load_state(tensors, optim)  # and it loads back into the role
+
+
+def test_a_checkpoint_saved_from_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    """A GRPO checkpoint written on a GPU cluster records cuda:0 as its pickled tensors' device (here
+    written with torch's own location tags saying so); it loads on a machine without CUDA."""
+    import torch.serialization as serialization
+
+    from cycle_oracle.checkpoint import CheckpointRecord, load_trained, save_checkpoint
+
+    optim = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "updates": 3}
+    rec = CheckpointRecord("grpo", 3, "tiny-random-llama", 1, {}, NORM, 3, 1)
+    with monkeypatch.context() as m:  # storages tagged cuda:0, as torch.save tags them on a GPU
+        m.setattr(serialization, "_package_registry", [(0, lambda storage: "cuda:0", lambda storage, location: None),
+                                                       *serialization._package_registry])
+        ckpt = save_checkpoint(tmp_path, rec, {"encoder": {"head": torch.ones(2)}}, objects={"encoder_optim": optim})
+    seen = []
+    torch.load(ckpt / "encoder_optim.pt", weights_only=True, map_location=lambda storage, location: seen.append(location) or storage)
+    assert seen and set(seen) == {"cuda:0"}, f"the file should claim cuda:0, it records {set(seen)}"
+
+    loaded = load_trained(tmp_path)
+    got = loaded.objects["encoder_optim"]["optimizer"]["state"][0]
+    assert got["exp_avg"].device.type == "cpu" and torch.equal(got["exp_avg"], optim["optimizer"]["state"][0]["exp_avg"])
+    assert loaded.tensors["encoder"]["head"].device.type == "cpu"
