@@ -15,7 +15,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 _RECONSTRUCTION = ("cosine", "centred_cosine", "fve", "mean_baseline_cosine")
-_SYNC = ("time_sync", "time_sync_check", "weight_version", "sync_logprob_error", "sync_logprob_error_mean", "sync_logprob_error_p99", "sync_policy_changed")
+_SYNC = ("time_sync", "time_sync_check", "weight_version", "sync_logprob_error", "sync_logprob_error_mean", "sync_logprob_error_p99", "sync_policy_changed",
+         "sync_noise_floor_mean", "sync_noise_floor_p99", "sync_bound_mean", "sync_bound_p99")
 
 METRICS: dict[str, tuple[str, ...]] = {
     "warmup": ("loss", "loss/*", "lr", "tokens_per_s", "examples_seen"),

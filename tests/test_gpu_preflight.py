@@ -210,3 +210,68 @@ def test_a_checkpoint_saved_from_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     got = loaded.objects["encoder_optim"]["optimizer"]["state"][0]
     assert got["exp_avg"].device.type == "cpu" and torch.equal(got["exp_avg"], optim["optimizer"]["state"][0]["exp_avg"])
     assert loaded.tensors["encoder"]["head"].device.type == "cpu"
+
+
+# ---------------------------------------------------------------- 6. the sync check calibrates itself
+def _probe_logprobs(model, ids: torch.Tensor, prompt_len: int = 8) -> torch.Tensor:
+    """Log-probs of the probe's tokens after `prompt_len` (the statistic the sync check compares)."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, prompt_len - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, prompt_len:, None])[..., 0]
+
+
+def _sync_error(learner, served, ids) -> dict:
+    """What `DecoderLearner.sync_error` reports: |log pi_learner - log pi_served| over the probe's tokens."""
+    diff = (_probe_logprobs(learner, ids) - _probe_logprobs(served, ids)).abs().flatten()
+    return {"mean": float(diff.mean()), "p99": float(torch.quantile(diff, 0.99)), "max": float(diff.max()), "tokens": float(len(diff))}
+
+
+def _engine_copy(model, attention: str = "eager"):
+    """The same weights computed by other kernels (as the rollout engine's differ from the learner's)."""
+    served = copy.deepcopy(model)
+    served.base_model.model.set_attn_implementation(attention)
+    return served
+
+
+def test_sync_check_passes_kernel_noise_and_fails_a_sync_the_bf16_ceilings_miss(tiny_path):
+    """bf16, the probe's size (4 x 16 tokens): the learner (sdpa attention) against an engine holding
+    the same weights (eager attention) is kernel noise, and passes at every sync once the first has
+    calibrated the floor; an engine that serves the adapter one small update behind (a sync fault
+    whose error stays under the bf16 ceilings, so the ceilings alone pass it) fails."""
+    from recipes.grpo import SYNC_NOISE_MULTIPLE, SYNC_PROBE, SYNC_TOLERANCE, SyncCheck
+
+    ceiling = SYNC_TOLERANCE["bfloat16"]
+    check = SyncCheck(ceiling)
+    ids = torch.randint(0, 49152, (SYNC_PROBE["activations"], 8 + SYNC_PROBE["tokens"]), generator=torch.Generator().manual_seed(0))
+    logged = []
+    for seed in (1, 2, 3):  # three weight versions, each synced correctly
+        learner = _random_adapter(tiny_path, seed).to(torch.bfloat16)
+        logged.append(check.judge(_sync_error(learner, _engine_copy(learner), ids), f"sync v{seed}"))
+    floor = logged[0]
+    assert floor["sync_bound_mean"] == ceiling["mean"] and floor["sync_bound_p99"] == ceiling["p99"], "the first check is judged by the ceilings"
+    assert 0 < floor["sync_noise_floor_mean"] < ceiling["mean"] / SYNC_NOISE_MULTIPLE
+    for later in logged[1:]:
+        assert later["sync_noise_floor_mean"] == floor["sync_noise_floor_mean"]
+        assert later["sync_bound_mean"] == pytest.approx(SYNC_NOISE_MULTIPLE * floor["sync_noise_floor_mean"])
+        assert later["sync_bound_p99"] == pytest.approx(min(ceiling["p99"], SYNC_NOISE_MULTIPLE * floor["sync_noise_floor_p99"]))
+
+    stale = _engine_copy(learner)  # the engine serves the adapter before the last (small) update
+    with torch.no_grad():
+        for name, p in stale.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)).to(p.dtype) * 0.02)
+    fault = _sync_error(learner, stale, ids)
+    assert fault["mean"] <= ceiling["mean"] and fault["p99"] <= ceiling["p99"], f"the ceilings alone would catch this fault: {fault}"
+    with pytest.raises(RuntimeError, match=r"sync v4 failed verification: served logprobs differ .* mean .* kernel-noise floor"):
+        check.judge(fault, "sync v4")
+
+
+def test_sync_check_first_check_uses_the_ceilings_and_a_zero_floor_allows_rounding():
+    from recipes.grpo import SYNC_NOISE_MIN, SYNC_NOISE_MULTIPLE, SyncCheck
+
+    with pytest.raises(RuntimeError, match=r"mean 2.00e-01 > 1.00e-01.*the ceilings \(first check"):
+        SyncCheck({"mean": 0.1, "p99": 0.5}).judge({"mean": 0.2, "p99": 0.3, "max": 0.4, "tokens": 64}, "sync v1")
+    exact = SyncCheck({"mean": 1e-3, "p99": 5e-3})
+    exact.judge({"mean": 0.0, "p99": 0.0, "max": 0.0, "tokens": 64}, "sync v1")  # kernels that agree exactly
+    assert exact.bounds() == {"mean": SYNC_NOISE_MULTIPLE * SYNC_NOISE_MIN, "p99": SYNC_NOISE_MULTIPLE * SYNC_NOISE_MIN}
+    exact.judge({"mean": SYNC_NOISE_MIN, "p99": SYNC_NOISE_MIN, "max": SYNC_NOISE_MIN, "tokens": 64}, "sync v2")
