@@ -69,7 +69,7 @@ def finish_run(run: Run) -> None:
     run.placement.remove()
 
 
-@ray.remote
+@ray.remote(max_calls=1)  # the worker exits afterwards: the target model's (GPU) memory is not kept
 def extraction_task(model_path: str, config: dict, layer: int, documents: list, threads: int, log_file: str | None = None):
     """Read corpus activations with the frozen target -> (batches, embedding norm)."""
     from actors.logs import output_to

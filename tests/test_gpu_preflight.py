@@ -275,3 +275,25 @@ def test_sync_check_first_check_uses_the_ceilings_and_a_zero_floor_allows_roundi
     exact.judge({"mean": 0.0, "p99": 0.0, "max": 0.0, "tokens": 64}, "sync v1")  # kernels that agree exactly
     assert exact.bounds() == {"mean": SYNC_NOISE_MULTIPLE * SYNC_NOISE_MIN, "p99": SYNC_NOISE_MULTIPLE * SYNC_NOISE_MIN}
     exact.judge({"mean": SYNC_NOISE_MIN, "p99": SYNC_NOISE_MIN, "max": SYNC_NOISE_MIN, "tokens": 64}, "sync v2")
+
+
+# ---------------------------------------------------------------- 7. smaller
+def test_one_off_gpu_tasks_release_their_worker():
+    """The extraction task and the warmup-data task load the target (on a GPU: into its memory):
+    their Ray worker exits after each call (max_calls=1) instead of keeping the model alive."""
+    from recipes.common import extraction_task
+    from recipes.warmup import build_data_task
+
+    for task in (extraction_task, build_data_task):
+        assert task._default_options.get("max_calls") == 1, f"{task._function_name} keeps its worker (and its GPU memory) alive"
+
+
+def test_gpu_recipes_sync_the_adapter():
+    """Both Qwen3-8B recipes serve the adapter (README's resource table): `merged` would give every
+    rollout actor a full HF copy of the decoder plus the merged weights."""
+    from cycle_oracle.config import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("gpu_qwen3_8b_*.yaml"))
+    assert len(recipes) == 2
+    for path in recipes:
+        assert load_recipe(path).rollout.weight_sync == "adapter", f"{path.name} syncs {load_recipe(path).rollout.weight_sync}"
