@@ -4,23 +4,24 @@
 # probe (bench/gpu_memory.py: one GRPO step on a random Qwen3-8B-shaped decoder), and write one JSON:
 #
 #   bash scripts/gpu_check.sh [OUT.json]       # default: $OUT/gpu_check.json
+#   bash scripts/gpu_check.sh --install-only   # install what is missing, pip check, import check; no tests
 #
-# It never installs, upgrades or removes torch, and it does not install the project: the repo root
-# goes on PYTHONPATH. Packages go into the running interpreter's environment ($PYTHON, default python3).
+# It never installs, upgrades or removes torch (the installed one is a pip constraint), and it does
+# not install the project: the repo root goes on PYTHONPATH. Packages go into $PYTHON's environment
+# (default: the project's .venv where it exists, else python3).
+# What the check needs besides torch, transformers and peft: scripts/gpu_packages.py NEEDS (DeepSpeed,
+# TRL, pydantic, datasets, pyyaml, rich, safetensors, pytest, pytest-timeout) and what they require.
 # Without network, give a folder of wheels / sdists: GPU_CHECK_WHEELS=dir (pip --no-index
-# --find-links dir --no-deps: the folder must hold every missing package, dependencies included).
-# With network and no folder, pip installs the missing ones from PyPI (torch pinned to the installed one).
-#
-# What the tests and the probe need besides torch (import name -> package):
-#   deepspeed (sdist only on PyPI; installs without compiling: DS_BUILD_OPS=0), hjson, pydantic,
-#   pydantic-core (compiled: a cp3XX manylinux wheel), annotated-types, typing-inspection, trl,
-#   datasets (trl.trainer.utils imports it), dill, multiprocess, plus, usually present on GPU images,
-#   transformers, peft, safetensors, pyyaml, rich, tokenizers, accelerate, msgpack, ninja, psutil,
-#   py-cpuinfo, einops, pyarrow, pandas, xxhash, fsspec, huggingface-hub, pytest, pytest-timeout.
-#   Together the usually-missing ones are ~7 MB. ray, vllm (GPU build, hundreds of MB) and wandb are
-#   not needed: tests that need them skip.
-# Bring them from a machine with PyPI (Python version and platform of the GPU machine):
-#   bash scripts/gpu_check.sh --download wheels/        # PY_VERSION=3.12 (default), versions of this venv
+# --find-links dir: the folder must hold every missing package, dependencies included; `pip check`
+# then says whether it did). With network and no folder, pip installs the missing ones from PyPI.
+# Bring them from a machine with PyPI and the dev venv (its versions; Python version and platform of
+# the GPU machine):
+#   bash scripts/gpu_check.sh --download wheels/        # PY_VERSION=3.12 (default); prints the folder's size
+# It fetches every distribution NEEDS pull in that torch, transformers and peft do not (plus
+# setuptools and wheel: DeepSpeed is an sdist, built there without build isolation, DS_BUILD_OPS=0):
+# about 70 MB, 55 of them pyarrow (datasets >= 5 requires pyarrow >= 24, TRL requires datasets).
+# CI runs this offline path on the CPU (tests/test_gpu_preflight.py: --download, then --install-only
+# in a scratch venv that sees only torch, transformers and peft).
 # e.g. for the workplace's device machine: `echo /.whl/ >> .git/info/exclude`,
 #   bash scripts/gpu_check.sh --download .whl, then run there with carry [".whl"]:
 #   GPU_CHECK_WHEELS=.whl bash scripts/gpu_check.sh
@@ -29,75 +30,90 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-py="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ] && [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py="${PYTHON:-python3}"; fi
 say() { echo "[gpu_check] $*" >&2; }
-
-# The packages most GPU images lack (pip names; the --download list and the usual install).
-usually_missing=(deepspeed hjson pydantic pydantic-core annotated-types typing-inspection trl datasets dill multiprocess)
+DOWNLOAD_BUDGET_MB=60
 
 if [ "${1:-}" = "--download" ]; then
   dest="${2:?usage: gpu_check.sh --download DIR}"
   mkdir -p "$dest"
-  pins=$("$py" - "${usually_missing[@]}" <<'EOF'
-import sys
-from importlib.metadata import PackageNotFoundError, version
-for name in sys.argv[1:]:
-    try:
-        print(f"{name}=={version(name)}")
-    except PackageNotFoundError:
-        print(name)
-EOF
-)
-  binary=$(echo "$pins" | grep -v '^deepspeed')
-  ds=$(echo "$pins" | grep '^deepspeed')
-  say "downloading for Python ${PY_VERSION:-3.12} x86-64: ${pins//$'\n'/ }"
+  pins=$("$py" scripts/gpu_packages.py download-pins --python-version "${PY_VERSION:-3.12}")
+  binary=$(echo "$pins" | grep -v '^deepspeed==')
+  ds=$(echo "$pins" | grep '^deepspeed==')
+  say "downloading for Python ${PY_VERSION:-3.12} x86-64 (the versions of $py): ${pins//$'\n'/ }"
   # shellcheck disable=SC2086
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest" $binary
-  "$py" -m pip download -q --no-deps --no-binary=:all: -d "$dest" "$ds"
-  du -sh "$dest" >&2
+  "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$dest" $binary
+  "$py" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$dest" "$ds"
+  mb=$(du -sm "$dest" | cut -f1)
+  say "$dest: ${mb} MB in $(find "$dest" -maxdepth 1 -type f | wc -l) files; largest: $(ls -S "$dest" | head -n 3 | tr '\n' ' ')"
+  if [ "$mb" -gt "$DOWNLOAD_BUDGET_MB" ]; then
+    say "over the ${DOWNLOAD_BUDGET_MB} MB budget: pyarrow alone is ~55 MB (datasets >= 5 needs pyarrow >= 24, and TRL needs datasets)"
+  fi
   exit 0
 fi
+install_only=0
+if [ "${1:-}" = "--install-only" ]; then install_only=1; shift; fi
 
-out="${1:-${OUT:+$OUT/gpu_check.json}}"
-[ -n "$out" ] || { say "give the output path as \$1 or set OUT"; exit 2; }
-mkdir -p "$(dirname "$out")"
+if [ "$install_only" = 0 ]; then
+  out="${1:-${OUT:+$OUT/gpu_check.json}}"
+  [ -n "$out" ] || { say "give the output path as \$1 or set OUT"; exit 2; }
+  mkdir -p "$(dirname "$out")"
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 torch_version=$("$py" -c "import torch; print(torch.__version__)" 2>/dev/null) \
   || { say "$py has no torch: install a CUDA build of torch first (this script never installs torch)"; exit 1; }
-say "python $("$py" -c 'import platform; print(platform.python_version())'), torch $torch_version, CUDA available: $("$py" -c 'import torch; print(torch.cuda.is_available())')"
+say "python $py ($("$py" -c 'import platform; print(platform.python_version())')), torch $torch_version, CUDA available: $("$py" -c 'import torch; print(torch.cuda.is_available())')"
 
-# import name:package; find_spec only (importing deepspeed or trl takes seconds each)
-missing=$("$py" - <<'EOF'
-import importlib.util
-needs = {"deepspeed": "deepspeed", "hjson": "hjson", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
-         "annotated_types": "annotated-types", "typing_inspection": "typing-inspection", "trl": "trl", "datasets": "datasets",
-         "dill": "dill", "multiprocess": "multiprocess", "transformers": "transformers", "peft": "peft",
-         "safetensors": "safetensors", "yaml": "pyyaml", "rich": "rich", "tokenizers": "tokenizers", "accelerate": "accelerate",
-         "msgpack": "msgpack", "ninja": "ninja", "psutil": "psutil", "cpuinfo": "py-cpuinfo", "einops": "einops",
-         "pyarrow": "pyarrow", "pandas": "pandas", "xxhash": "xxhash", "fsspec": "fsspec", "huggingface_hub": "huggingface-hub",
-         "pytest": "pytest", "pytest_timeout": "pytest-timeout"}
-print(" ".join(pkg for mod, pkg in needs.items() if importlib.util.find_spec(mod) is None))
+# the NEEDS distributions not installed (metadata only: importing deepspeed or trl takes seconds each)
+# shellcheck disable=SC2046
+missing=$("$py" - $("$py" scripts/gpu_packages.py needs) <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+missing = []
+for name in sys.argv[1:]:
+    try:
+        distribution(name)
+    except PackageNotFoundError:
+        missing.append(name)
+print(" ".join(missing))
 EOF
 )
+pip=("$py" -m pip --disable-pip-version-check)
 if [ -n "$missing" ]; then
-  say "installing: $missing"
+  say "installing: $missing (and what they require)"
   echo "torch==$torch_version" > "$work/constraints.txt"
-  pip=("$py" -m pip install -q --disable-pip-version-check -c "$work/constraints.txt")
+  install=("${pip[@]}" install -q -c "$work/constraints.txt")
   if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
     [ -d "$GPU_CHECK_WHEELS" ] || { say "GPU_CHECK_WHEELS=$GPU_CHECK_WHEELS is not a folder"; exit 1; }
-    pip+=(--no-index --find-links "$GPU_CHECK_WHEELS" --no-deps --no-build-isolation)
+    install+=(--no-index --find-links "$GPU_CHECK_WHEELS")
   fi
+  # DeepSpeed's sdist builds against the installed torch (no build isolation), so setuptools and wheel first
+  "$py" -c "import setuptools, wheel" 2>/dev/null || "${install[@]}" setuptools wheel \
+    || { say "pip could not install setuptools and wheel (offline? bring them with --download, see the header)"; exit 1; }
   # shellcheck disable=SC2086
-  DS_BUILD_OPS=0 "${pip[@]}" $missing || { say "pip could not install: $missing (offline? bring them with --download, see the header)"; exit 1; }
+  DS_BUILD_OPS=0 "${install[@]}" --no-build-isolation $missing \
+    || { say "pip could not install: $missing (offline? bring them with --download, see the header)"; exit 1; }
 else
   say "every package is already there"
+fi
+pip_check_rc=0
+"${pip[@]}" check >"$work/pip_check.log" 2>&1 || pip_check_rc=$?
+if [ "$pip_check_rc" != 0 ]; then
+  cat "$work/pip_check.log" >&2
+  say "pip check found broken requirements (above)"
+  [ "$install_only" = 0 ] || exit 1
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 "$py" -c "import deepspeed, pydantic, yaml, peft, transformers, trl.trainer.utils, cycle_oracle.learner" 2>"$work/import.log" \
   || { tail -n 20 "$work/import.log" >&2; say "the installed packages do not import (see above)"; exit 1; }
+if [ "$install_only" = 1 ]; then
+  say "installed: pip check clean, the check's imports work"
+  exit 0
+fi
 
 # the gpu-marked tests (only the files that have any: other test files import ray / vllm at the top)
 mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
@@ -114,12 +130,13 @@ set -e
 tail -n 30 "$work/probe.log" >&2
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "")
 
-"$py" - "$work" "$out" "$test_rc" "$probe_rc" "$gpu" <<'EOF'
+"$py" - "$work" "$out" "$test_rc" "$probe_rc" "$gpu" "$pip_check_rc" <<'EOF'
 import json, platform, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 work, out, test_rc, probe_rc, gpu = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+pip_check = {"exit_code": int(sys.argv[6]), "output": (work / "pip_check.log").read_text(errors="replace")[-3000:]}
 tests = {"exit_code": test_rc}
 try:
     root = ET.parse(work / "junit.xml").getroot()
@@ -140,7 +157,7 @@ try:
 except (OSError, ValueError):
     probe = {"status": "failed", "log_tail": (work / "probe.log").read_text(errors="replace")[-3000:]}
 probe["exit_code"] = probe_rc
-record = {"nvidia_smi": gpu or None, "python": platform.python_version(), "pytest": tests, "probe": probe}
+record = {"nvidia_smi": gpu or None, "python": platform.python_version(), "pip_check": pip_check, "pytest": tests, "probe": probe}
 out.write_text(json.dumps(record, indent=2) + "\n")
 print(f"[gpu_check] wrote {out}: tests exit {test_rc} ({tests.get('passed', '?')} passed, {tests.get('failures', '?')} failed, "
       f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped); probe {probe.get('status')} (exit {probe_rc})",

