@@ -15,6 +15,7 @@ import torch
 from actors.placement import Placement, free_port, remote_get
 from cycle_oracle.batch import RolloutBatch, gather_in_order, shard_indices
 from cycle_oracle.learner import DecoderLearner, init_distributed
+from cycle_oracle.models import resolve_model_path
 
 
 @ray.remote
@@ -33,7 +34,7 @@ class LearnerActor(DecoderLearner):
         torch.manual_seed(cfg.seed)
         init_distributed(rank, world_size, master_addr, master_port)
         self.rank = rank
-        super().__init__(model_path, cfg, layer, injection_norm, total_steps, stage, reference_adapter)
+        super().__init__(str(resolve_model_path(model_path)), cfg, layer, injection_norm, total_steps, stage, reference_adapter)  # on this node
 
     def ready(self) -> int:
         return self.rank

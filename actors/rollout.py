@@ -16,13 +16,17 @@ from cycle_oracle.batch import RolloutBatch
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, actor_index: int = 0,
+    def __init__(self, model: str, config: dict, layer: int, injection_norm: float, actor_index: int = 0,
                  log_file: str | None = None):
+        """`model`: the recipe's model spec (`models.model_spec`), resolved here, on this actor's node."""
         from actors.logs import send_output_to
         from cycle_oracle.config import RecipeConfig
+        from cycle_oracle.models import resolve_model_path
 
         send_output_to(log_file)
         from cycle_oracle.rollout import configure_cpu_environment
+
+        model_path = str(resolve_model_path(model))
 
         self.cfg = RecipeConfig.model_validate(config)
         ro = self.cfg.rollout

@@ -10,6 +10,10 @@ Model names accepted everywhere:
   SmolLM2 tokenizer, for fast tests;
 - otherwise a hub name, downloaded where a hub is reachable.
 
+A recipe's model is a spec (`model_spec`: one of the above, a local folder made absolute), and
+every Ray role resolves it on its own node (`resolve_model_path`): a path resolved on the driver
+may not exist on another node.
+
 Layer convention: "layer L" is the residual stream after L blocks (HF `hidden_states[L]`), no
 final norm. Valid read layers are 1..num_layers-1 (layer num_layers would be the last block's
 output, which HF reports after the final norm; we never read it).
@@ -17,10 +21,12 @@ output, which HF reports after the final norm; we never read it).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -120,8 +126,18 @@ def _build_tiny_random_llama(out: Path, seed: int = 0) -> None:
     model.generation_config.save_pretrained(out)
 
 
-def resolve_model_path(name: str) -> Path:
-    """Return a local folder holding `name` in HF format (building embedded models once)."""
+def model_spec(name: str) -> str:
+    """What every role resolves on its own node (`resolve_model_path`): an embedded name or a hub id
+    as it is; a folder that exists here as an absolute path (which must exist on every node that
+    runs a role: a shared file system, or a copy at the same path)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def resolve_model_path(name: str, weights: bool = True) -> Path:
+    """Return a folder on this node holding `name` in HF format (building embedded models once,
+    downloading a hub id once per process). `weights=False`: config and tokenizer files are enough
+    (the driver's needs); embedded models and local folders are whole either way."""
     if name == "smollm2-135m-instruct":
         return _atomic_folder(cache_root() / "models" / name, _convert_smollm2)
     if name == "tiny-random-llama":
@@ -133,17 +149,23 @@ def resolve_model_path(name: str) -> Path:
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(
-            f"model {name!r} not found: expected a local HF folder, a hub name 'org/model', "
-            f"or one of {EMBEDDED_MODELS}"
+            f"model {name!r} not found on node {socket.gethostname()}: a local HF folder must exist on every node that "
+            f"loads it (copy it there, or name the model by its hub id 'org/model' or one of {EMBEDDED_MODELS})"
         )
+    return _hub_snapshot(name, weights)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_snapshot(name: str, weights: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # offline, gated, missing
         raise ModelNotFoundError(
-            f"model {name!r} is not a local folder and could not be fetched from the hub ({type(err).__name__}: {err}). "
-            f"Pass a local HF folder or one of {EMBEDDED_MODELS}."
+            f"model {name!r} is not a local folder and could not be fetched from the hub on node {socket.gethostname()} "
+            f"({type(err).__name__}: {err}). Pass a local HF folder or one of {EMBEDDED_MODELS}."
         ) from err
 
 

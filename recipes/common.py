@@ -1,7 +1,12 @@
-"""Set-up every recipe driver shares: the run folder, the resolved model and layer, the run's
-placement group (every role of the kind, `actors/placement.py`), extraction of corpus activations
-(a Ray task in the placement group's first bundle, so the driver holds no model), the injection
-norm, and loading a checkpoint to start from."""
+"""Set-up every recipe driver shares: the run folder, the model and layer, the run's placement group
+(every role of the kind, `actors/placement.py`), extraction of corpus activations (a Ray task in the
+placement group's first bundle, so the driver holds no model), the injection norm, and loading a
+checkpoint to start from.
+
+The model travels to the roles as the recipe names it (`Run.model_spec`: a hub id, an embedded name
+or an absolute folder) and every role and task resolves it on its own node (`resolve_model_path`);
+the driver resolves it only for its own config and tokenizer (`Run.model_path`, no weights).
+Documents the roles need are read once, on the driver, and reach them through Ray's object store."""
 
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ class Run:
     cfg: RecipeConfig
     out: Path
     model_path: str
+    """The model's folder on the driver's node: config and tokenizer (no weights for a hub id)."""
+    model_spec: str
+    """What every role is given and resolves on its own node (`models.model_spec`)."""
     layer: int
     n_layers: int
     metrics: MetricsLogger
@@ -46,7 +54,7 @@ class Run:
 
 
 def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
-    from cycle_oracle.models import resolve_layer, resolve_model_path
+    from cycle_oracle.models import model_spec, resolve_layer, resolve_model_path
 
     if cfg.init_from:  # a missing or incomplete checkpoint is the user's to fix: say so before anything starts
         resolve_checkpoint(cfg.init_from)
@@ -54,14 +62,14 @@ def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_recipe(cfg))
-    model_path = str(resolve_model_path(cfg.model.name))
+    model_path = str(resolve_model_path(cfg.model.name, weights=False))
     n_layers = int(json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"])
     layer = resolve_layer(cfg.model.layer, n_layers)
     init_ray(cfg)
     placement = Placement(cfg, cfg.ray.setup_timeout_s)
     metrics = MetricsLogger(out, cfg.logging, cfg.model_dump(mode="json"), run_name=f"{out.name}-{stage}")
     print(f"[{stage}] model {cfg.model.name} ({n_layers} blocks), read layer {layer}, run folder {out}")
-    return Run(cfg, out, model_path, layer, n_layers, metrics, placement)
+    return Run(cfg, out, model_path, model_spec(cfg.model.name), layer, n_layers, metrics, placement)
 
 
 def finish_run(run: Run) -> None:
@@ -70,34 +78,37 @@ def finish_run(run: Run) -> None:
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: the target model's (GPU) memory is not kept
-def extraction_task(model_path: str, config: dict, layer: int, documents: list, threads: int, log_file: str | None = None):
-    """Read corpus activations with the frozen target -> (batches, embedding norm)."""
+def extraction_task(model: str, config: dict, layer: int, documents: list, threads: int, log_file: str | None = None):
+    """Read corpus activations with the frozen target (`model`: a spec, resolved on this node) ->
+    (batches, embedding norm)."""
     from actors.logs import output_to
 
     with output_to(log_file):
-        return _extract(model_path, config, layer, documents, threads)
+        return _extract(model, config, layer, documents, threads)
 
 
-def _extract(model_path: str, config: dict, layer: int, documents: list, threads: int):
+def _extract(model: str, config: dict, layer: int, documents: list, threads: int):
     from cycle_oracle.activations import extract
     from cycle_oracle.injection import mean_embedding_norm
-    from cycle_oracle.models import load_causal_lm, load_tokenizer
+    from cycle_oracle.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     from cycle_oracle.devices import check_dtype, role_device
 
+    model_path = resolve_model_path(model)  # on this task's node
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
     device = role_device(cfg.resources.learner.num_gpus)  # the first (learner) bundle
     check_dtype(cfg.model.dtype, device, role="learner (extraction)")
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, cfg.model.dtype).to(device)
+    target = load_causal_lm(model_path, cfg.model.dtype).to(device)
     e = cfg.extraction
-    batches = list(extract(model, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
-    return batches, mean_embedding_norm(model.get_input_embeddings())
+    batches = list(extract(target, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
+    return batches, mean_embedding_norm(target.get_input_embeddings())
 
 
 def extract_store(run: Run, documents, subdir: str = "activations"):
-    """Extract activations for `documents` into `<run>/<subdir>` (reused if already there)."""
+    """Extract activations for `documents` (read on the driver; they reach the task through Ray's
+    object store) into `<run>/<subdir>` (reused if already there)."""
     from cycle_oracle.activations import ActivationStore, write_store
 
     root = run.out / subdir
@@ -107,7 +118,7 @@ def extract_store(run: Run, documents, subdir: str = "activations"):
     t0 = time.time()
     options, threads = run.placement.task_options()
     batches, emb_norm = remote_get(
-        extraction_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), run.layer, documents, threads,
+        extraction_task.options(**options).remote(run.model_spec, run.cfg.model_dump(mode="json"), run.layer, ray.put(documents), threads,
                                                   run.log_file("extraction")),
         run.cfg.ray.setup_timeout_s, "activation extraction",
     )
@@ -157,7 +168,7 @@ def checkpoint_adapter_configs(run: Run) -> dict:
     from cycle_oracle.models import lora_config
 
     config = lora_config(run.cfg.decoder_lora)
-    config.base_model_name_or_path = run.model_path
+    config.base_model_name_or_path = run.model_spec  # the recipe's name of the base, not a path on the driver
     return {"decoder_adapter": config}
 
 

@@ -31,7 +31,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     start = load_start(run)
     norm = injection_norm(run, emb_norm, store.mean_norm, start)
     rows = one_row_per_document(store, cfg.seed, cfg.num_documents)
-    actor = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, cfg.model_dump(mode="json"), run.layer, norm, 0,
+    actor = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_spec, cfg.model_dump(mode="json"), run.layer, norm, 0,
                                                                             run.log_file("rollout-0"))
     if start is not None:
         remote_get(actor.sync.remote(start.tensors["decoder_adapter"], 1), cfg.ray.get_timeout_s, "rollout sync")

@@ -130,14 +130,14 @@ class Roles:
                 raise ValueError("grpo.kl_reference=warmup needs init_from (a warmup checkpoint) to take the reference adapter from")
             ref = start.tensors["decoder_adapter"]
         config = cfg.model_dump(mode="json")
-        self.learners = LearnerGroup(run.model_path, cfg, run.layer, norm, total, "grpo", run.placement, reference_adapter=ref,
+        self.learners = LearnerGroup(run.model_spec, cfg, run.layer, norm, total, "grpo", run.placement, reference_adapter=ref,
                                      log_dir=run.log_dir)
         self.rollouts = [
             RolloutActor.options(**run.placement.options("rollout", i, max_restarts=3, max_task_retries=0, name=f"{run.out.name}-rollout-{i}" + (f"-r{incarnation}" if incarnation else "")))
-            .remote(run.model_path, config, run.layer, norm, i, run.log_file(f"rollout-{i}"))
+            .remote(run.model_spec, config, run.layer, norm, i, run.log_file(f"rollout-{i}"))
             for i in range(cfg.resources.rollout.num_actors)
         ]
-        self.encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean,
+        self.encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_spec, config, run.layer, store.mean,
                                                                                    run.log_file("encoder"))
         self.tokenizer = load_tokenizer(run.model_path)
         self.version = 0
@@ -409,11 +409,11 @@ def run(cfg, out, resume: bool = False, on_step_end=None) -> dict:
 def warmup_training_items(run: Run) -> dict:
     """Supervised mixing's data: the warmup data build of this recipe's `warmup` settings (the
     cache a warmup of the same settings wrote; built here otherwise), training split only."""
-    from recipes.warmup import build_data_task
+    from recipes.warmup import build_data_task, warmup_corpus
 
     options, threads = run.placement.task_options()
     train, _heldout, report = remote_get(
-        build_data_task.options(**options).remote(run.model_path, run.cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data")),
+        build_data_task.options(**options).remote(run.model_spec, run.cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data"), warmup_corpus(run.cfg)),
         run.cfg.ray.setup_timeout_s, "building the warmup data (supervised mixing)")
     tasks = {t: len(train.get(t) or []) for t in run.cfg.grpo.sft_mix_tasks}
     print(f"[grpo] supervised mixing: beta {run.cfg.grpo.sft_mix_weight}, warmup items {tasks}")

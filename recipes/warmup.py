@@ -31,14 +31,19 @@ from recipes.common import Run, check_finite, checkpoint_adapter_configs, extrac
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
-def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir: str | None, log_file: str | None = None):
+def build_data_task(model: str, config: dict, threads: int, shared_data_dir: str | None, log_file: str | None = None,
+                    corpus_documents: list | None = None):
+    """The warmup data (`build_warmup_data`) with the target `model` (a spec, resolved on this node);
+    `corpus_documents`: the warmup corpus as the driver read it (`warmup_corpus`), None to read
+    nothing here (an embedded corpus is written by the target; no corpus task in the mixture)."""
     from actors.logs import send_output_to
 
     send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.models import load_tokenizer
+    from cycle_oracle.models import load_tokenizer, resolve_model_path
 
+    model_path = str(resolve_model_path(model))  # on this task's node
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
@@ -47,8 +52,19 @@ def build_data_task(model_path: str, config: dict, threads: int, shared_data_dir
         cfg.warmup, cfg.split.heldout_fraction, tok, generate, cfg.description_instruction,
         shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
         token_items_per_document=cfg.warmup.token_items_per_document,
-        stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour,
+        stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour, corpus_documents=corpus_documents,
     )
+
+
+def warmup_corpus(cfg):
+    """The warmup's token-prediction / description corpus (`warmup.corpus`), read on the driver and
+    put in Ray's object store for `build_data_task` (which may run on a node without the files or
+    the hub) -> its ObjectRef, or None where the task reads no corpus (kind `embedded`: the target
+    writes it; neither corpus task in `warmup.mixture`)."""
+    w = cfg.warmup
+    if w.corpus.kind == "embedded" or not any(w.mixture.get(t, 0) > 0 for t in ("token_prediction", "description")):
+        return None
+    return ray.put(load_documents(w.corpus, w.num_corpus_documents, cfg.seed))  # as data/token_prediction.load_corpus selects them
 
 
 def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
@@ -156,7 +172,8 @@ def run(cfg, out, resume: bool = False, on_step_time=None) -> dict:
     t = cfg.ray.get_timeout_s
     options, threads = run.placement.task_options()
     train, heldout, data_report = remote_get(
-        build_data_task.options(**options).remote(run.model_path, cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data")),
+        build_data_task.options(**options).remote(run.model_spec, cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data"),
+                                                  warmup_corpus(cfg)),
         cfg.ray.setup_timeout_s, "building the warmup data",
     )
     counts = ", ".join(f"{t} {len(train.get(t) or [])}/{len(heldout.get(t) or [])}" for t in data_report.get("tasks", []))
@@ -169,7 +186,7 @@ def run(cfg, out, resume: bool = False, on_step_time=None) -> dict:
     from cycle_oracle.data.mixture import WarmupMixture
 
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
-    group = LearnerGroup(run.model_path, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement, log_dir=run.log_dir)
+    group = LearnerGroup(run.model_spec, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement, log_dir=run.log_dir)
     centring = centre_latentqa(group, train.get("latentqa", []), cfg) if cfg.warmup.latentqa_centre else None
     rng = random.Random(cfg.seed)
     start = 0
@@ -217,9 +234,9 @@ def run(cfg, out, resume: bool = False, on_step_time=None) -> dict:
         results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
     adapter = group.adapter()
     config = cfg.model_dump(mode="json")
-    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_path, config, run.layer, norm, 0,
+    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_spec, config, run.layer, norm, 0,
                                                                               run.log_file("rollout-0"))
-    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_path, config, run.layer, store.mean,
+    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_spec, config, run.layer, store.mean,
                                                                               run.log_file("encoder"))
     remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
     results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)

@@ -132,6 +132,54 @@ def test_prefix_caching_is_refused_with_prompt_embeddings():
         assert args["enable_prompt_embeds"] is True and args["enable_prefix_caching"] is False
 
 
+# ---------------------------------------------------------------- 2. each role resolves the model on its own node
+def test_a_local_model_folder_missing_on_a_node_is_named_with_the_node(tmp_path):
+    from cycle_oracle.errors import UserError
+    from cycle_oracle.models import resolve_model_path
+
+    missing = tmp_path / "qwen3-8b"
+    with pytest.raises(UserError) as err:
+        resolve_model_path(str(missing))
+    assert str(missing) in str(err.value) and f"node {socket.gethostname()}" in str(err.value)
+
+
+def test_roles_are_given_the_recipes_model_spec(tmp_path, monkeypatch, tiny_path):
+    """What the driver hands to the roles: an embedded name or a hub id as the recipe names it (each
+    role resolves it on its own node); a local folder as an absolute path."""
+    from cycle_oracle.models import model_spec
+
+    assert model_spec("tiny-random-llama") == "tiny-random-llama"
+    assert model_spec("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+    shutil.copytree(tiny_path, tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    assert model_spec("models/mine") == str(tmp_path / "models" / "mine")
+
+
+
+def test_the_warmup_data_task_builds_from_the_drivers_documents(ray_local, tmp_path, tiny_tokenizer):
+    """The warmup corpus is read on the driver (`warmup_corpus`: the documents the data build would
+    select, through Ray's object store); the data build then needs no corpus on its node."""
+    from cycle_oracle.corpus import load_documents
+    from cycle_oracle.data.build import build_warmup_data
+    from recipes.warmup import warmup_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i} tells of the river town number {i}, its mills, its bridges and the people who "
+                                    f"crossed them every morning on the way to the market square." for i in range(12)))
+    cfg = RecipeConfig(kind="warmup", model={"name": "tiny-random-llama", "layer": 1},
+                       warmup={"corpus": {"kind": "text_files", "paths": [str(corpus)]}, "num_corpus_documents": 6,
+                               "mixture": {"token_prediction": 1.0}})
+    ref = warmup_corpus(cfg)
+    assert isinstance(ref, ray.ObjectRef)
+    documents = ray.get(ref)
+    assert documents == load_documents(cfg.warmup.corpus, 6, cfg.seed) and len(documents) == 6
+    corpus.unlink()  # the data task's node has no corpus file
+    train, _held, report = build_warmup_data(cfg.warmup, 0.2, tiny_tokenizer, None, cfg.description_instruction, seed=cfg.seed,
+                                             progress=False, corpus_documents=documents)
+    assert report["corpus"]["documents"] == 6 and train["token_prediction"]
+    assert warmup_corpus(RecipeConfig(kind="warmup")) is None, "an embedded warmup corpus is written by the target in the task"
+
+
 # ---------------------------------------------------------------- 3. role state leaves on the CPU, loads map to the CPU
 class _OnGpu(torch.Tensor):
     """A CPU tensor that says it lives on cuda:0: a stand-in for a GPU tensor on a machine without
