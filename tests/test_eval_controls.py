@@ -262,3 +262,20 @@ def test_corpus_falls_back_from_a_missing_file_past_an_unreachable_hub_to_the_em
     long_cfg = load_recipe(REPO / "recipes" / "warmup_then_grpo_cpu_long.yaml")
     assert long_cfg.corpus == long_cfg.warmup.corpus, "the warmup and GRPO corpora fall back together (one split)"
     hub_reachable.cache_clear()
+
+
+def test_an_eval_of_a_checkpoint_keeps_its_runs_held_out_split(tmp_path):
+    """eval_cpu holds out half the documents; a run that held out 0.2 trained on some of them (a split
+    is a hash threshold), so with a checkpoint the pool is its run's held-out side."""
+    from cycle_oracle.config import load_recipe
+    from cycle_oracle.evals.run import checkpoint_split
+
+    run_cfg = load_recipe(REPO / "recipes" / "eval_smoke.yaml", ["split.heldout_fraction=0.2", "seed=3"])
+    warmup_like_checkpoint(tmp_path / "run", run_cfg)
+    cfg = load_recipe(REPO / "recipes" / "eval_smoke.yaml", ["split.heldout_fraction=0.5", f"init_from={tmp_path / 'run'}"])
+    said = []
+    adjusted, split_seed = checkpoint_split(cfg, said.append)
+    assert (adjusted.split.heldout_fraction, split_seed, adjusted.seed) == (0.2, 3, 0)
+    assert "heldout_fraction 0.2, seed 3" in said[0]
+    plain = load_recipe(REPO / "recipes" / "eval_smoke.yaml", ["split.heldout_fraction=0.5"])
+    assert checkpoint_split(plain, said.append) == (plain, 0) and len(said) == 1

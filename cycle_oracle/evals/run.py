@@ -278,14 +278,32 @@ def run_evals_from_recipe(cfg, store, out_dir: str | Path, data_dir: str | Path 
 
     names = oracle_names(cfg)
     check_oracle_request(cfg, names)
-    oracles = build_oracles(cfg, store, names)
+    cfg, split_seed = checkpoint_split(cfg, log)
+    oracles = build_oracles(cfg, store, names, split_seed)
     graders = build_graders(cfg)
     secrets = None
     if "secrets" in cfg.eval.tasks:
         secrets = read_organisms(cfg, next(iter(oracles.values())), organisms or {}, organism_reports, log)
     return run_evals_from_settings(oracles, store, cfg.eval, out_dir, seed=cfg.seed, data_dir=data_dir,
-                                   heldout_fraction=cfg.split.heldout_fraction, split_seed=cfg.seed, log=log,
+                                   heldout_fraction=cfg.split.heldout_fraction, split_seed=split_seed, log=log,
                                    graders=graders, secrets=secrets)
+
+
+def checkpoint_split(cfg, log: Callable[[str], None] | None = print):
+    """(cfg, split seed) with the checkpoint's own held-out split (`split.heldout_fraction` and the
+    seed of the run that trained it) when there is a checkpoint: a split is a hash threshold, so a
+    larger held-out fraction in the eval recipe would put documents the checkpoint trained on into
+    the pool (and take them out of LatentLens's bank). Without a checkpoint: the recipe's."""
+    if cfg.init_from is None:
+        return cfg, cfg.seed
+    from cycle_oracle.checkpoint import load_trained
+
+    run_cfg = load_trained(cfg.init_from).config()
+    theirs = (run_cfg.split.heldout_fraction, run_cfg.seed)
+    if theirs != (cfg.split.heldout_fraction, cfg.seed) and log:
+        log(f"[eval] held-out split of the checkpoint's run: heldout_fraction {theirs[0]}, seed {theirs[1]} "
+            f"(the recipe says {cfg.split.heldout_fraction}, seed {cfg.seed}): the pool holds no document it trained on")
+    return cfg.model_copy(update={"split": run_cfg.split}), run_cfg.seed
 
 
 def read_organisms(cfg, oracle: Oracle, organisms: Mapping[str, str], reports: Mapping[str, dict] | None = None,
