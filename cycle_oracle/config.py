@@ -368,11 +368,11 @@ class SecretSettings(Strict):
     hub id of a published one (a GPU cluster). Words without one are trained by the eval (and saved in its run folder)."""
     hints_path: str | None = None
     """A JSON file {word: [hint, ...]} adding words to the hint bank or replacing their hints."""
-    dialogues_per_word: int = Field(96, ge=4)
+    dialogues_per_word: int = Field(128, ge=4)
     """Training dialogues of one organism (a user turn asking for the word or a hint, a reply that hints)."""
-    train_epochs: int = Field(2, ge=1)
+    train_epochs: int = Field(3, ge=1)
     """Epochs over the dialogues (TRL SFTTrainer, loss on the reply only)."""
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     """The organism LoRA's learning rate (constant)."""
     batch_size: int = Field(8, ge=1)
     """Dialogues per optimizer step of the organism."""

@@ -49,13 +49,15 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
 
 
 @ray.remote
-def organism_task(model_path: str, config: dict, words: list[str], hints: dict, threads: int, log_file: str | None = None) -> dict:
-    """Train the organism of each word (one after another) -> {word: (adapter state, report)}."""
+def organism_task(model: str, config: dict, words: list[str], hints: dict, threads: int, log_file: str | None = None) -> dict:
+    """Train the organism of each word (one after another) -> {word: (adapter state, report)};
+    `model` is the model spec (`models.model_spec`), resolved on this task's node."""
     import torch
 
     from actors.logs import output_to
     from cycle_oracle.config import RecipeConfig
     from cycle_oracle.devices import check_dtype, role_device
+    from cycle_oracle.models import resolve_model_path
     from cycle_oracle.organism import train_organism
 
     with output_to(log_file):
@@ -63,7 +65,8 @@ def organism_task(model_path: str, config: dict, words: list[str], hints: dict, 
         torch.set_num_threads(threads)
         device = role_device(cfg.resources.learner.num_gpus)
         check_dtype(cfg.model.dtype, device, role="learner (organism)")
-        return {w: train_organism(model_path, w, cfg.eval.secrets, cfg.seed, cfg.model.dtype, hints, device) for w in words}
+        path = resolve_model_path(model)
+        return {w: train_organism(path, w, cfg.eval.secrets, cfg.seed, cfg.model.dtype, hints, device) for w in words}
 
 
 def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
@@ -72,7 +75,7 @@ def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
     rest trained now (a Ray task in the placement group's first bundle) and written there."""
     from cycle_oracle.checkpoint import load_trained, write_adapter_folder
     from cycle_oracle.data.taboo import load_hints
-    from cycle_oracle.models import lora_config, resolve_model_path
+    from cycle_oracle.models import lora_config, model_spec
 
     cfg, s = run.cfg, run.cfg.eval.secrets
     organisms: dict[str, str] = {w: s.organisms[w] for w in s.words if w in s.organisms}
@@ -90,16 +93,16 @@ def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
         else:
             todo.append(w)
     if todo:
-        path = str(resolve_model_path(model))
+        spec = model_spec(model)
         print(f"[eval] training {len(todo)} Taboo organism(s) of {model}: {', '.join(todo)} "
               f"({s.dialogues_per_word} dialogues x {s.train_epochs} epochs each)")
         options, threads = run.placement.task_options()
-        trained = remote_get(organism_task.options(**options).remote(path, cfg.model_dump(mode="json"), todo, load_hints(s.hints_path),
+        trained = remote_get(organism_task.options(**options).remote(spec, cfg.model_dump(mode="json"), todo, load_hints(s.hints_path),
                                                                      threads, run.log_file("organisms")),
                              cfg.ray.setup_timeout_s, "organism training")
         for w, (state, report) in trained.items():
             config = lora_config(s.lora)
-            config.base_model_name_or_path = path
+            config.base_model_name_or_path = spec  # the recipe's name of the base, not a path on the driver
             write_adapter_folder(root / w, state, config)
             atomic_write_text(root / w / "organism.json", json.dumps({"model": model, **report}, indent=2))
             organisms[w], reports[w] = str(root / w), {"source": "trained", **report}
