@@ -35,6 +35,9 @@ def test_truncation_keeps_the_first_n_tokens_and_the_quote_ban_removes_quotes(ti
     assert ban_quotes('It reads: "stalls along the square sold". A market town on a Saturday.') == "A market town on a Saturday."
     assert ban_quotes('He said "hello there" and “goodbye” twice.') == "He said and twice."
     assert ban_quotes("No quotes here.") == "No quotes here."
+    # a quote that holds quote marks (measured on SmolLM2's text guess) goes whole, as the warmup's parser splits it
+    assert ban_quotes('It reads: "" Adrien Begrand of PopMat". The text is about a song.') == "The text is about a song."
+    assert ban_quotes('It reads: "wrote " Angel of Death " after". A film.') == "A film."
 
 
 def test_truncation_curve_ends_with_the_whole_description_and_counts_cut_descriptions():

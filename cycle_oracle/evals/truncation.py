@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-_QUOTE_LEAD = re.compile(r'It reads:\s*"[^"]*"\.?', re.I)
+from cycle_oracle.data.description import split_quoted_description
+
 _QUOTED = re.compile(r'"[^"]*"|“[^”]*”')
 
 
@@ -32,9 +33,11 @@ def truncate_tokens(texts: Sequence[str], n: int, tokenize: Callable[[str], list
 
 
 def ban_quotes(text: str) -> str:
-    """The text with its quoted spans removed (the `It reads: "..."` lead-in included), whitespace collapsed."""
-    text = _QUOTE_LEAD.sub(" ", text or "")
-    return " ".join(_QUOTED.sub(" ", text).split())
+    """The text with its quoted spans removed, whitespace collapsed: the leading `It reads: "...".`
+    as the warmup's own parser splits it (`data/description.split_quoted_description`: up to the
+    first `".`, so a quote holding quote marks goes whole), then any other quoted span."""
+    _, rest = split_quoted_description(text or "")
+    return " ".join(_QUOTED.sub(" ", rest).split())
 
 
 def token_lengths(texts: Sequence[str], tokenize: Callable[[str], list[int]]) -> list[int]:
