@@ -5,7 +5,7 @@ For sample j of activation b, with cycle reward r_bj, description d_bj of |d_bj|
 activation's source window s_b (the `window_tokens` tokens ending at the read position: the
 window the evals' context-copy control reads):
     r'_bj = r_bj - lambda_copy * copy_n(d_bj, s_b) - lambda_len * max(0, |d_bj| - free_tokens)
-    copy_n(d, s) = share of d's word n-grams that occur in s   (evals/controls.py; 0 below n words)
+    copy_n(d, s) = share of d's word n-grams that occur in s   (stats.copy_rate; 0 below n words)
 Applied before the unusable-sample penalty, so an unusable sample still never wins its group.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cycle_oracle.evals.controls import copy_rate
+from cycle_oracle.stats import copy_rate
 
 
 def copy_rates(texts: Sequence[str], sources: Sequence[str], n: int) -> torch.Tensor:

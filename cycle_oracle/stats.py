@@ -9,6 +9,10 @@
 
   which is `encoder.fve` (FVE on sqrt(d)-rescaled vectors: ||r(a) - r(b)||^2 = 2d (1 - cos(a, b))).
 - distinct-n over a set of texts: |unique n-grams| / |all n-grams| (1 = no repetition).
+- context-copy rate of a description d against its source window s, for word n-grams (the evals'
+  copy control and GRPO's copy penalty):
+      copy_n(d, s) = |{g in ngrams_n(d) : g in set(ngrams_n(s))}| / |ngrams_n(d)|
+  counted with repetition over d's n-grams; undefined (None) when d has fewer than n words.
 - same-start share: the largest share of texts that begin with the same first k words
   (k = 4 by default; "The expression ..." template collapse shows up here).
 
@@ -92,6 +96,15 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def copy_rate(description: str, source: str, n: int = 2) -> float | None:
+    """Share of the description's word n-grams that occur in the source (None: < n words)."""
+    grams = ngrams(words(description), n)
+    if not grams:
+        return None
+    src = set(ngrams(words(source), n))
+    return sum(g in src for g in grams) / len(grams)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float | None:

@@ -2,10 +2,9 @@
 
 Pure text and number functions (unit-tested on hand-made examples):
 
-- context-copy rate of a description d against its source window s, for word n-grams:
-      copy_n(d, s) = |{g in ngrams_n(d) : g in set(ngrams_n(s))}| / |ngrams_n(d)|
-  (counted with repetition over d's n-grams; undefined when d has fewer than n words). A decoder
-  that pastes the source scores 1; one that ignores it scores near the rate of common phrases.
+- context-copy rate of a description against its source window (`stats.copy_rate`, shared with
+  GRPO's copy penalty), averaged over a set of descriptions. A decoder that pastes the source
+  scores 1; one that ignores it scores near the rate of common phrases.
 - shuffled-activation gap: mean cos(v_i, v_hat(d(v_i))) - mean cos(v_i, v_hat(d(v_pi(i)))): what the
   description of *this* activation buys over the description of another one from the same pool.
 - distinct-n and same-start share of the descriptions (defined in `cycle_oracle/stats.py`, with
@@ -18,16 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cycle_oracle.stats import distinct_n, most_common_start, ngrams, same_start_share, words
-
-
-def copy_rate(description: str, source: str, n: int = 2) -> float | None:
-    """Share of the description's word n-grams that occur in the source (None: < n words)."""
-    grams = ngrams(words(description), n)
-    if not grams:
-        return None
-    src = set(ngrams(words(source), n))
-    return sum(g in src for g in grams) / len(grams)
+from cycle_oracle.stats import copy_rate, distinct_n, most_common_start, same_start_share, words
 
 
 def mean_copy_rate(descriptions: Sequence[str], sources: Sequence[str], n: int = 2) -> float | None:
