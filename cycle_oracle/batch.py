@@ -2,8 +2,9 @@
 
 A `RolloutBatch` holds N = B x K sampled descriptions, flattened activation-major: sample j of
 activation b sits at index b * K + j (`groups()` gives the [B, K] view). Every per-sample field
-has N entries; `vectors` holds each sample's activation ([N, d], repeated K times), so any subset
-of samples (`select`, a learner rank's shard) is again a complete batch. The driver fills
+has N entries. The rollout engine returns texts, token ids and log-probs only; the driver, which
+holds the activations, attaches them (`with_vectors`: each sample's activation, [N, d]), so any
+subset of samples (`select`, a learner rank's shard) is again a complete batch. The driver fills
 `usable`, `rewards` and `advantages` as the step goes; `to(device)` moves every tensor at once.
 """
 
@@ -18,13 +19,12 @@ import torch
 
 @dataclass
 class RolloutBatch:
-    vectors: torch.Tensor
-    """[N, d] the activation each sample describes."""
     token_ids: list[list[int]]
     """[N] generated token ids (no prompt)."""
     sampler_logprobs: list[list[float]]
     """[N] per-token log-probs from the sampler (vLLM's processed logprobs, after temperature)."""
     texts: list[str]
+    """[N] the decoded descriptions."""
     truncated: torch.Tensor
     """[N] bool: hit max_new_tokens without an end token."""
     versions: torch.Tensor
@@ -33,6 +33,8 @@ class RolloutBatch:
     """K: samples per activation."""
     temperature: float
     """The sampling temperature (the learner's log-probs use the same one)."""
+    vectors: torch.Tensor | None = None
+    """[N, d] the activation each sample describes (attached by the driver: `with_vectors`)."""
     usable: torch.Tensor | None = None
     """[N] bool: scored by the encoder (not empty, not a penalised truncation)."""
     rewards: torch.Tensor | None = None
@@ -41,13 +43,23 @@ class RolloutBatch:
     """[N] float32: group-relative advantages."""
 
     def __post_init__(self) -> None:
-        n = self.vectors.shape[0]
-        lengths = {"token_ids": len(self.token_ids), "sampler_logprobs": len(self.sampler_logprobs), "texts": len(self.texts),
+        n = len(self.texts)
+        lengths = {"token_ids": len(self.token_ids), "sampler_logprobs": len(self.sampler_logprobs),
                    "truncated": len(self.truncated), "versions": len(self.versions)}
-        lengths.update({k: len(v) for k in ("usable", "rewards", "advantages") if (v := getattr(self, k)) is not None})
+        lengths.update({k: len(v) for k in ("vectors", "usable", "rewards", "advantages") if (v := getattr(self, k)) is not None})
         bad = {k: v for k, v in lengths.items() if v != n}
         if bad:
-            raise ValueError(f"RolloutBatch fields must all have N={n} entries (vectors [N, d]); got {bad}")
+            raise ValueError(f"RolloutBatch fields must all have N={n} entries (texts [N]); got {bad}")
+
+    def with_vectors(self, vectors: torch.Tensor) -> "RolloutBatch":
+        """This batch with the activations behind it attached: [B, d] (one per group, repeated over
+        its K samples) or [N, d] (one per sample)."""
+        vectors = vectors.float().cpu()
+        if len(vectors) != len(self):
+            if len(vectors) * self.group_size != len(self):
+                raise ValueError(f"{len(vectors)} activations for {len(self)} samples in groups of K={self.group_size}; expected B or N rows")
+            vectors = vectors.repeat_interleave(self.group_size, dim=0)
+        return dataclasses.replace(self, vectors=vectors)
 
     @classmethod
     def of_texts(cls, vectors: torch.Tensor, texts: Sequence[str]) -> "RolloutBatch":
@@ -59,7 +71,7 @@ class RolloutBatch:
                    temperature=1.0, usable=torch.ones(n, dtype=torch.bool))
 
     def __len__(self) -> int:
-        return self.vectors.shape[0]
+        return len(self.texts)
 
     @property
     def num_activations(self) -> int:

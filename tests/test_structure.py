@@ -1,6 +1,7 @@
 """The code's shape: a Ray-free library, the one batch type, one placement path for every recipe
 kind, one checkpoint record and loader, config sections that say whose they are, one metric list."""
 
+import dataclasses
 import json
 import pkgutil
 import subprocess
@@ -57,8 +58,21 @@ def test_rollout_batch_views_select_and_device_move():
     moved = batch.to("meta")  # every tensor in one call; ids and texts stay Python
     assert all(t.device.type == "meta" for t in (moved.vectors, moved.truncated, moved.versions, moved.rewards))
     assert moved.texts == batch.texts and batch.vectors.device.type == "cpu"
-    with pytest.raises(ValueError, match="N=6"):
+    with pytest.raises(ValueError, match="N=1 entries"):
         RolloutBatch(**{**batch.__dict__, "texts": ["only one"]})
+
+
+def test_the_driver_attaches_the_activations_to_a_rollout_batch():
+    """The engine returns texts, tokens and log-probs; `with_vectors` attaches the B activations
+    (repeated over each group's K samples) or N per-sample ones, and refuses any other count."""
+    whole = _batch(b=3, k=2, d=4)
+    bare = dataclasses.replace(whole, vectors=None)
+    per_group = whole.vectors[::2]  # [B, d]
+    torch.testing.assert_close(bare.with_vectors(per_group).vectors, whole.vectors)
+    torch.testing.assert_close(bare.with_vectors(whole.vectors).vectors, whole.vectors)
+    assert bare.vectors is None and len(bare) == 6
+    with pytest.raises(ValueError, match="4 activations for 6 samples"):
+        bare.with_vectors(torch.zeros(4, 4))
 
 
 def test_regroup_puts_rollout_parts_back_in_activation_order():
