@@ -8,6 +8,12 @@ layer's space) with LoRA, then attention pooling and a d x d projection initiali
     v_hat = P (sum_t w_t h_t) + b,  P = I, b = 0 at init     [B, d]
 
 so before training the reconstruction is the pooled hidden state (tested).
+
+An empty description (nothing but whitespace) has no tokens to pool over. The one rule, wherever a
+description is encoded (`reconstruct_texts`: GRPO's final evals through the encoder actor,
+`cycle-oracle eval` through the HF oracle): its reconstruction is v_hat = 0, which has cosine 0
+with every activation and ranks last in retrieval. GRPO's training reward does not encode it at
+all: an empty description is an unusable sample and gets its group's penalty (`grpo.unusable_rewards`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cycle_oracle.activations import pad_right
+from cycle_oracle.devices import model_device, to_cpu
 from cycle_oracle.models import attach_lora, d_model, truncate_to_layer
 
 
@@ -42,11 +49,6 @@ class ActivationEncoder(nn.Module):
     @property
     def d_model(self) -> int:
         return self.projection.in_features
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"scorer.{k}": v for k, v in self.scorer.state_dict().items()} | {
-            f"projection.{k}": v for k, v in self.projection.state_dict().items()
-        }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -82,6 +84,34 @@ def encoder_inputs(tokenizer, descriptions: Sequence[str], prefix: str = "Descri
     ids, attn = pad_right(seqs, tokenizer.pad_token_id)
     pool, _ = pad_right(masks, 0)
     return ids, attn, pool.bool()
+
+
+def is_empty(description: str | None) -> bool:
+    """True for a description with nothing to encode (None, "", whitespace)."""
+    return not (description and description.strip())
+
+
+@torch.no_grad()
+def reconstruct_texts(encoder: ActivationEncoder, tokenizer, texts: Sequence[str], prefix: str = "Description: ", max_tokens: int = 128,
+                      batch_size: int = 32) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The one way descriptions are encoded outside training (eval mode, no gradient):
+    texts [N] -> (v_hat [N, d] float32 on the CPU, per text the token ids [T_i] it pooled over and
+    their pooling weights [T_i], summing to 1). An empty text gets v_hat = 0 and no tokens (the
+    module docstring's rule)."""
+    encoder.eval()
+    device = model_device(encoder)
+    v_hat = torch.zeros(len(texts), encoder.d_model)
+    token_ids = [torch.zeros(0, dtype=torch.long) for _ in texts]
+    weights = [torch.zeros(0) for _ in texts]
+    described = [i for i, text in enumerate(texts) if not is_empty(text)]
+    for start in range(0, len(described), batch_size):
+        idx = described[start : start + batch_size]
+        ids, attn, pool = (t.to(device) for t in encoder_inputs(tokenizer, [texts[i] for i in idx], prefix, max_tokens))
+        out, w = encoder(ids, attn, pool)
+        v_hat[idx] = to_cpu(out.float())
+        for row, i in enumerate(idx):
+            token_ids[i], weights[i] = to_cpu(ids[row][pool[row]]), to_cpu(w[row][pool[row]].float())
+    return v_hat, token_ids, weights
 
 
 # ---- losses -------------------------------------------------------------------------------

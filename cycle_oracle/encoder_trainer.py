@@ -18,7 +18,8 @@ import torch
 
 from cycle_oracle.batch import RolloutBatch
 from cycle_oracle.devices import check_dtype, model_device, role_device, to_cpu
-from cycle_oracle.encoder import ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruction_loss, reconstruction_metrics
+from cycle_oracle.encoder import (ActivationEncoder, centred_cosine, cosine, encoder_inputs, reconstruct_texts, reconstruction_loss,
+                                  reconstruction_metrics)
 from cycle_oracle.models import load_causal_lm, load_tokenizer
 
 
@@ -75,17 +76,12 @@ class EncoderTrainer:
         device = model_device(self.encoder)
         return tuple(t.to(device) for t in encoder_inputs(self.tokenizer, texts, e.prefix, e.max_description_tokens))
 
-    @torch.no_grad()
     def reconstruct(self, texts: Sequence[str], batch_size: int = 32) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """texts -> (v_hat [N, d], pooling weights per text over its tokens), on the CPU."""
-        self.encoder.eval()
-        outs, weights = [], []
-        for i in range(0, len(texts), batch_size):
-            ids, attn, pool = self._inputs(texts[i : i + batch_size])
-            v_hat, w = self.encoder(ids, attn, pool)
-            outs.append(to_cpu(v_hat.float()))
-            weights.extend(to_cpu(w[j][attn[j].bool()]) for j in range(len(w)))
-        return torch.cat(outs), weights
+        """texts -> (v_hat [N, d], pooling weights per text over its description tokens), on the CPU;
+        an empty text gets v_hat = 0 (`encoder.reconstruct_texts`, the rule every encoding follows)."""
+        e = self.cfg.encoder
+        v_hat, _ids, weights = reconstruct_texts(self.encoder, self.tokenizer, texts, e.prefix, e.max_description_tokens, batch_size)
+        return v_hat, weights
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """Cycle rewards [N] for the batch's descriptions of its activations (NaN where not

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from cycle_oracle.activations import pad_right, read_residual, readable_positions
-from cycle_oracle.encoder import encoder_inputs
+from cycle_oracle.encoder import reconstruct_texts
 from cycle_oracle.evals.paraphrase import rewrite_texts
 from cycle_oracle.injection import build_decoder_prompt, decoder_inputs
 from cycle_oracle.models import render_chat
@@ -197,23 +197,12 @@ def make_hf_oracle(
     def tokenize(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    @torch.no_grad()
     def encode_with_weights(texts: Sequence[str]):
-        """Empty descriptions get v_hat = 0 (cosine 0 with anything) and no pooling weights."""
-        texts = list(texts)
-        out = torch.zeros(len(texts), encoder.d_model)
-        pooled: list[list[tuple[str, float]]] = [[] for _ in texts]
-        usable = [i for i, t in enumerate(texts) if t and t.strip()]
-        encoder.eval()
-        for sl in _batches(len(usable), batch_size):
-            idx = usable[sl]
-            ids, attn, pool = encoder_inputs(tokenizer, [texts[i] for i in idx], encoder_prefix, encoder_max_tokens)
-            v_hat, w = encoder(ids, attn, pool)
-            out[idx] = v_hat.float()
-            for row, i in enumerate(idx):
-                pos = pool[row].nonzero().squeeze(1).tolist()
-                pooled[i] = [(tokenizer.decode([int(ids[row, p])]), float(w[row, p])) for p in pos]
-        return out, pooled
+        """v_hat [N, d] and each text's (token, pooling weight) pairs; an empty description gets
+        v_hat = 0 and no pairs (`encoder.reconstruct_texts`, the rule every encoding follows)."""
+        v_hat, token_ids, weights = reconstruct_texts(encoder, tokenizer, list(texts), encoder_prefix, encoder_max_tokens, batch_size)
+        pooled = [[(tokenizer.decode([int(t)]), float(w)) for t, w in zip(ids, ws)] for ids, ws in zip(token_ids, weights)]
+        return v_hat, pooled
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
         return encode_with_weights(texts)[0]
