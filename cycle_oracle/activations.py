@@ -200,6 +200,10 @@ class ActivationStore:
         i = rec["token_index"]
         return toks[max(0, i - before + 1) : i + 1 + after]
 
+    def source_windows(self, rows: Sequence[int], tokenizer, tokens: int) -> list[str]:
+        """The source text of each row: the `tokens` tokens ending at (and including) its token, decoded."""
+        return [tokenizer.decode(self.context_window(i, before=tokens)) for i in rows]
+
 
 def write_store(
     root: str | Path,
