@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -95,3 +98,36 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+class PhaseTimer:
+    """Wall-clock seconds of the named phases of one step (veRL's `marked_timer`):
+
+        timer = PhaseTimer(("rollout", "score", "learn"))
+        with timer.phase("learn"):
+            ...
+        timer.metrics()  # {"time_rollout": s, "time_score": s, "time_learn": s, "time_step": s, "time_idle": s}
+
+    A phase entered twice adds up; a declared phase that never ran reports 0.0. `time_step` is the
+    wall time since the timer was made, `time_idle` what of it no phase covers."""
+
+    def __init__(self, phases: Sequence[str] = ()):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {name: 0.0 for name in phases}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def phase_metrics(self) -> dict[str, float]:
+        """{"time_<phase>": seconds} of every phase."""
+        return {f"time_{name}": s for name, s in self.seconds.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """The phases, then `time_step` (since the timer was made) and `time_idle` (outside every phase)."""
+        total = time.perf_counter() - self.start
+        return {**self.phase_metrics(), "time_step": total, "time_idle": max(0.0, total - sum(self.seconds.values()))}

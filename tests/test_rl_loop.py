@@ -129,3 +129,21 @@ def test_the_text_encoder_starts_fresh_and_learns_from_source_text_only(tiny_pat
     assert first == again and first["loss_last"] < first["loss_first"]
     for k, t in trainer.state()[0].items():
         torch.testing.assert_close(t, state[k])
+
+
+def test_a_step_timer_reports_each_phase_and_the_time_outside_them():
+    """PhaseTimer (the GRPO step's `time_*` metrics): a phase entered twice adds up, a declared phase
+    that never ran is 0, `time_idle` is the step's time outside every phase."""
+    import time
+
+    from cycle_oracle.metrics import PhaseTimer
+
+    timer = PhaseTimer(("rollout", "learn", "sync_check"))
+    for _ in range(2):
+        with timer.phase("learn"):
+            time.sleep(0.03)
+    time.sleep(0.03)  # outside every phase
+    m = timer.metrics()
+    assert list(m) == ["time_rollout", "time_learn", "time_sync_check", "time_step", "time_idle"]
+    assert m["time_rollout"] == m["time_sync_check"] == 0.0 and m["time_learn"] >= 0.06
+    assert m["time_idle"] >= 0.03 and m["time_step"] == pytest.approx(m["time_learn"] + m["time_idle"], abs=1e-3)
