@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cycle_oracle.data.behaviours import count_behaviours, stimuli
 from cycle_oracle.errors import UserError
 
 DEFAULT_DESCRIPTION_INSTRUCTION = (
@@ -543,8 +544,6 @@ class RecipeConfig(Strict):
         if sum(self.warmup.mixture.values()) <= 0:
             raise ValueError("warmup.mixture weights must sum to a positive number")
         if self.warmup.latentqa.kind == "embedded" and self.warmup.mixture.get("latentqa", 0) > 0:
-            from cycle_oracle.data.embedded import count_behaviours, stimuli
-
             behaviours = count_behaviours()
             if self.warmup.num_behaviours > behaviours:
                 raise ValueError(f"warmup.num_behaviours={self.warmup.num_behaviours}: the embedded data composes {behaviours} distinct behaviours")

@@ -399,7 +399,8 @@ def test_clean_description_first_sentence_without_the_lead_in():
 
 
 def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_tokenizer):
-    from cycle_oracle.data.embedded import build_embedded_latentqa, seed_prompts, stimuli
+    from cycle_oracle.data.behaviours import seed_prompts, stimuli
+    from cycle_oracle.data.embedded import build_embedded_latentqa
 
     assert len(stimuli()) >= 40 and len(seed_prompts()) >= 40
     gen = FakeGenerate()
@@ -436,7 +437,7 @@ def test_embedded_builder_many_behaviours_masked_and_cached(tmp_path, tiny_token
 
 def test_recipe_asking_for_more_embedded_behaviours_or_stimuli_than_exist_is_rejected():
     from cycle_oracle.config import ConfigError, validate_recipe
-    from cycle_oracle.data.embedded import all_behaviours, stimuli
+    from cycle_oracle.data.behaviours import all_behaviours, stimuli
 
     total = sum(len(v) for v in all_behaviours().values())
     ok = validate_recipe({"kind": "warmup", "warmup": {"num_behaviours": total, "stimuli_per_behaviour": len(stimuli())}})

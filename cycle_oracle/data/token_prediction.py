@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cycle_oracle.corpus import Document, load_documents
+from cycle_oracle.data.behaviours import embedded_text, seed_prompts
 from cycle_oracle.data.generation import (
     GenerateFn,
     cache_file,
@@ -70,8 +71,6 @@ def embedded_corpus(
 ) -> tuple[list[Document], dict]:
     """The target's replies to the embedded seed prompts (x framings), cached. Documents from one
     seed prompt share a group (they are about the same topic)."""
-    from cycle_oracle.data.embedded import embedded_text, seed_prompts
-
     prompts = seed_prompts()
     total = len(prompts) * len(FRAMINGS)
     if not 1 <= num_documents <= total:
