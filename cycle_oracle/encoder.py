@@ -100,7 +100,7 @@ def reconstruct_texts(encoder: ActivationEncoder, tokenizer, texts: Sequence[str
     module docstring's rule)."""
     encoder.eval()
     device = model_device(encoder)
-    v_hat = torch.zeros(len(texts), encoder.d_model)
+    v_hat = to_cpu(torch.zeros(len(texts), encoder.d_model, device=device))  # on the CPU (a meta encoder's stays meta: `to_cpu`)
     token_ids = [torch.zeros(0, dtype=torch.long) for _ in texts]
     weights = [torch.zeros(0) for _ in texts]
     described = [i for i, text in enumerate(texts) if not is_empty(text)]
