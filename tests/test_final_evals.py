@@ -37,9 +37,9 @@ def test_an_empty_description_is_encoded_the_same_way_by_both_oracle_backends(ti
     assert by_actor[0].norm() > 0 and abs(float(weights[0].sum()) - 1) < 1e-5 and len(pooled[0]) == len(weights[0])
 
 
-def test_every_oracle_is_described_once_and_scored_under_every_grader(tmp_path):
-    """`final_evals` on a small real ActivationStore: each oracle describes the pool once (the zero
-    control aside) whatever the number of graders; the first oracle under the first grader runs the
+def test_every_oracle_is_scored_under_every_grader_on_one_pool(tmp_path):
+    """`final_evals` on a small real ActivationStore: oracle after oracle, each asked for the pool
+    once per grader (and the zero control once); the first oracle under the first grader runs the
     controls; the layout is the one results.json and the closing report read (`retrieval`,
     `retrieval_<oracle>`, `<a>_minus_<b>`, one section per other grader with its notes)."""
     g = torch.Generator().manual_seed(0)
@@ -66,10 +66,13 @@ def test_every_oracle_is_described_once_and_scored_under_every_grader(tmp_path):
 
     oracles = {"grpo_decoder": oracle("grpo", False), "warmup_decoder": oracle("warmup", True)}
     graders = {"final_encoder": grader(1), "text_encoder": grader(2), "frozen_start_encoder": grader(3)}
-    out = final_evals(oracles, graders, store, cfg, lambda ids: " ".join(map(str, ids)), notes={"text_encoder": {"training": {"steps": 2}}})
+    pairs = []
+    out = final_evals(oracles, graders, store, cfg, lambda ids: " ".join(map(str, ids)), notes={"text_encoder": {"training": {"steps": 2}}},
+                      on_pair=lambda oracle, grader, result: pairs.append((oracle, grader, result["n"])))
 
     assert list(out) == ["retrieval", "text_encoder", "frozen_start_encoder", "retrieval_warmup_decoder", "grpo_minus_warmup"]
-    assert calls == {"grpo": 3 + 1, "warmup": 3}, "one describe of the pool per grader, and the zero control once"
+    assert [p[:2] for p in pairs] == [(o, g) for o in oracles for g in graders] and {p[2] for p in pairs} == {out["retrieval"]["n"]}
+    assert calls == {"grpo": 3 + 1, "warmup": 3}, "the pool once per grader, and the zero control once"
     assert {"shuffled", "zero", "context_only"} <= set(out["retrieval"]["conditions"])
     assert "shuffled" not in out["retrieval_warmup_decoder"]["conditions"]
     assert out["text_encoder"]["training"] == {"steps": 2} and set(out["frozen_start_encoder"]) == {"grpo_decoder", "warmup_decoder", "grpo_minus_warmup"}

@@ -50,10 +50,12 @@ TEXT_ENCODER_PAIRS = 50 * 32
 
 
 def final_evals(oracles: Mapping[str, Describe], graders: Mapping[str, Encode], store, cfg, detokenize: Callable[[Sequence[int]], str],
-                notes: Mapping[str, dict] | None = None) -> dict:
+                notes: Mapping[str, dict] | None = None, on_pair: Callable[[str, str, dict], None] | None = None) -> dict:
     """Retrieval of every oracle under every grader on one pool (the module docstring's layout).
-    Oracles are visited one after another (each describes the pool once, whatever the graders), the
-    graders in their order within each; `notes` are added to a grader's section (e.g. how it was trained)."""
+    Oracles are visited one after another, the graders in their order within each (an oracle is asked
+    for the pool's descriptions under each grader: a memoising describe such as
+    `RolloutGroup.describer` writes them once, and serves its adapter once); `notes` are added to a grader's section (e.g. how it was
+    trained); `on_pair(oracle, grader, result)` runs after each pair (a caller's progress or timing)."""
     first_oracle, first_grader = next(iter(oracles)), next(iter(graders))
     scored = {}
     for name, describe in oracles.items():
@@ -62,6 +64,8 @@ def final_evals(oracles: Mapping[str, Describe], graders: Mapping[str, Encode], 
             oracle = Oracle(describe=describe, encode=encode, encode_with_weights=None, ask_yes_no=None, read=None, detokenize=detokenize)
             scored[name, grader] = evaluate_retrieval(oracle, store, cfg.eval.pool_size, cfg.seed, heldout_fraction=cfg.split.heldout_fraction,
                                                       split_seed=cfg.seed, rows_per_document=cfg.eval.rows_per_document, controls=controls)
+            if on_pair is not None:
+                on_pair(name, grader, scored[name, grader])
     others = [name for name in oracles if name != first_oracle]
     out: dict = {"retrieval": scored[first_oracle, first_grader]}
     for grader in graders:
