@@ -42,6 +42,10 @@ def case_model(case: dict):
 
     info = model_info(case["model"])
     cfg = recipe_config(case["recipe"], case.get("overrides", []))
+    if cfg.model.dtype == "auto":  # as a run resolves it (recipes/common.resolve_dtype), on this case's CPU
+        from cycle_oracle.devices import choose_dtype, dtype_probe
+
+        cfg.model.dtype = choose_dtype({"case": dtype_probe("cpu", info["shape"].d_model, info["shape"].d_ff)})[0]
     return info, cfg, resolve_layer(cfg.model.layer, info["shape"].n_layers)
 
 

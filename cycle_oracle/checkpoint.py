@@ -95,6 +95,9 @@ class CheckpointRecord:
     """Learner ranks that wrote the DeepSpeed state under `learner/`."""
     extra: dict = field(default_factory=dict)
     """The stage's own resume state (warmup: mixture position and RNG)."""
+    dtype: str | None = None
+    """The `model.dtype` the run computed in (`auto` resolved at its start); None in checkpoints
+    written before it was recorded (their run's config.yaml names it)."""
 
     INJECTION_KEYS = ("num_placeholders", "placeholder", "mode")
     """The injection settings a decoder is trained for: a run using it must set the same."""
@@ -229,7 +232,10 @@ class TrainedCheckpoint:
         cfg_path = self.run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"cannot find the recipe of checkpoint {self.path}: {cfg_path} is missing")
-        return validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path))
+        cfg = validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path))
+        if cfg.model.dtype == "auto" and self.record.dtype:  # the dtype the run resolved `auto` to
+            cfg.model.dtype = self.record.dtype
+        return cfg
 
     def learner_files(self) -> dict[str, bytes]:
         return read_files(self.path, "learner")
@@ -266,12 +272,26 @@ def load_trained(path: str | Path) -> TrainedCheckpoint:
     ckpt, run_dir = resolve_checkpoint(path)
     tensors, state, objects = load_checkpoint(ckpt)
     known = {f for f in CheckpointRecord.__dataclass_fields__}
-    missing = known - set(state) - {"extra"}
+    missing = known - set(state) - {"extra", "dtype"}
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} has no {sorted(missing)} in state.json: it was written before the "
                               f"checkpoint record (cycle-oracle 0.1); rerun the stage that wrote it")
     record = CheckpointRecord(**{k: v for k, v in state.items() if k in known})
     return TrainedCheckpoint(ckpt, run_dir, record, tensors, objects)
+
+
+def recorded_dtype(path: str | Path) -> str | None:
+    """The `model.dtype` a checkpoint's run computed in, read without loading tensors: its record's,
+    else its run's config.yaml's unless that says `auto`; None when neither names one."""
+    import yaml
+
+    ckpt, run_dir = resolve_checkpoint(path)
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("dtype"):
+        return state["dtype"]
+    cfg = run_dir / "config.yaml"
+    dtype = ((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("dtype", "float32") if cfg.is_file() else None
+    return None if dtype == "auto" else dtype
 
 
 def read_files(path: str | Path, prefix: str) -> dict[str, bytes]:

@@ -36,7 +36,11 @@ class ModelSettings(Strict):
     """A local HF folder, a hub name, or an embedded name: `smollm2-135m-instruct`, `tiny-random-llama`."""
     layer: float | int = 0.5
     """Read layer: an int block count L (1..num_layers-1) or a fraction of depth in (0, 1)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """The precision every role computes in. `auto`: bfloat16 where every role's device multiplies
+    bf16 at least 1.5x as fast as fp32 (a start-up probe on each role's device), else float32; resolved
+    once per run (a resumed run, or one started from a checkpoint, takes the dtype recorded there) and
+    written into the run's config.yaml and checkpoints (cycle_oracle/devices.py `choose_dtype`)."""
     max_context_tokens: int = Field(128, gt=8)
     """Longest text window the target reads when extracting an activation."""
 

@@ -7,6 +7,8 @@ role builds its model, whether its device can compute in the recipe's `model.dty
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -15,6 +17,15 @@ from cycle_oracle.errors import UserError
 
 DTYPES = ("bfloat16", "float16", "float32")
 """The `model.dtype` values (config.ModelSettings), in the order they are suggested."""
+AUTO = "auto"
+"""`model.dtype: auto`: bfloat16 where every role's device multiplies bf16 fast, else float32
+(`choose_dtype`, from `dtype_probe` on each role's device; resolved once per run by the driver)."""
+AUTO_BF16_MIN_SPEEDUP = 1.5
+"""`auto` picks bfloat16 only where a bf16 matmul at the model's shapes runs at least this many times
+as fast as the fp32 one on every role's device. Measured on the 2-core AMD EPYC (avx512_bf16, no
+AMX): bf16 matmul 2.4-5x fp32 at SmolLM2's shapes gave a 1.5x GRPO learner step (the elementwise
+work does not speed up), so a smaller matmul gain would buy little; a CPU without bf16 instructions
+emulates it (well under 1x) and a GPU's tensor cores give far more than 1.5x."""
 
 
 def role_device(num_gpus: float) -> torch.device:
@@ -101,6 +112,9 @@ def check_dtype(dtype: str, device: torch.device | str, engine: str = "torch", r
     cannot compute in `dtype` (`model.dtype`); `engine` is "torch" (HF models), "vllm" or "deepspeed"
     (see `dtype_support`)."""
     device = torch.device(device)
+    if dtype == AUTO:
+        raise DtypeError(f"model.dtype=auto reached the {role or 'a'} role unresolved: the driver resolves it at start "
+                         f"(recipes/common.py start_run); a role computes in one of {', '.join(DTYPES)}")
     if dtype not in DTYPES:
         raise DtypeError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     ok, why = dtype_support(device, engine)
@@ -109,3 +123,59 @@ def check_dtype(dtype: str, device: torch.device | str, engine: str = "torch", r
     who = f"the {role} role's device " if role else ""
     raise DtypeError(f"model.dtype={dtype} cannot run on {who}{_describe(device)}{' with ' + engine if engine != 'torch' else ''}"
                      f" ({why}); set model.dtype to {' or '.join(ok)}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device | str, dtype: str, m: int, k: int, n: int, min_seconds: float = 0.2, max_reps: int = 50) -> float:
+    """FLOP/s of [m, k] @ [k, n] in `dtype` on `device`: the median of repeats over at least
+    `min_seconds` (at most `max_reps`), after one warm-up call (thread pool, packing, kernels)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=getattr(torch, dtype))
+    torch.matmul(a, b)
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / max(statistics.median(times), 1e-12)
+
+
+def dtype_probe(device: torch.device | str, d_model: int, d_ff: int, tokens: int = 512, engine: str = "torch") -> dict:
+    """What `model.dtype: auto` decides from, measured on `device` (a role's, with its threads set):
+    the FLOP/s of the model's MLP matmuls ([tokens, d_model] @ [d_model, d_ff] and back) in float32
+    and bfloat16, and the dtypes `engine` can run there (`dtype_support`). bf16 is not timed where
+    the engine cannot run it. -> {device, engine, shape, supported, float32, bfloat16 (None), bf16_speedup}."""
+    device = torch.device(device)
+    supported, why = dtype_support(device, engine)
+
+    def rate(dtype: str) -> float:
+        up, down = matmul_rate(device, dtype, tokens, d_model, d_ff), matmul_rate(device, dtype, tokens, d_ff, d_model)
+        return 2.0 / (1.0 / up + 1.0 / down)  # both matmuls once: total FLOPs / total time
+
+    fp32 = rate("float32")
+    bf16 = rate("bfloat16") if "bfloat16" in supported else None
+    return {"device": _describe(device), "engine": engine, "shape": [tokens, d_model, d_ff], "supported": supported,
+            "why_not": why, "float32": fp32, "bfloat16": bf16, "bf16_speedup": None if bf16 is None else bf16 / fp32,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def choose_dtype(probes: dict[str, dict], min_speedup: float = AUTO_BF16_MIN_SPEEDUP) -> tuple[str, str]:
+    """`model.dtype: auto` from each role's `dtype_probe` ({role: probe}) -> (dtype, why): bfloat16
+    when every role can run it and multiplies bf16 at least `min_speedup` x as fast as fp32, else float32."""
+    if not probes:
+        raise ValueError("choose_dtype needs at least one role's dtype_probe")
+    slow = {role: p for role, p in probes.items() if p.get("bf16_speedup") is None or p["bf16_speedup"] < min_speedup}
+    speed = ", ".join(f"{role} {p['device']} {p['bf16_speedup']:.1f}x" if p.get("bf16_speedup") is not None
+                      else f"{role} {p['device']}: no bfloat16 ({p.get('why_not') or p.get('engine')})" for role, p in probes.items())
+    if slow:
+        return "float32", f"bf16 matmul vs fp32: {speed}; bfloat16 needs >= {min_speedup:g}x on every role"
+    return "bfloat16", f"bf16 matmul vs fp32: {speed} (>= {min_speedup:g}x on every role)"

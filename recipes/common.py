@@ -20,6 +20,7 @@ import ray
 import torch
 
 from actors.placement import Placement, init_ray, remote_get
+from cycle_oracle.devices import AUTO
 from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, resolve_checkpoint, served_injection_norm
 from cycle_oracle.files import atomic_write_text
 from cycle_oracle.config import RecipeConfig, dump_recipe
@@ -53,7 +54,9 @@ class Run:
         return path
 
 
-def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
+def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = False) -> Run:
+    """The run folder, Ray, the placement group, `model.dtype: auto` resolved (`resolve_dtype`; the
+    returned `Run.cfg` holds the concrete dtype, and so does `<out>/config.yaml`) and the metrics logger."""
     from cycle_oracle.models import model_spec, resolve_layer, resolve_model_path
 
     if cfg.init_from:  # a missing or incomplete checkpoint is the user's to fix: say so before anything starts
@@ -61,15 +64,83 @@ def start_run(cfg: RecipeConfig, out: str | Path, stage: str) -> Run:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
+    resumed_dtype = recorded_run_dtype(out) if resume else None  # before config.yaml is rewritten
     atomic_write_text(out / "config.yaml", dump_recipe(cfg))
     model_path = str(resolve_model_path(cfg.model.name, weights=False))
-    n_layers = int(json.loads((Path(model_path) / "config.json").read_text())["num_hidden_layers"])
+    model_config = json.loads((Path(model_path) / "config.json").read_text())
+    n_layers = int(model_config["num_hidden_layers"])
     layer = resolve_layer(cfg.model.layer, n_layers)
     init_ray(cfg)
     placement = Placement(cfg, cfg.ray.setup_timeout_s)
+    if cfg.model.dtype == AUTO:
+        try:
+            cfg, note = resolve_dtype(cfg, placement, model_config, out, resumed_dtype)
+        except BaseException:
+            placement.remove()
+            raise
+        atomic_write_text(out / "config.yaml", dump_recipe(cfg))
+        print(f"[{stage}] {note}")
     metrics = MetricsLogger(out, cfg.logging, cfg.model_dump(mode="json"), run_name=f"{out.name}-{stage}")
     print(f"[{stage}] model {cfg.model.name} ({n_layers} blocks), read layer {layer}, run folder {out}")
     return Run(cfg, out, model_path, model_spec(cfg.model.name), layer, n_layers, metrics, placement)
+
+
+def recorded_run_dtype(out: Path) -> str | None:
+    """The concrete `model.dtype` a run folder's config.yaml records (what `auto` was resolved to when
+    the run started), or None."""
+    import yaml
+
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return None
+    dtype = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("dtype", "float32")
+    return None if dtype == AUTO else dtype
+
+
+@ray.remote
+def dtype_probe_task(num_gpus: float, threads: int, engine: str, d_model: int, d_ff: int) -> dict:
+    """`devices.dtype_probe` on the device Ray gave this task (a role's bundle), with the role's threads."""
+    from cycle_oracle.devices import dtype_probe, role_device
+
+    torch.set_num_threads(threads)
+    return dtype_probe(role_device(num_gpus), d_model, d_ff, engine=engine)
+
+
+ROLE_ENGINES = {"learner": "deepspeed", "rollout": "vllm", "encoder": "torch"}
+"""The engine each role computes with (what `devices.dtype_support` checks a dtype against)."""
+
+
+def resolve_dtype(cfg: RecipeConfig, placement: Placement, model_config: dict, out: Path, resumed: str | None = None) -> tuple[RecipeConfig, str]:
+    """`model.dtype: auto` -> (a copy of cfg with the concrete dtype, the line that says why). Once per
+    run, in this order: a resumed run keeps what it resolved at its start (`resumed`, from its
+    config.yaml); a run started from a checkpoint (`init_from`) computes in the checkpoint's dtype;
+    otherwise a probe on every role's device (one Ray task in the first bundle of each role, one after
+    another so that they do not share the cores) decides (`devices.choose_dtype`), and its
+    measurements go to `<out>/dtype_probe.json`. The learner and eval kinds use DeepSpeed (the
+    learner role), the rollout vLLM, the encoder plain torch."""
+    from cycle_oracle.checkpoint import recorded_dtype
+    from cycle_oracle.devices import choose_dtype
+
+    if resumed:
+        dtype, why = resumed, "as this run resolved it when it started (config.yaml)"
+    elif cfg.init_from and (start := recorded_dtype(cfg.init_from)):
+        dtype, why = start, f"as the checkpoint it starts from ({cfg.init_from}) was trained"
+    else:
+        d_model, d_ff = int(model_config["hidden_size"]), int(model_config["intermediate_size"])
+        probes: dict[str, dict] = {}
+        for item in placement.plan:
+            role = item["role"]
+            if role in probes:
+                continue
+            res = getattr(cfg.resources, role)
+            engine = ROLE_ENGINES[role] if cfg.kind != "eval" else "torch"  # eval's oracles run HF models
+            probes[role] = remote_get(dtype_probe_task.options(**placement.options(role, item["index"])).remote(
+                res.num_gpus, res.threads, engine, d_model, d_ff), cfg.ray.setup_timeout_s, f"the dtype probe on the {role}'s device")
+        dtype, why = choose_dtype(probes)
+        atomic_write_text(out / "dtype_probe.json", json.dumps({"chosen": dtype, "why": why, "probes": probes}, indent=1))
+    resolved = cfg.model_copy(deep=True)
+    resolved.model.dtype = dtype
+    return resolved, f"model.dtype auto -> {dtype}: {why}"
 
 
 def finish_run(run: Run) -> None:
@@ -176,7 +247,7 @@ def record(run: Run, stage: str, step: int, norm: float, weight_version: int, wo
     """This run's checkpoint record at `step`."""
     return CheckpointRecord(stage=stage, step=step, model=run.cfg.model.name, layer=run.layer,
                             injection=run.cfg.injection.model_dump(mode="json"), injection_norm=float(norm),
-                            weight_version=weight_version, world_size=world_size, extra=extra)
+                            weight_version=weight_version, world_size=world_size, extra=extra, dtype=run.cfg.model.dtype)
 
 
 def source_windows(store, rows, tokenizer, tokens: int) -> list[str]:

@@ -25,7 +25,8 @@ def one_row_per_document(store, seed: int, limit: int) -> list[int]:
 
 
 def run(cfg, out, resume: bool = False) -> dict:
-    run = start_run(cfg, out, "describe")
+    run = start_run(cfg, out, "describe", resume)
+    cfg = run.cfg  # model.dtype: auto resolved
     docs = load_documents(cfg.corpus, cfg.num_documents)
     store, emb_norm = extract_store(run, docs)
     start = load_start(run)

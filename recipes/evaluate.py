@@ -33,7 +33,8 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
 
     names = oracle_names(cfg)
     check_oracle_request(cfg, names)  # a request that cannot run fails before Ray starts
-    run = start_run(cfg, out, "eval")
+    run = start_run(cfg, out, "eval", resume)
+    cfg = run.cfg  # model.dtype: auto resolved
     store = None
     if needs_store(cfg, names):
         store, _emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))

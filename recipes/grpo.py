@@ -364,10 +364,13 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int) -> 
     return metrics
 
 
-def run(cfg, out, resume: bool = False, on_step_end=None) -> dict:
+def run(cfg, out, resume: bool = False, on_step_end=None, on_stage=None) -> dict:
     """The GRPO recipe. `on_step_end(roles, step)` (optional) runs after each step's checkpoint,
-    between steps, while no call is in flight (tests use it to kill a role there)."""
-    run = start_run(cfg, out, "grpo")
+    between steps, while no call is in flight (tests use it to kill a role there); `on_stage(name,
+    **counts)` (optional) at the end of each stage (the main job's minutes account)."""
+    stage = on_stage or (lambda name, **counts: None)
+    run = start_run(cfg, out, "grpo", resume)
+    cfg = run.cfg  # model.dtype: auto resolved
     g = cfg.grpo
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
     start_ckpt = load_start(run)

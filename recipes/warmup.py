@@ -162,13 +162,18 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
             "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
 
 
-def run(cfg, out, resume: bool = False, on_step_time=None) -> dict:
+def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dict:
     """The warmup recipe. `on_step_time(step, seconds)` (optional) is called after each warmup step
-    with its number (1-based) and wall seconds (the main job's ETA: recipes/eta.py)."""
+    with its number (1-based) and wall seconds (the main job's ETA: recipes/eta.py); `on_stage(name,
+    **counts)` (optional) at the end of each stage, with what it worked on (the main job's minutes
+    account: `JobClock.stage_end`)."""
     if cfg.init_from:
         raise ValueError(f"init_from={cfg.init_from!r}: the warmup always starts from the base model (init_from is for grpo, "
                          f"describe and eval; --resume continues a warmup run)")
-    run = start_run(cfg, out, "warmup")
+    stage = on_stage or (lambda name, **counts: None)
+    run = start_run(cfg, out, "warmup", resume)
+    cfg = run.cfg  # model.dtype: auto resolved
+    stage("warmup/ray_and_placement", dtype=cfg.model.dtype)
     t = cfg.ray.get_timeout_s
     options, threads = run.placement.task_options()
     train, heldout, data_report = remote_get(

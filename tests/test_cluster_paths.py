@@ -287,6 +287,77 @@ def test_roles_check_the_dtype_before_building_their_model(tiny_path, monkeypatc
         warmup_generate_fn(cfg, str(tiny_path), None, 1)
 
 
+def _probe(speedup: float | None, engine: str = "torch", supported=("bfloat16", "float32")) -> dict:
+    return {"device": "cpu", "engine": engine, "supported": list(supported), "why_not": "", "float32": 1e11,
+            "bfloat16": None if speedup is None else speedup * 1e11, "bf16_speedup": speedup}
+
+
+def test_auto_dtype_is_bfloat16_only_where_every_role_multiplies_it_fast():
+    from cycle_oracle.devices import AUTO_BF16_MIN_SPEEDUP, choose_dtype
+
+    fast, slow = 2 * AUTO_BF16_MIN_SPEEDUP, 0.9 * AUTO_BF16_MIN_SPEEDUP
+    assert choose_dtype({"learner": _probe(fast), "rollout": _probe(fast, "vllm"), "encoder": _probe(fast)})[0] == "bfloat16"
+    dtype, why = choose_dtype({"learner": _probe(fast), "rollout": _probe(slow, "vllm"), "encoder": _probe(fast)})
+    assert dtype == "float32" and f"rollout cpu {slow:.1f}x" in why  # one slow role keeps the run in fp32
+    dtype, why = choose_dtype({"learner": _probe(None, "deepspeed", ("float32",)), "rollout": _probe(fast, "vllm")})
+    assert dtype == "float32" and "learner cpu: no bfloat16" in why  # an engine that cannot run bf16 there
+    with pytest.raises(ValueError):
+        choose_dtype({})
+
+
+def test_the_dtype_probe_times_both_dtypes_at_the_models_shapes():
+    from cycle_oracle.devices import dtype_probe, matmul_rate
+
+    p = dtype_probe("cpu", 64, 128, tokens=32)
+    assert p["shape"] == [32, 64, 128] and p["float32"] > 0 and p["bfloat16"] > 0
+    assert p["bf16_speedup"] == pytest.approx(p["bfloat16"] / p["float32"])
+    assert matmul_rate("cpu", "float32", 8, 8, 8, min_seconds=0.0) > 0
+
+
+def test_auto_dtype_resolves_once_per_run_on_the_roles_devices(ray_two_cpus, tmp_path):
+    """`model.dtype: auto`: a fresh run probes each role's device in its bundle and writes what it
+    measured; a run started from a checkpoint takes the checkpoint's dtype, and a resumed run the
+    one its config.yaml recorded, without probing; a role never sees `auto`."""
+    from actors.placement import Placement
+    from cycle_oracle.checkpoint import load_trained
+    from cycle_oracle.config import dump_recipe
+    from cycle_oracle.devices import DtypeError, check_dtype, choose_dtype
+    from fake_checkpoints import warmup_like_checkpoint
+    from recipes.common import recorded_run_dtype, resolve_dtype
+
+    small = {"learner": {"num_cpus": 0.5, "threads": 1}, "rollout": {"num_cpus": 0.5, "threads": 1}, "encoder": {"num_cpus": 0.5, "threads": 1}}
+    cfg = RecipeConfig(kind="grpo", model={"name": "tiny-random-llama", "layer": 1, "dtype": "auto"}, resources=small)
+    model_config = {"hidden_size": 64, "intermediate_size": 128}
+    with pytest.raises(DtypeError, match="model.dtype=auto reached the learner role unresolved"):
+        check_dtype("auto", "cpu", role="learner")
+    placement = Placement(cfg, timeout_s=120)
+    try:
+        fresh, note = resolve_dtype(cfg, placement, model_config, tmp_path)
+        probe = json.loads((tmp_path / "dtype_probe.json").read_text())
+        assert set(probe["probes"]) == {"learner", "rollout", "encoder"}
+        assert [probe["probes"][r]["engine"] for r in ("learner", "rollout", "encoder")] == ["deepspeed", "vllm", "torch"]
+        assert fresh.model.dtype == probe["chosen"] == choose_dtype(probe["probes"])[0] and cfg.model.dtype == "auto"
+        assert note.startswith(f"model.dtype auto -> {fresh.model.dtype}: bf16 matmul vs fp32: learner cpu ")
+
+        other = "float32" if fresh.model.dtype == "bfloat16" else "bfloat16"  # the checkpoint's dtype, whatever the probe says now
+        warm = tmp_path / "warm"
+        ckpt = warmup_like_checkpoint(warm, cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})}))
+        (warm / "config.yaml").write_text(dump_recipe(cfg.model_copy(update={"kind": "warmup", "model": cfg.model.model_copy(update={"dtype": other})})))
+        started = cfg.model_copy(update={"init_from": str(warm)})
+        run_dir = tmp_path / "from-checkpoint"
+        run_dir.mkdir()
+        resolved, note = resolve_dtype(started, placement, model_config, run_dir)
+        assert resolved.model.dtype == other and "as the checkpoint it starts from" in note and not (run_dir / "dtype_probe.json").exists()
+        assert load_trained(ckpt).config().model.dtype == other
+
+        (run_dir / "config.yaml").write_text(dump_recipe(resolved))
+        assert recorded_run_dtype(run_dir) == other
+        resumed, note = resolve_dtype(cfg, placement, model_config, run_dir, resumed=recorded_run_dtype(run_dir))
+        assert resumed.model.dtype == other and "as this run resolved it when it started" in note
+    finally:
+        placement.remove()
+
+
 # ---------------------------------------------------------------- 5. Qwen3 without thinking
 def _qwen3_tokenizer(tiny_tokenizer):
     """The tiny (SmolLM2, ChatML) tokenizer with Qwen3's chat template and its `<think>` tokens.

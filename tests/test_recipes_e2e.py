@@ -53,23 +53,39 @@ def test_cli_help_and_bad_recipes(tmp_path):
     assert plan.returncode == 0 and "fits" in plan.stdout and "'GPU': 1" in plan.stdout
 
 
-def test_smoke_warmup_and_resume(tmp_path, shared_data):
+def test_smoke_warmup_and_resume(tmp_path, shared_data, capsys):
+    """The warmup smoke with `model.dtype: auto`: every role computes in what the probe of their
+    devices chose (bfloat16 on a CPU with fast bf16 matmul: vLLM, the DeepSpeed learners and the
+    encoder), recorded in config.yaml and the checkpoints; the resume keeps it without a new probe."""
+    import yaml
+
     from recipes import warmup
+    from cycle_oracle.checkpoint import load_trained
+    from cycle_oracle.devices import choose_dtype
 
     cfg = load_recipe(REPO / "recipes" / "smoke_warmup.yaml", [
-        f"warmup.corpus.paths=[{shared_data / 'corpus' / 'wiki.valid.raw'}]", "logging.checkpoint_every=2"])
+        f"warmup.corpus.paths=[{shared_data / 'corpus' / 'wiki.valid.raw'}]", "logging.checkpoint_every=2", "model.dtype=auto"])
     out = tmp_path / "warm"
     try:
         results = warmup.run(cfg, out)
         resumed_dir = tmp_path / "warm-resumed"
         shutil.copytree(out, resumed_dir)
         _rewind(resumed_dir, 2)
+        (resumed_dir / "dtype_probe.json").unlink()
+        capsys.readouterr()
         warmup.run(cfg, resumed_dir, resume=True)
+        resumed_lines = capsys.readouterr().out
     finally:
         ray.shutdown()
     for name in ("config.yaml", "metrics.jsonl", "results.json"):
         assert (out / name).is_file()
     assert (out / "checkpoints" / "latest").is_file()
+    probe = json.loads((out / "dtype_probe.json").read_text())
+    dtype = yaml.safe_load((out / "config.yaml").read_text())["model"]["dtype"]
+    assert dtype == probe["chosen"] == choose_dtype(probe["probes"])[0] and load_trained(out).record.dtype == dtype
+    assert yaml.safe_load((resumed_dir / "config.yaml").read_text())["model"]["dtype"] == dtype
+    assert f"model.dtype auto -> {dtype}: as this run resolved it when it started" in resumed_lines
+    assert not (resumed_dir / "dtype_probe.json").exists() and load_trained(resumed_dir).record.dtype == dtype
     built = {task for task, n in results["data"]["heldout"].items() if n}
     assert built >= {"latentqa", "token_prediction"}  # a random model's description targets may all be unusable
     assert set(results["heldout"]) == built
