@@ -200,6 +200,55 @@ def learner_flops(shape: ModelShape, n_samples: int, prompt_len: int, completion
     return out
 
 
+def forward_flops_summed(shape: ModelShape, tokens: float, key_pairs: float, head_tokens: float, layers: int | None = None,
+                         lora_params: int = 0) -> float:
+    """`forward_flops` over many causal sequences from sums over them: `tokens` = sum T_i,
+    `key_pairs` = sum T_i (T_i + 1) / 2 (the keys every position attends to, summed), `head_tokens`
+    = positions whose logits are computed."""
+    n = shape.n_layers if layers is None else layers
+    return 2 * (shape.blocks_params(layers) + lora_params) * tokens + 4 * n * shape.d_attn * key_pairs + 2 * shape.head_params * head_tokens
+
+
+def backward_flops_summed(shape: ModelShape, tokens: float, key_pairs: float, head_tokens: float, lora_params: int = 0) -> float:
+    """`backward_flops` from the same sums: forward + 2 N_lora per token + attention's second operand."""
+    n = shape.n_layers
+    return forward_flops_summed(shape, tokens, key_pairs, head_tokens, lora_params=lora_params) + 2 * lora_params * tokens \
+        + 4 * n * shape.d_attn * key_pairs
+
+
+def sft_flops(shape: ModelShape, read_layer: int, lora_params: int, work: dict) -> dict:
+    """The warmup's SFT steps from `DecoderLearner.sft_micro_step`'s work counts (summed over calls):
+    read = the frozen target's forward through the first `read_layer` blocks up to each example's
+    last read position (no LoRA, no head: `read_tokens`, `read_key_pairs`); policy = the decoder's
+    forward + backward (LoRA model with a frozen base) over prompt + answer (`tokens`, `key_pairs`),
+    with the LM head on the answer tokens (`head_tokens`)."""
+    read = forward_flops_summed(shape, work.get("read_tokens", 0), work.get("read_key_pairs", 0), 0, layers=read_layer)
+    args = (work.get("tokens", 0), work.get("key_pairs", 0), work.get("head_tokens", 0))
+    policy = forward_flops_summed(shape, *args, lora_params=lora_params) + backward_flops_summed(shape, *args, lora_params=lora_params)
+    return {"read": read, "policy": policy, "total": read + policy, "trained_tokens": work.get("head_tokens", 0)}
+
+
+def grpo_learner_flops_from_means(shape: ModelShape, samples: int, mean_completion: float, prompt_len: int, lora_params: int,
+                                  reference: str | None, reference_prompt_len: int) -> dict:
+    """`learner_flops` (one update per rollout: no old-policy pass) for `samples` completions of mean
+    length `mean_completion` (what a GRPO run's metrics.jsonl keeps: `description_tokens`): every
+    completion is taken at the mean length, exact for the linear terms; attention (about 2% of a
+    SmolLM2 step's FLOPs at these lengths) is off by the spread of the lengths."""
+    def summed(prefix: int, with_lora: bool, backward: bool) -> float:
+        t = prefix + mean_completion
+        args = (samples * t, samples * t * (t + 1) / 2, samples * mean_completion)
+        lora = lora_params if with_lora else 0
+        return forward_flops_summed(shape, *args, lora_params=lora) + (backward_flops_summed(shape, *args, lora_params=lora) if backward else 0)
+
+    ref = 0.0
+    if reference == "base":
+        ref = summed(reference_prompt_len, False, False)
+    elif reference == "warmup":
+        ref = summed(prompt_len, False, False)
+    policy = summed(prompt_len, True, True)
+    return {"ref": ref, "policy": policy, "total": ref + policy, "trained_tokens": samples * mean_completion}
+
+
 def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
     if seconds <= 0 or peak_flops_per_s <= 0:
         raise ValueError("seconds and peak FLOP/s must be positive")

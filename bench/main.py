@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random model, tiny sizes (a smoke test of the harness)")
     ap.add_argument("--learner-variant", action="append", default=[], metavar="NAME:KEY=VAL[;KEY=VAL]",
                     help="also run the learner case with these recipe overrides (e.g. zero0:decoder_optim.zero_stage=0)")
+    ap.add_argument("--warmup-recipe", default="recipes/warmup_then_grpo.yaml", help="recipe of the warmup SFT case (the main job's)")
+    ap.add_argument("--warmup-steps", type=int, default=6, help="measured optimizer steps of the warmup SFT case (after 2 unmeasured)")
+    ap.add_argument("--warmup-variant", action="append", default=[], metavar="NAME:KEY=VAL[;KEY=VAL]",
+                    help="also run the warmup SFT case with these recipe overrides (e.g. bf16:model.dtype=bfloat16)")
+    ap.add_argument("--minutes", metavar="RUN_DIR", help="render a main job's minutes account (<RUN_DIR>/minutes.json) as Markdown "
+                    "(with --md, also into that file) and exit: bench/minutes.py")
     ap.add_argument("--merge-into", metavar="JSON", help="merge this invocation's sections into an existing results file (written to --out)")
     ap.add_argument("--rerender", metavar="JSON", help="recompute FLOPs, MFU and targets of an existing results file and rewrite it (and --md)")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
@@ -74,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args._case:
         return run_here(json.loads(args._case), Path(args._result))
+    if args.minutes:
+        from bench.minutes import main as minutes_main
+
+        return minutes_main([args.minutes, *(["--md", args.md] if args.md else [])])
 
     if args.rerender:
         results = rerender(json.loads(Path(args.rerender).read_text()))

@@ -274,10 +274,21 @@ class DecoderLearner:
         if boundary:
             self.optimizer_steps += 1
         out = {"loss": sum(v[0] for v in sums.values()) / max(local_tokens, 1), "tokens": float(local_tokens), "lr": self.lr()}
+        out.update(self._sft_work(examples, lengths, local_tokens))
         for task in sorted(sums):
             out[f"loss/{task}"] = sums[task][0] / max(sums[task][1], 1.0)
             out[f"tokens/{task}"] = sums[task][1]
         return out
+
+    def _sft_work(self, examples: Sequence[SftExample], lengths: Sequence[int], answer_tokens: int) -> dict[str, float]:
+        """What a call's passes compute on, for FLOP counts (bench/flops.py `sft_flops`; padding
+        excluded): the gradient pass over prompt + answer (`tokens`, `key_pairs` = sum T(T+1)/2, the keys
+        causal attention reads; the LM head on `head_tokens`, the answers) and the frozen target's read
+        of each context up to its last read position (`read_tokens`, `read_key_pairs`), per call."""
+        reads = [max(self._placeholder_positions(e)) + 1 for e in examples]
+        return {"work/sequences": float(len(examples)), "work/tokens": float(sum(lengths)),
+                "work/key_pairs": float(sum(t * (t + 1) // 2 for t in lengths)), "work/head_tokens": float(answer_tokens),
+                "work/read_tokens": float(sum(reads)), "work/read_key_pairs": float(sum(r * (r + 1) // 2 for r in reads))}
 
     @torch.no_grad()
     def answer_scores(self, examples: Sequence[SftExample], vector_override: str | None = None) -> dict[str, list[float]]:

@@ -24,9 +24,14 @@ GPU the ratios between stages differ (treat the ETA there as an order of magnitu
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from cycle_oracle.files import atomic_write_text
 
 DATA_BUILD_STEPS = 70.0
 SETUP_STEPS = 25.0
@@ -118,15 +123,28 @@ def left_note(left_s: float | None) -> str:
 
 
 class JobClock:
-    """The driver's ETA: the job's start, the step times it is told (explicit calls from the
-    recipes' optional callbacks) and the estimates printed from them. The warmup step time is the
-    median of this process's warmup steps; when the warmup was reused, GRPO's median step (the time
-    between `on_step_end` calls) over GRPO_STEP_STEPS stands in for it; before either, no estimate."""
+    """The driver's ETA and the job's minutes account: the job's start, the step times it is told
+    (explicit calls from the recipes' optional callbacks) and the estimates printed from them. The
+    warmup step time is the median of this process's warmup steps; when the warmup was reused, GRPO's
+    median step (the time between `on_step_end` calls) over GRPO_STEP_STEPS stands in for it; before
+    either, no estimate. `stage_end` laps the job into contiguous stages (each from the previous
+    stage's end to now, so they add up to the job's wall time), written to `<out>/minutes.json` by
+    `write_minutes` (rendered by `python -m bench.minutes`)."""
 
     def __init__(self, plan: JobPlan, start: float, first_steps: int = 5):
         self.plan, self.start, self.first_steps = plan, start, first_steps
         self.warmup_times: list[float] = []
         self.grpo_ends: list[float] = []
+        self.stages: list[dict] = []
+        self._lap = start
+
+    def stage_end(self, name: str, **counts) -> None:
+        """The recipes' `on_stage`: stage `name` ended now; it ran since the previous stage ended (the
+        job's start for the first). `counts`: what it worked on (steps, examples, items, ...)."""
+        now = time.time()
+        self.stages.append({"stage": name, "start_s": round(self._lap - self.start, 2), "seconds": round(now - self._lap, 2),
+                            "load1": round(os.getloadavg()[0], 2), **counts})
+        self._lap = now
 
     def warmup_step(self, step: int, seconds: float) -> None:
         """`warmup.run(on_step_time=...)`: step `step` (1-based) took `seconds`. Prints the ETA line
@@ -153,3 +171,100 @@ class JobClock:
         """' (about X min left)' after stage `after`, '' while no step time is known."""
         step_s = self.step_s()
         return left_note(None if step_s is None else estimate(self.plan, step_s, data_cached=True).seconds_left(after))
+
+
+MINUTES_SCHEMA = 1
+"""Version of `minutes.json` (bench/minutes.py reads it)."""
+SETUP_START_ENV = "CYCLE_ORACLE_SETUP_START"
+"""scripts/main.sh exports the epoch seconds before it runs scripts/setup.sh, so that the account
+starts at the fresh clone (the venv's set-up is then its first stage)."""
+
+
+def matmul_reference(threads: int, size: int = 2048) -> dict:
+    """The machine's dense matmul FLOP/s ([size, size] @ [size, size], the bench's MFU reference) in
+    float32 and bfloat16 in this process on the CPU, with `threads` torch threads (the learner's)."""
+    import torch
+
+    from cycle_oracle.devices import matmul_rate
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rates = {dtype: matmul_rate("cpu", dtype, size, size, size, min_seconds=1.0, max_reps=20) for dtype in ("float32", "bfloat16")}
+    finally:
+        torch.set_num_threads(before)
+    return {"shape": [size, size, size], "threads": threads, "device": "cpu", "load1": round(os.getloadavg()[0], 2), **rates}
+
+
+def learner_prompt_tokens(cfg) -> dict:
+    """Token counts of the prompts the GRPO learner's passes put before each completion: the decoder's
+    description prompt and the KL reference's (bench/flops.py counts the learner's FLOPs from them)."""
+    from cycle_oracle.injection import description_prompt, reference_prompt
+    from cycle_oracle.models import load_tokenizer, resolve_layer, resolve_model_path
+
+    path = Path(resolve_model_path(cfg.model.name, weights=False))
+    tok = load_tokenizer(path)
+    layer = resolve_layer(cfg.model.layer, int(json.loads((path / "config.json").read_text())["num_hidden_layers"]))
+    prompt = description_prompt(tok, layer, cfg.injection, cfg.description_instruction)
+    return {"prompt": len(prompt.input_ids), "reference_prompt": len(reference_prompt(tok).input_ids), "layer": layer}
+
+
+def grpo_step_rows(run_dir: Path) -> list[dict]:
+    """The GRPO run's per-step rows of metrics.jsonl (the last row of each step: redone steps replace theirs)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("stage") == "grpo":
+                rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def write_minutes(clock: JobClock, cfg, out: Path, end: float | None = None) -> Path:
+    """`<out>/minutes.json`: the job's stages (`JobClock.stage_end`), the set-up before this process
+    (scripts/main.sh's SETUP_START_ENV, and the interpreter's start), the warmup's step times, the GRPO
+    steps' times and completion lengths (from grpo/metrics.jsonl), what the learner's FLOPs depend
+    on (the model's shape, LoRA rank, prompt lengths, dtype) and the machine's matmul rate measured
+    now, after the job (on the CPU only: a GPU learner's rate is not measured by the driver)."""
+    import psutil
+
+    from cycle_oracle.models import resolve_model_path
+
+    end = time.time() if end is None else end
+    out = Path(out)
+    before: list[dict] = []
+    created = psutil.Process().create_time()
+    setup = os.environ.get(SETUP_START_ENV)
+    if setup and float(setup) < created:
+        before.append({"stage": "setup/venv (scripts/setup.sh)", "start_s": round(float(setup) - clock.start, 2),
+                       "seconds": round(created - float(setup), 2)})
+    before.append({"stage": "setup/interpreter_and_recipe", "start_s": round(created - clock.start, 2), "seconds": round(clock.start - created, 2)})
+    model_config = json.loads((Path(resolve_model_path(cfg.model.name, weights=False)) / "config.json").read_text())
+    g = cfg.grpo
+    dtype = cfg.model.dtype
+    warm_cfg = out / "warmup" / "config.yaml"
+    if dtype == "auto" and warm_cfg.is_file():  # what the warmup resolved it to
+        import yaml
+
+        dtype = (yaml.safe_load(warm_cfg.read_text()) or {}).get("model", {}).get("dtype", dtype)
+    probe = out / "warmup" / "dtype_probe.json"
+    learner = cfg.resources.learner
+    data = {
+        "schema": MINUTES_SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock.start)),
+        "wall_s": round(end - clock.start, 2), "stages": before + clock.stages,
+        "model": {"name": cfg.model.name, "config": model_config, "dtype": dtype, "decoder_lora_r": cfg.decoder_lora.r,
+                  "decoder_lora_targets": cfg.decoder_lora.target_modules},
+        "warmup": {"step_seconds": [round(x, 3) for x in clock.warmup_times], "micro_batch_size": cfg.decoder_optim.micro_batch_size,
+                   "grad_accum": cfg.decoder_optim.grad_accum, "ranks": learner.num_actors},
+        "grpo": {"steps": [{k: r.get(k) for k in ("step", "time_step", "time_rollout", "time_score", "time_learn", "time_sync",
+                                                    "time_sync_check", "time_idle", "description_tokens")} for r in grpo_step_rows(out / "grpo")],
+                 "samples_per_step": g.batch_activations * g.samples_per_activation,
+                 "kl_reference": g.kl_reference if g.kl_coef > 0 and g.kl_placement == "loss" else None,
+                 "prompt_tokens": learner_prompt_tokens(cfg)},
+        "dtype_probe": json.loads(probe.read_text()) if probe.is_file() else None,
+        "matmul_reference": matmul_reference(learner.threads) if not learner.num_gpus else None,
+    }
+    path = out / "minutes.json"
+    atomic_write_text(path, json.dumps(data, indent=1))
+    return path

@@ -377,13 +377,16 @@ def run(cfg, out, resume: bool = False, on_step_end=None, on_stage=None) -> dict
     norm = injection_norm(run, emb_norm, store.mean_norm, start_ckpt)
     train_rows, _held = store.split_by_document(cfg.split.heldout_fraction, cfg.seed)
     sft_pools = warmup_training_items(run) if g.sft_mix_weight > 0 else None
+    stage("grpo/placement_and_extraction", activations=len(store))
 
     restarts = 0
     while True:  # an encoder or learner death: every role restarts from the last checkpoint, in this process
         roles = Roles(run, norm, store, start_ckpt, incarnation=restarts, sft_pools=sft_pools)
         try:
             start = restore_roles(roles, start_ckpt, resume or restarts > 0)
+            stage("grpo/roles_start_and_sync")
             last = train(roles, train_rows, start, on_step_end)
+            stage("grpo/steps", steps=last - start, samples=(last - start) * g.batch_activations * g.samples_per_activation)
             break
         except ROLE_GONE as err:
             restarts += 1
@@ -399,13 +402,14 @@ def run(cfg, out, resume: bool = False, on_step_end=None, on_stage=None) -> dict
 
     results = {"kind": "grpo", "layer": run.layer, "injection_norm": norm, "steps": last, "steps_planned": g.steps,
                "weight_version": roles.version, "role_restarts": restarts}
-    results.update(final_evals(roles, start_ckpt))
+    results.update(final_evals(roles, start_ckpt, stage))
     results["summary"] = retrieval_summary(results)
     run.write_results("results.json", results)
     from recipes.report import write_report
     write_report(run.out, results)  # report.md: the closing report (recipes/report.py)
     roles.shutdown()
     finish_run(run)
+    stage("grpo/results_and_shutdown")
     return results
 
 
@@ -485,16 +489,18 @@ def train(roles: Roles, train_rows: list[int], start: int, on_step_end=None) -> 
     return last
 
 
-def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None) -> dict:
+def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None, on_stage=None) -> dict:
     """Retrieval on held-out documents for the GRPO decoder (with controls) and, when GRPO started
     from a checkpoint, for the starting (warmup) decoder on the same pool, each under up to three
     encoders: the final one (co-trained on the GRPO decoder's own outputs, so it favours them), the
     starting checkpoint's encoder, frozen (it never saw GRPO output: the unbiased comparison,
     reported first), and with `eval.text_encoder_steps` a text encoder trained here on source text
     only (it never saw any description). Descriptions are written once per decoder (they do not
-    depend on the encoder)."""
+    depend on the encoder). `on_stage(name, **counts)`: called at the end of each part."""
     cfg, t = roles.cfg, roles.timeout
+    stage = on_stage or (lambda name, **counts: None)
     out = {"retrieval": final_retrieval(roles)}
+    stage("grpo/final_eval/final_encoder_grpo_decoder", items=out["retrieval"]["n"])
     frozen = start_ckpt is not None and "encoder" in start_ckpt.tensors
     text = cfg.eval.text_encoder_steps > 0
     if start_ckpt is None and not text:
@@ -503,26 +509,33 @@ def final_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None) -> dict:
     text_state = None
     if text:
         out["text_encoder"] = {"training": train_text_encoder(roles)}
+        stage("grpo/final_eval/text_encoder_training", steps=out["text_encoder"]["training"]["steps"],
+              pairs=out["text_encoder"]["training"]["pairs"])
         text_state, _ = remote_get(roles.encoder.state.remote(), t, "text encoder state")
         out["text_encoder"]["grpo_decoder"] = final_retrieval(roles, controls=())
+        stage("grpo/final_eval/text_encoder_grpo_decoder")
     if frozen:
         remote_get(roles.encoder.load_state.remote(start_ckpt.tensors["encoder"]), t, "load the starting encoder (frozen)")
         grpo_frozen = final_retrieval(roles, controls=())
+        stage("grpo/final_eval/frozen_encoder_grpo_decoder")
     if start_ckpt is not None:
         roles.sync(start_ckpt.tensors["decoder_adapter"], verify=False)  # the learner holds the GRPO adapter
         if frozen:
             warm_frozen = final_retrieval(roles, controls=())
             out["frozen_start_encoder"] = {"grpo_decoder": grpo_frozen, "warmup_decoder": warm_frozen,
                                            "grpo_minus_warmup": decoder_comparison(grpo_frozen, warm_frozen)}
+            stage("grpo/final_eval/frozen_encoder_warmup_decoder")
         if text:
             remote_get(roles.encoder.load_state.remote(text_state), t, "load the text encoder")
             te = out["text_encoder"]
             te["warmup_decoder"] = final_retrieval(roles, controls=())
             te["grpo_minus_warmup"] = decoder_comparison(te["grpo_decoder"], te["warmup_decoder"])
+            stage("grpo/final_eval/text_encoder_warmup_decoder")
     remote_get(roles.encoder.load_state.remote(final_encoder, final_optim), t, "restore the final encoder")
     if start_ckpt is not None:
         out["retrieval_warmup_decoder"] = final_retrieval(roles, controls=())
         out["grpo_minus_warmup"] = decoder_comparison(out["retrieval"], out["retrieval_warmup_decoder"])
+        stage("grpo/final_eval/final_encoder_warmup_decoder")
     return out
 
 

@@ -40,11 +40,18 @@ def build_data_task(model: str, config: dict, threads: int, shared_data_dir: str
 
     send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
     from cycle_oracle.config import RecipeConfig
-    from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.models import load_tokenizer, resolve_model_path
+    from cycle_oracle.models import resolve_model_path
 
-    model_path = str(resolve_model_path(model))  # on this task's node
-    cfg = RecipeConfig.model_validate(config)
+    return warmup_data(RecipeConfig.model_validate(config), str(resolve_model_path(model)), threads, shared_data_dir, corpus_documents)
+
+
+def warmup_data(cfg, model_path: str, threads: int, shared_data_dir: str | None = None, corpus_documents: list | None = None):
+    """(train, heldout, report) of the recipe's warmup data (`build_warmup_data`) in this process, the
+    model at `model_path` writing what is not cached (`warmup_generate_fn`): the task's work, and
+    the bench's warmup case's examples."""
+    from cycle_oracle.data.build import build_warmup_data
+    from cycle_oracle.models import load_tokenizer
+
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
     generate, model_id = warmup_generate_fn(cfg, model_path, tok, threads)
@@ -106,6 +113,10 @@ def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 2
     return info
 
 
+ENCODER_WARM_START_BATCH = 16
+"""(description, activation) pairs per encoder warm-start step."""
+
+
 def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
     """Train the encoder on descriptions sampled from the warm decoder (plus, with
     `encoder.source_window_tokens`, the source text of the same activations); report before/after."""
@@ -147,7 +158,7 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
         texts += source_windows(store, train_rows, tokenizer, window)
         vecs = torch.cat([vecs, store.activations[train_rows]])
     losses = []
-    batch = 16
+    batch = ENCODER_WARM_START_BATCH
     for step in range(cfg.warmup.encoder_steps):
         idx = rng.sample(range(len(texts)), min(batch, len(texts)))
         m = remote_get(encoder.train_step.remote([texts[i] for i in idx], vecs[idx]), t, "encoder train step")
@@ -185,7 +196,9 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     cached = all(data_report.get(t, {}).get("cached", True) for t in ("latentqa", "corpus", "description") if isinstance(data_report.get(t), dict))
     print(f"[warmup] data (train/held-out items): {counts}; {'from the cache' if cached else 'built'} in "
           f"{data_report.get('seconds', 0):.0f} s (the full report goes to results.json)")
+    stage("warmup/data_build", items=sum(len(v or []) for v in (*train.values(), *heldout.values())), cached=cached)
     store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+    stage("warmup/extraction", activations=len(store))
     norm = injection_norm(run, emb_norm, store.mean_norm)
 
     from cycle_oracle.data.mixture import WarmupMixture
@@ -205,8 +218,10 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
         for stage, after in (("warmup", start), ("encoder_warmstart", -1), ("warmup_eval", -1)):
             run.metrics.rewind(stage, after)
 
+    stage("warmup/learner_start", ranks=group.world_size)
     ga, mbs = cfg.decoder_optim.grad_accum, cfg.decoder_optim.micro_batch_size
     seen = start * ga * mbs * group.world_size
+    work: dict[str, float] = {}  # what the steps computed on (`DecoderLearner.sft_micro_step`'s work/* counts)
     with Progress() as progress:
         bar = progress.add_task("warmup", total=cfg.warmup.steps, completed=start)
         for step in range(start, cfg.warmup.steps):
@@ -218,6 +233,9 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
                 results = group.sft_micro_step(examples)
                 for r in results:
                     tokens += r["tokens"]
+                    for k, v in r.items():
+                        if k.startswith("work/"):
+                            work[k[5:]] = work.get(k[5:], 0.0) + v
                     for k, v in r.items():
                         if k.startswith("loss"):
                             agg.setdefault(k, []).append(v)
@@ -233,10 +251,12 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
             if on_step_time is not None:
                 on_step_time(step + 1, time.time() - t0)
 
+    stage("warmup/sft_steps", steps=cfg.warmup.steps - start, examples=seen - start * ga * mbs * group.world_size, work=work)
     results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group.answer_scores, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
         results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
+    stage("warmup/heldout_eval", items=sum(r.get("items", 0) for r in results["heldout"].values() if isinstance(r, dict)))
     adapter = group.adapter()
     config = cfg.model_dump(mode="json")
     rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_spec, config, run.layer, norm, 0,
@@ -244,7 +264,10 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_spec, config, run.layer, store.mean,
                                                                               run.log_file("encoder"))
     remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
+    stage("warmup/rollout_and_encoder_start")
     results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)
+    stage("warmup/encoder_warm_start", pairs=results["encoder_warm_start"]["train_pairs"], encoder_steps=cfg.warmup.encoder_steps,
+          examples=cfg.warmup.encoder_steps * min(ENCODER_WARM_START_BATCH, results["encoder_warm_start"]["train_pairs"]))
     enc_tensors, _enc_opt = remote_get(encoder.state.remote(), t, "encoder state")
     _save(run, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
     results["summary"] = _summary(results)
@@ -254,6 +277,7 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     for a in (rollout, encoder):
         ray.kill(a)
     finish_run(run)
+    stage("warmup/checkpoint_and_shutdown")
     return results
 
 

@@ -3,7 +3,9 @@ checkpoint into `<out>/grpo` (its retrieval eval runs at the end), then the clos
 `<out>/viewer.html` (every token of one held-out embedded passage described by the GRPO
 checkpoint; skipped with one line if it cannot be written) and `<out>/report.md`
 (`recipes/report.py`; the CLI prints the same tables). Its `[job]` lines carry the job's ETA
-(`recipes/eta.py`): one line after the first warmup steps, then the minutes left at each stage's end."""
+(`recipes/eta.py`): one line after the first warmup steps, then the minutes left at each stage's end.
+`<out>/minutes.json` accounts for the job's minutes stage by stage (`JobClock.stage_end`, the
+recipes' `on_stage`; `python -m bench.minutes <out>` renders it)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 
 from recipes import grpo, warmup
-from recipes.eta import JobClock, JobPlan
+from recipes.eta import JobClock, JobPlan, write_minutes
 from recipes.report import write_report
 
 VIEWER_MAX_MODEL_BYTES = 2 * 2**30
@@ -31,17 +33,21 @@ def run(cfg, out, resume: bool = False) -> dict:
     warm_cfg = cfg.model_copy(update={"kind": "warmup"})
     warm_dir = out / "warmup"
     done = (warm_dir / "results.json").is_file()
-    warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume, on_step_time=clock.warmup_step)
+    warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume, on_step_time=clock.warmup_step, on_stage=clock.stage_end)
     print(f"[job] warmup {'reused' if done else 'done'} at {(time.time() - t0) / 60:.1f} min; GRPO next{clock.left_note('warmup_evals')}")
     grpo_cfg = cfg.model_copy(update={"kind": "grpo", "init_from": str(warm_dir)})
-    result = grpo.run(grpo_cfg, out / "grpo", resume=resume, on_step_end=clock.grpo_step_end)
+    result = grpo.run(grpo_cfg, out / "grpo", resume=resume, on_step_end=clock.grpo_step_end, on_stage=clock.stage_end)
     print(f"[job] GRPO and its final evals done at {(time.time() - t0) / 60:.1f} min; the viewer and the report next"
           f"{clock.left_note('final_evals')}")
     summary = {"warmup": (warm or {}).get("summary", "reused from a previous run"), "grpo": result.get("summary")}
     if warm is None:
         warm = read_results(warm_dir / "results.json")
     viewer = write_viewer(cfg, out, result)
+    clock.stage_end("viewer", written=viewer is not None)
     write_report(out, result, warm, viewer)
+    clock.stage_end("report")
+    minutes = write_minutes(clock, cfg, out)
+    print(f"[job] done in {(time.time() - t0) / 60:.1f} min; its minutes stage by stage: {minutes} (`python -m bench.minutes {out}`)")
     return {"kind": "warmup_then_grpo", "summary": summary, "warmup": warm, "grpo": result, "viewer": viewer}
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench.case
 import bench.flops as bf
 import bench.machine
@@ -280,3 +282,68 @@ def test_rerender_recounts_learner_flops_with_the_current_convention():
     assert point["flops"] == f["total"] and point["mfu"] == f["total"] / 8.0 / 1e11
     assert point["pieces"]["old_forward"]["flops"] == f["old"] and point["pieces"]["policy_update"]["flops"] == f["policy"]
     assert point["pieces"]["policy_update"]["mfu"] == f["policy"] / 4.0 / 1e11
+
+
+def test_summed_flops_equal_the_per_sequence_counts():
+    """The sum forms (what the main job's minutes account counts from) give the per-sequence
+    functions' totals: the warmup's SFT steps and the GRPO learner at equal lengths."""
+    s, lora = bf.SMOLLM2_135M, bf.SMOLLM2_135M.lora_params(8)
+    seqs = [(57, 9), (70, 22), (63, 1)]  # (prompt + answer tokens, answer tokens)
+    reads = [12, 96, 40]
+    work = {"tokens": sum(t for t, _ in seqs), "key_pairs": sum(t * (t + 1) // 2 for t, _ in seqs), "head_tokens": sum(a for _, a in seqs),
+            "read_tokens": sum(reads), "read_key_pairs": sum(r * (r + 1) // 2 for r in reads)}
+    f = bf.sft_flops(s, 15, lora, work)
+    assert f["read"] == sum(bf.forward_flops(s, r, 0, layers=15) for r in reads)
+    assert f["policy"] == sum(bf.forward_flops(s, t, a, lora_params=lora) + bf.backward_flops(s, t, a, lora_params=lora) for t, a in seqs)
+    assert f["total"] == f["read"] + f["policy"] and f["trained_tokens"] == work["head_tokens"]
+    for reference, ref_len in (("base", 5), ("warmup", 0), (None, 0)):
+        exact = bf.learner_flops(s, 16, 60, 40, lora, reference, ref_len, old_pass=False)
+        means = bf.grpo_learner_flops_from_means(s, 16, 40.0, 60, lora, reference, ref_len)
+        assert means["total"] == pytest.approx(exact["total"], rel=1e-12) and means["ref"] == pytest.approx(exact["ref"], rel=1e-12)
+
+
+def _minutes(tmp_path, work_scale: float = 1.0) -> dict:
+    """A minutes.json as the main job writes it, with the embedded model's shape (no run)."""
+    import json as _json
+
+    from cycle_oracle.models import resolve_model_path
+
+    config = _json.loads((Path(resolve_model_path("smollm2-135m-instruct", weights=False)) / "config.json").read_text())
+    work = {k: v * work_scale for k, v in {"sequences": 1200, "tokens": 80_000, "key_pairs": 3.3e6, "head_tokens": 14_000,
+                                          "read_tokens": 40_000, "read_key_pairs": 9e5}.items()}
+    stages = [{"stage": "setup/interpreter_and_recipe", "start_s": -4.0, "seconds": 4.0},
+              {"stage": "warmup/data_build", "start_s": 0.0, "seconds": 20.0, "items": 5000, "cached": True, "load1": 1.0},
+              {"stage": "warmup/sft_steps", "start_s": 20.0, "seconds": 300.0, "steps": 150, "examples": 1200, "work": work, "load1": 2.0},
+              {"stage": "grpo/steps", "start_s": 320.0, "seconds": 100.0, "steps": 2, "samples": 32, "load1": 2.0},
+              {"stage": "report", "start_s": 420.0, "seconds": 2.0}]
+    steps = [{"step": i, "time_step": 12.0, "time_learn": 7.0, "description_tokens": 38.0} for i in (1, 2)]
+    return {"schema": 1, "started": "2026-12-04T16:00:00", "wall_s": 422.0, "stages": stages,
+            "model": {"name": "smollm2-135m-instruct", "config": config, "dtype": "float32", "decoder_lora_r": 8, "decoder_lora_targets": "all-linear"},
+            "warmup": {"step_seconds": [2.0] * 150}, "grpo": {"steps": steps, "samples_per_step": 16, "kl_reference": "base",
+                                                           "prompt_tokens": {"prompt": 63, "reference_prompt": 5, "layer": 15}},
+            "matmul_reference": {"float32": 1e11, "bfloat16": 3e11}}
+
+
+def test_the_minutes_account_shares_and_mfu(tmp_path):
+    from bench.minutes import account, main, to_markdown
+
+    m = _minutes(tmp_path)
+    acc = account(m)
+    rows = {r["stage"]: r for r in acc["rows"]}
+    assert acc["wall_s"] == pytest.approx(426.0) and sum(r["share"] for r in acc["rows"]) == pytest.approx(1.0)
+    assert rows["setup/interpreter_and_recipe"]["start_s"] == 0 and rows["report"]["start_s"] == pytest.approx(424.0)
+    shape = bf.shape_from_hf_config(m["model"]["config"])
+    sft = bf.sft_flops(shape, 15, shape.lora_params(8), rows["warmup/sft_steps"]["work"])
+    assert rows["warmup/sft_steps"]["mfu"] == pytest.approx(sft["total"] / 300.0 / 1e11)
+    learn = bf.grpo_learner_flops_from_means(shape, 16, 38.0, 63, shape.lora_params(8), "base", 5)["total"]
+    assert rows["grpo/steps"]["mfu"] == pytest.approx(2 * learn / 14.0 / 1e11)  # over the learner's own seconds
+    assert rows["warmup/data_build"]["mfu"] is None
+    assert acc["trained_per_minute"] == pytest.approx((1200 + 32) / (426.0 / 60))
+    assert account(_minutes(tmp_path, 2.0))["rows"][2]["mfu"] == pytest.approx(2 * rows["warmup/sft_steps"]["mfu"])
+    m["model"]["dtype"] = "bfloat16"  # divided by the rate of the dtype the run computed in
+    assert account(m)["rows"][2]["mfu"] == pytest.approx(rows["warmup/sft_steps"]["mfu"] / 3)
+    md = to_markdown(m)
+    assert all(f"| {stage} |" in md for stage in rows) and "1200 examples (150 steps" in md
+    (tmp_path / "minutes.json").write_text(json.dumps(m))
+    assert main([str(tmp_path), "--md", str(tmp_path / "m.md")]) == 0 and (tmp_path / "m.md").read_text() == md
+    assert main([str(tmp_path / "nothing")]) == 2

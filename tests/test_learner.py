@@ -53,6 +53,11 @@ def test_sft_learns_and_resume_reproduces_next_loss(dist, cfg, tiny_path, tiny_t
     saved = learner.save_state()
     adapter = learner.adapter()
     nxt = learner.sft_micro_step(ex)
+    prompts, answers = learner._sft_prompts(ex)  # what the FLOP count of a step is computed from (bench/flops.py sft_flops)
+    lengths = [len(p.input_ids) + len(a) for p, a in zip(prompts, answers)]
+    assert (nxt["work/sequences"], nxt["work/tokens"], nxt["work/key_pairs"]) == (2, sum(lengths), sum(t * (t + 1) // 2 for t in lengths))
+    assert nxt["work/head_tokens"] == nxt["tokens"] == sum(len(a) for a in answers)
+    assert nxt["work/read_tokens"] == sum(e.position + 1 for e in ex)  # the target reads each context up to its read position
     frozen_bytes = sum(p.numel() * p.element_size() for p in learner.model.parameters() if not p.requires_grad)
     assert sum(len(b) for b in saved.values()) < frozen_bytes / 2, "the frozen base must stay out of the learner state"
 

@@ -288,16 +288,18 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     grpo_res, warm_res = grpo_results(store, grpo_noise=0.3, warm_noise=3.0), warmup_results(reads=True)
     calls = []
 
-    def fake_warmup(cfg, out, resume=False, on_step_time=None):
+    def fake_warmup(cfg, out, resume=False, on_step_time=None, on_stage=None):
         calls.append(("warmup", out))
         for step in range(1, cfg.warmup.steps + 1):
             on_step_time(step, 4.3)
+        on_stage("warmup/sft_steps", steps=cfg.warmup.steps, examples=8 * cfg.warmup.steps)
         return warm_res
 
-    def fake_grpo(cfg, out, resume=False, on_step_end=None):
+    def fake_grpo(cfg, out, resume=False, on_step_end=None, on_stage=None):
         calls.append(("grpo", cfg.init_from))
         for step in range(1, cfg.grpo.steps + 1):
             on_step_end(None, step)
+        on_stage("grpo/steps", steps=cfg.grpo.steps, samples=16 * cfg.grpo.steps)
         return grpo_res
 
     monkeypatch.setattr(warmup, "run", fake_warmup)
@@ -308,10 +310,17 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     assert calls == [("warmup", tmp_path / "warmup"), ("grpo", str(tmp_path / "warmup"))]
     assert out["grpo"] is grpo_res and out["warmup"] is warm_res and out["viewer"] is None  # no checkpoint under grpo/
     lines = capsys.readouterr().out.strip().splitlines()
-    job = [line for line in lines if line.startswith("[job]")]  # the plan, the ETA after 5 warmup steps, one line per stage
-    assert len(job) == 4 and job[1].startswith("[job] ETA: about ") and "from the first 5 warmup steps at 4.3 s each" in job[1], job
+    job = [line for line in lines if line.startswith("[job]")]  # the plan, the ETA after 5 warmup steps, one line per stage, the end
+    assert len(job) == 5 and job[1].startswith("[job] ETA: about ") and "from the first 5 warmup steps at 4.3 s each" in job[1], job
     assert job[2].startswith("[job] warmup done at ") and job[2].endswith(" min left)"), job
     assert job[3].endswith("the viewer and the report next (about 0.5 min left)"), job
+    assert job[4].startswith("[job] done in ") and str(tmp_path / "minutes.json") in job[4], job
+    minutes = json.loads((tmp_path / "minutes.json").read_text())  # the stages the recipes reported, then the driver's own
+    laps = [s for s in minutes["stages"] if not s["stage"].startswith("setup/")]
+    assert [s["stage"] for s in laps] == ["warmup/sft_steps", "grpo/steps", "viewer", "report"]
+    assert all(b["start_s"] == pytest.approx(a["start_s"] + a["seconds"], abs=0.02) for a, b in zip(laps, laps[1:]))  # contiguous
+    assert laps[-1]["start_s"] + laps[-1]["seconds"] <= minutes["wall_s"] + 0.02
+    assert minutes["warmup"]["step_seconds"] == [4.3] * cfg.warmup.steps and minutes["matmul_reference"]["float32"] > 0
     printed = [line for line in lines if not line.startswith("[job]")]
     assert len(printed) == 1 and printed[0].startswith("[viewer] not written")
     assert (tmp_path / "report.md").read_text() == closing_report(grpo_res, warm_res).markdown
@@ -324,7 +333,7 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     again = warmup_then_grpo.run(cfg, tmp_path)
     assert [c[0] for c in calls] == ["grpo"] and again["warmup"] == warm_res
     job = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[job]")]
-    assert len(job) == 3 and job[1].endswith("; GRPO next"), job  # no warmup step measured: no ETA yet
+    assert len(job) == 4 and job[1].endswith("; GRPO next"), job  # no warmup step measured: no ETA yet
     assert again["summary"]["warmup"] == "reused from a previous run"
     assert "## Warmup, held-out" in (tmp_path / "report.md").read_text()
 
