@@ -12,13 +12,14 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 import warnings
 from datetime import datetime
 from pathlib import Path
 
 from typing import get_args
 
-from cycle_oracle.config import OracleName, load_recipe
+from cycle_oracle.config import OracleName, field_help, load_recipe, schema_section
 from cycle_oracle.errors import LayerError, UserError
 
 RECIPE_DRIVERS = {
@@ -192,6 +193,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """`cycle-oracle config [SECTION]`: every key of a recipe section with its type, default and help
+    (the schema's own descriptions, `config.field_help`); without SECTION the recipe's top level."""
+    path = args.section or ""
+    model = schema_section(path)
+    about = " ".join((model.__doc__ or "").split("\n\n")[0].split())
+    print(f"{path or 'recipe'} ({model.__name__})" + (f": {about}" if about else ""))
+    for row in field_help(path):
+        print(f"\n  {row.name}: {row.type} = {row.default}")
+        for line in textwrap.wrap(row.description, width=96):
+            print(f"      {line}")
+        if row.section:
+            print(f"      (its keys: cycle-oracle config {path + '.' if path else ''}{row.name})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from bench.main import main as bench_main
 
@@ -258,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="KEY=VALUE")
     v.add_argument("--data-dir", help="folder with the eval data files")
     v.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("config", help="print a recipe section's keys with defaults and help",
+                       description="Print every key of a recipe section with its type, default and description, e.g. "
+                                   "`cycle-oracle config grpo` or `cycle-oracle config encoder.optim`; without SECTION the top-level keys.")
+    c.add_argument("section", nargs="?", default=None, help="a section of the recipe schema, dotted for nested ones (grpo, eval.secrets, ...)")
+    c.set_defaults(func=cmd_config)
 
     b = sub.add_parser("bench", help="benchmarks (JSON out)", description="Measure rollout, scoring, learner and end-to-end GRPO step throughput against the machine's matmul limit.")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -58,3 +58,21 @@ def test_a_run_is_quiet_and_its_roles_log_to_the_run_folder(tmp_path):
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     assert {"rollout-0.log", "extraction.log"} <= set(logs), sorted(logs)
     assert "vllm" in logs["rollout-0.log"].lower()
+
+
+def test_config_prints_a_sections_keys_with_defaults_and_help():
+    """`cycle-oracle config grpo`: every key of the section with its type, default and description
+    (the schema's own docstrings); a nested section by its dotted path; an unknown one is named."""
+    from cycle_oracle.config import GrpoSettings
+
+    out = _cli("config", "grpo")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("grpo (GrpoSettings): ")
+    for name, field in GrpoSettings.model_fields.items():
+        assert f"  {name}: " in out.stdout, name
+    assert "  kl_coef: float = 0.01\n      Weight of the KL" in out.stdout
+    assert "(its keys: cycle-oracle config grpo.decoder_optim)" in out.stdout
+    nested = _cli("config", "encoder.optim")
+    assert nested.returncode == 0 and "  lr: float = 0.0003" in nested.stdout
+    bad = _cli("config", "grpo.steps")
+    assert bad.returncode == 2 and "'steps' is not a section of grpo; expected one of decoder_optim" in bad.stderr

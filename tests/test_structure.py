@@ -120,6 +120,38 @@ def test_old_recipe_keys_fail_naming_the_new_key(tmp_path):
                              ("warmup.heldout_fraction", "split.heldout_fraction"), ("rollout.threads", "resources.rollout.threads"),
                              ("grpo.optim", "grpo.decoder_optim")):
         assert f"'{old_key}' has moved: write it as '{new_key}'" in str(err.value)
+    with pytest.raises(ConfigError, match="key 'logging.log_every' is gone .*: delete it"):
+        validate_recipe({"kind": "grpo", "logging": {"log_every": 5}})
+
+
+def test_a_nucleus_the_learner_cannot_score_is_refused():
+    """The learner's log-probs are of the whole distribution: top-p < 1 would bias the importance
+    ratio silently, so the schema refuses it (1.0, the default, passes)."""
+    assert validate_recipe({"kind": "grpo", "sampling": {"top_p": 1.0}}).sampling.top_p == 1.0
+    with pytest.raises(ConfigError, match="sampling.top_p=0.9: the learner's log-probs are of the whole distribution"):
+        validate_recipe({"kind": "warmup", "sampling": {"top_p": 0.9}})
+
+
+def test_every_config_field_is_described():
+    """Walk the recipe schema from the top through every section (and list / optional sections):
+    each field has a description (its attribute docstring, `use_attribute_docstrings`), which
+    `cycle-oracle config SECTION` prints."""
+    from cycle_oracle.config import field_help, schema_section, section_model
+
+    undescribed, seen, paths = [], set(), [""]
+    while paths:
+        path = paths.pop()
+        model = schema_section(path)
+        if model in seen:
+            continue
+        seen.add(model)
+        for row in field_help(path):
+            if not row.description:
+                undescribed.append(f"{path + '.' if path else ''}{row.name}")
+            if row.section:
+                paths.append(f"{path + '.' if path else ''}{row.name}")
+    assert len(seen) >= 20 and section_model(RecipeConfig.model_fields["grpo"].annotation) in seen
+    assert not undescribed, f"config fields without a description: {undescribed}"
 
 
 def test_every_shipped_recipe_validates():
