@@ -10,6 +10,8 @@ recipes' `on_stage`; `python -m bench.minutes <out>` renders it)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def run(cfg, out, resume: bool = False) -> dict:
     warm = None if done else warmup.run(warm_cfg, warm_dir, resume=resume, on_step_time=clock.warmup_step, on_stage=clock.stage_end)
     print(f"[job] warmup {'reused' if done else 'done'} at {(time.time() - t0) / 60:.1f} min; GRPO next{clock.left_note('warmup_evals')}")
     grpo_cfg = cfg.model_copy(update={"kind": "grpo", "init_from": str(warm_dir)})
+    reuse_activations(warm_dir, out / "grpo")
     result = grpo.run(grpo_cfg, out / "grpo", resume=resume, on_step_end=clock.grpo_step_end, on_stage=clock.stage_end)
     print(f"[job] GRPO and its final evals done at {(time.time() - t0) / 60:.1f} min; the viewer and the report next"
           f"{clock.left_note('final_evals')}")
@@ -49,6 +52,30 @@ def run(cfg, out, resume: bool = False) -> dict:
     minutes = write_minutes(clock, cfg, out)
     print(f"[job] done in {(time.time() - t0) / 60:.1f} min; its minutes stage by stage: {minutes} (`python -m bench.minutes {out}`)")
     return {"kind": "warmup_then_grpo", "summary": summary, "warmup": warm, "grpo": result, "viewer": viewer}
+
+
+def reuse_activations(warm_dir: Path, grpo_dir: Path) -> bool:
+    """GRPO reads the warmup's corpus activations: one recipe gives both stages the same corpus,
+    documents, model, layer, extraction settings and dtype (GRPO computes in its starting
+    checkpoint's), so the warmup's store is linked into `<grpo>/activations` (`extract_store` reuses a
+    store it finds there) instead of being extracted again (a Ray task loading the target). -> whether
+    it was."""
+    src, dst = warm_dir / "activations", grpo_dir / "activations"
+    if not (src / "meta.json").is_file() or dst.exists():
+        return False
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another file system
+            shutil.copy2(a, b)
+
+    grpo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = grpo_dir / ".activations.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    os.rename(tmp, dst)
+    return True
 
 
 def read_results(path: Path) -> dict | None:

@@ -293,10 +293,13 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
         for step in range(1, cfg.warmup.steps + 1):
             on_step_time(step, 4.3)
         on_stage("warmup/sft_steps", steps=cfg.warmup.steps, examples=8 * cfg.warmup.steps)
+        (out / "activations").mkdir(parents=True, exist_ok=True)  # the store GRPO reads too
+        (out / "activations" / "meta.json").write_text("{}")
         return warm_res
 
     def fake_grpo(cfg, out, resume=False, on_step_end=None, on_stage=None):
         calls.append(("grpo", cfg.init_from))
+        assert (out / "activations" / "meta.json").is_file(), "GRPO starts with the warmup's activations, not a second extraction"
         for step in range(1, cfg.grpo.steps + 1):
             on_step_end(None, step)
         on_stage("grpo/steps", steps=cfg.grpo.steps, samples=16 * cfg.grpo.steps)
@@ -326,7 +329,7 @@ def test_warmup_then_grpo_ends_with_the_report(store, tmp_path, monkeypatch, cap
     assert (tmp_path / "report.md").read_text() == closing_report(grpo_res, warm_res).markdown
     assert report_from_results(out).markdown == closing_report(grpo_res, warm_res).markdown
 
-    (tmp_path / "warmup").mkdir()  # a finished warmup is reused: its results come from results.json
+    (tmp_path / "warmup").mkdir(exist_ok=True)  # a finished warmup is reused: its results come from results.json
     (tmp_path / "warmup" / "results.json").write_text(json.dumps(warm_res))
     calls.clear()
     capsys.readouterr()
