@@ -1,11 +1,13 @@
 """A vLLM engine that samples descriptions from prompt embeddings (no Ray here; `actors/rollout.py`
-wraps it).
+wraps it), and `Sampling`, the one typed description of how to sample.
 
-Engine settings are the ones measured safe and fast on CPU (../NOTES): prefix caching off (the
-prompt-embeds + LoRA crash was only seen with it on, and two different activations must never
-share a cached prefix), `logprobs_mode="processed_logprobs"` (logprobs after temperature, what the
-learner's importance ratio needs), the engine core in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`:
-weight updates are a function call, not a serialised RPC), threads bound to the cores.
+Engine settings: prefix caching off (vLLM's prefix-cache keys leave prompt embeddings out, so two
+activations behind the same placeholder tokens would share cached blocks: `check_prefix_caching_off`;
+it gains nothing here anyway, docs/BENCHMARKS.md), `logprobs_mode="processed_logprobs"` (logprobs
+after temperature, what the learner's importance ratio needs), the engine core in-process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`: weight updates are a function call, not a serialised RPC),
+threads bound to the cores. The engine returns texts, token ids and log-probs; it never sees the
+activations, only their prompt embeddings (the caller attaches them: `RolloutBatch.with_vectors`).
 
 Weight sync (`load_merged_weights`): the merged decoder weights (base + LoRA delta) are loaded into
 a LoRA-free engine through the model's own `load_weights`. The `adapter` mode instead enables LoRA
@@ -26,6 +28,27 @@ import torch
 
 from cycle_oracle.batch import RolloutBatch
 from cycle_oracle.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How descriptions are sampled: n per activation (K), temperature (0: greedy), top_p, and the
+    longest description in tokens."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    @classmethod
+    def of(cls, settings, n: int) -> Sampling:
+        """n samples per activation as the recipe's `sampling` section says (SamplingSettings)."""
+        return cls(n=n, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> Sampling:
+        """One greedy description per activation (evals, `describe`)."""
+        return cls(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
 
 
 @dataclass
@@ -141,11 +164,10 @@ class RolloutEngine:
         top_p: float,
         max_new_tokens: int,
         stop_token_ids: Iterable[int] = (),
-        vectors: torch.Tensor | None = None,
         version: int = 0,
     ) -> RolloutBatch:
         """n samples per request -> one RolloutBatch (request-major, processed logprobs, every sample
-        tagged with `version`); `vectors` [len(requests), d] are the activations behind the requests."""
+        tagged with `version`; no activations: the caller attaches them, `RolloutBatch.with_vectors`)."""
         from vllm import SamplingParams
 
         ks = {r.n for r in requests}
@@ -178,14 +200,8 @@ class RolloutEngine:
                 logprobs.append([entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)])
                 texts.append(c.text)
                 truncated.append(c.finish_reason == "length")
-        k = ks.pop()
-        if vectors is None:
-            vectors = torch.zeros(len(requests), 0)
-        return RolloutBatch(
-            vectors=vectors.float().cpu().repeat_interleave(k, dim=0), token_ids=token_ids, sampler_logprobs=logprobs,
-            texts=texts, truncated=torch.tensor(truncated, dtype=torch.bool),
-            versions=torch.full((len(texts),), version, dtype=torch.long), group_size=k, temperature=temperature,
-        )
+        return RolloutBatch(token_ids=token_ids, sampler_logprobs=logprobs, texts=texts, truncated=torch.tensor(truncated, dtype=torch.bool),
+                            versions=torch.full((len(texts),), version, dtype=torch.long), group_size=ks.pop(), temperature=temperature)
 
     def load_merged_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named full tensors (merged decoder weights) into the running engine."""
@@ -314,7 +330,7 @@ class RolloutPolicy:
         return decoder_inputs(self.embedding, [self.prompt.input_ids] * n, [self.prompt.placeholder_positions] * n, vectors,
                               self.norm, self.cfg.injection.mode)
 
-    def sync(self, adapter: dict[str, torch.Tensor], engine: "RolloutEngine") -> None:
+    def update_engine(self, adapter: dict[str, torch.Tensor], engine: "RolloutEngine") -> None:
         """Serve the policy with this LoRA adapter state (PEFT naming, `models.adapter_state`) on `engine`."""
         from cycle_oracle.models import load_adapter_state, merged_lora_weights
 

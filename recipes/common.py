@@ -1,17 +1,20 @@
-"""Set-up every recipe driver shares: the run folder, the model and layer, the run's placement group
-(every role of the kind, `actors/placement.py`), extraction of corpus activations (a Ray task in the
-placement group's first bundle, so the driver holds no model), the injection norm, and loading a
-checkpoint to start from.
+"""Set-up every recipe driver shares: the run's context (`RunContext`: folder, config, model and
+layer, metrics, placement group of every role of the kind, `actors/placement.py`), extraction of
+corpus activations (a Ray task in the placement group's first bundle, so the driver holds no
+model), the injection norm, loading a checkpoint to start from, and the warmup's data (built by a
+Ray task; the warmup trains on it, GRPO's supervised mixing draws from it, both centre LatentQA's
+activations the same way).
 
-The model travels to the roles as the recipe names it (`Run.model_spec`: a hub id, an embedded name
+The model travels to the roles as the recipe names it (`RunContext.model_spec`: a hub id, an embedded name
 or an absolute folder) and every role and task resolves it on its own node (`resolve_model_path`);
-the driver resolves it only for its own config and tokenizer (`Run.model_path`, no weights).
+the driver resolves it only for its own config and tokenizer (`RunContext.model_path`, no weights).
 Documents the roles need are read once, on the driver, and reach them through Ray's object store."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,10 @@ from pathlib import Path
 import ray
 import torch
 
+from actors.learner import LearnerGroup
 from actors.placement import Placement, init_ray, remote_get
+from cycle_oracle.corpus import load_documents
+from cycle_oracle.data.read_positions import read_positions
 from cycle_oracle.devices import AUTO
 from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, resolve_checkpoint, served_injection_norm
 from cycle_oracle.files import atomic_write_text
@@ -28,7 +34,9 @@ from cycle_oracle.metrics import MetricsLogger
 
 
 @dataclass
-class Run:
+class RunContext:
+    """One recipe run as its driver holds it (`start_run` makes it, `finish_run` closes it)."""
+
     cfg: RecipeConfig
     out: Path
     model_path: str
@@ -54,9 +62,9 @@ class Run:
         return path
 
 
-def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = False) -> Run:
+def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = False) -> RunContext:
     """The run folder, Ray, the placement group, `model.dtype: auto` resolved (`resolve_dtype`; the
-    returned `Run.cfg` holds the concrete dtype, and so does `<out>/config.yaml`) and the metrics logger."""
+    returned `RunContext.cfg` holds the concrete dtype, and so does `<out>/config.yaml`) and the metrics logger."""
     from cycle_oracle.models import model_spec, resolve_layer, resolve_model_path
 
     if cfg.init_from:  # a missing or incomplete checkpoint is the user's to fix: say so before anything starts
@@ -82,7 +90,7 @@ def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = Fal
         print(f"[{stage}] {note}")
     metrics = MetricsLogger(out, cfg.logging, cfg.model_dump(mode="json"), run_name=f"{out.name}-{stage}")
     print(f"[{stage}] model {cfg.model.name} ({n_layers} blocks), read layer {layer}, run folder {out}")
-    return Run(cfg, out, model_path, model_spec(cfg.model.name), layer, n_layers, metrics, placement)
+    return RunContext(cfg, out, model_path, model_spec(cfg.model.name), layer, n_layers, metrics, placement)
 
 
 def recorded_run_dtype(out: Path) -> str | None:
@@ -143,9 +151,9 @@ def resolve_dtype(cfg: RecipeConfig, placement: Placement, model_config: dict, o
     return resolved, f"model.dtype auto -> {dtype}: {why}"
 
 
-def finish_run(run: Run) -> None:
-    run.metrics.close()
-    run.placement.remove()
+def finish_run(ctx: RunContext) -> None:
+    ctx.metrics.close()
+    ctx.placement.remove()
 
 
 @ray.remote(max_calls=1)  # the worker exits afterwards: the target model's (GPU) memory is not kept
@@ -177,82 +185,77 @@ def _extract(model: str, config: dict, layer: int, documents: list, threads: int
     return batches, mean_embedding_norm(target.get_input_embeddings())
 
 
-def extract_store(run: Run, documents, subdir: str = "activations"):
+def extract_store(ctx: RunContext, documents, subdir: str = "activations"):
     """Extract activations for `documents` (read on the driver; they reach the task through Ray's
     object store) into `<run>/<subdir>` (reused if already there)."""
     from cycle_oracle.activations import ActivationStore, write_store
 
-    root = run.out / subdir
+    root = ctx.out / subdir
     if (root / "meta.json").is_file():
         store = ActivationStore(root)
         return store, float(json.loads((root / "embedding_norm.json").read_text())["embedding_norm"])
     t0 = time.time()
-    options, threads = run.placement.task_options()
+    options, threads = ctx.placement.task_options()
     batches, emb_norm = remote_get(
-        extraction_task.options(**options).remote(run.model_spec, run.cfg.model_dump(mode="json"), run.layer, ray.put(documents), threads,
-                                                  run.log_file("extraction")),
-        run.cfg.ray.setup_timeout_s, "activation extraction",
+        extraction_task.options(**options).remote(ctx.model_spec, ctx.cfg.model_dump(mode="json"), ctx.layer, ray.put(documents), threads,
+                                                  ctx.log_file("extraction")),
+        ctx.cfg.ray.setup_timeout_s, "activation extraction",
     )
-    store = write_store(root, batches, run.cfg.model.name, run.layer, run.cfg.extraction.shard_size)
+    store = write_store(root, batches, ctx.cfg.model.name, ctx.layer, ctx.cfg.extraction.shard_size)
     atomic_write_text(root / "embedding_norm.json", json.dumps({"embedding_norm": emb_norm}))
     print(f"[extract] {len(store)} activations from {len(documents)} documents in {time.time() - t0:.0f}s -> {root}")
     return store, emb_norm
 
 
-def injection_norm(run: Run, embedding_norm: float, layer_mean_norm: float, start: TrainedCheckpoint | None = None) -> float:
+def injection_norm(ctx: RunContext, embedding_norm: float, layer_mean_norm: float, start: TrainedCheckpoint | None = None) -> float:
     """The norm injected activations are scaled to: the recipe's choice (`injection.scale`) for a
     fresh decoder, the checkpoint's for a trained one (`served_injection_norm`)."""
     from cycle_oracle.injection import target_norm
 
-    norm, note = served_injection_norm(start.record if start else None, target_norm(run.cfg.injection, embedding_norm, layer_mean_norm))
+    norm, note = served_injection_norm(start.record if start else None, target_norm(ctx.cfg.injection, embedding_norm, layer_mean_norm))
     if note:
-        print(f"[{run.cfg.kind}] {note}")
+        print(f"[{ctx.cfg.kind}] {note}")
     return norm
 
 
-def load_start(run: Run) -> TrainedCheckpoint | None:
+def load_start(ctx: RunContext) -> TrainedCheckpoint | None:
     """The checkpoint `init_from` names (warmup or GRPO), checked against this run's model, layer and
     injection; None without init_from."""
-    if not run.cfg.init_from:
+    if not ctx.cfg.init_from:
         return None
-    start = load_trained(run.cfg.init_from)
+    start = load_trained(ctx.cfg.init_from)
     start.require_tensors("decoder_adapter")
-    start.record.check_compatible(run.cfg.model.name, run.layer, run.cfg.injection.model_dump(mode="json"), f"init_from {start.path}")
-    print(f"[{run.cfg.kind}] starting from the {start.record.stage} checkpoint {start.path} (step {start.record.step})")
+    start.record.check_compatible(ctx.cfg.model.name, ctx.layer, ctx.cfg.injection.model_dump(mode="json"), f"init_from {start.path}")
+    print(f"[{ctx.cfg.kind}] starting from the {start.record.stage} checkpoint {start.path} (step {start.record.step})")
     return start
 
 
-def load_resume(run: Run, stage: str) -> TrainedCheckpoint | None:
+def load_resume(ctx: RunContext, stage: str) -> TrainedCheckpoint | None:
     """The run folder's latest checkpoint for `--resume` (None if it has none yet)."""
     from cycle_oracle.checkpoint import latest_checkpoint
 
-    if latest_checkpoint(run.out) is None:
+    if latest_checkpoint(ctx.out) is None:
         return None
-    ckpt = load_trained(run.out)
+    ckpt = load_trained(ctx.out)
     ckpt.require_stage(stage, f"resuming a {stage} run")
     return ckpt
 
 
-def checkpoint_adapter_configs(run: Run) -> dict:
+def checkpoint_adapter_configs(ctx: RunContext) -> dict:
     """PEFT configs of the adapters a checkpoint stores as PEFT folders: the decoder's
     (`<checkpoint>/decoder_adapter/`, loadable by `PeftModel.from_pretrained` and vLLM's `LoRARequest`)."""
     from cycle_oracle.models import lora_config
 
-    config = lora_config(run.cfg.decoder_lora)
-    config.base_model_name_or_path = run.model_spec  # the recipe's name of the base, not a path on the driver
+    config = lora_config(ctx.cfg.decoder_lora)
+    config.base_model_name_or_path = ctx.model_spec  # the recipe's name of the base, not a path on the driver
     return {"decoder_adapter": config}
 
 
-def record(run: Run, stage: str, step: int, norm: float, weight_version: int, world_size: int, **extra) -> CheckpointRecord:
+def record(ctx: RunContext, stage: str, step: int, norm: float, weight_version: int, world_size: int, **extra) -> CheckpointRecord:
     """This run's checkpoint record at `step`."""
-    return CheckpointRecord(stage=stage, step=step, model=run.cfg.model.name, layer=run.layer,
-                            injection=run.cfg.injection.model_dump(mode="json"), injection_norm=float(norm),
-                            weight_version=weight_version, world_size=world_size, extra=extra, dtype=run.cfg.model.dtype)
-
-
-def source_windows(store, rows, tokenizer, tokens: int) -> list[str]:
-    """The source text of each row: the `tokens` tokens ending at (and including) its token."""
-    return [tokenizer.decode(store.context_window(i, before=tokens)) for i in rows]
+    return CheckpointRecord(stage=stage, step=step, model=ctx.cfg.model.name, layer=ctx.layer,
+                            injection=ctx.cfg.injection.model_dump(mode="json"), injection_norm=float(norm),
+                            weight_version=weight_version, world_size=world_size, extra=extra, dtype=ctx.cfg.model.dtype)
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -260,3 +263,101 @@ def check_finite(metrics: dict, step: int) -> None:
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"non-finite values at step {step}: {bad}; stopping with the last good checkpoint intact")
+
+
+# ---- the warmup's data (the warmup trains on it, GRPO's supervised mixing draws from it) ----------
+
+@ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
+def build_data_task(model: str, config: dict, threads: int, shared_data_dir: str | None, log_file: str | None = None,
+                    corpus_documents: list | None = None):
+    """The warmup data (`build_warmup_data`) with the target `model` (a spec, resolved on this node);
+    `corpus_documents`: the warmup corpus as the driver read it (`warmup_corpus`), None to read
+    nothing here (an embedded corpus is written by the target; no corpus task in the mixture)."""
+    from actors.logs import send_output_to
+
+    send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
+    from cycle_oracle.config import RecipeConfig
+    from cycle_oracle.models import resolve_model_path
+
+    return warmup_data(RecipeConfig.model_validate(config), str(resolve_model_path(model)), threads, shared_data_dir, corpus_documents)
+
+
+def warmup_data(cfg, model_path: str, threads: int, shared_data_dir: str | None = None, corpus_documents: list | None = None):
+    """(train, heldout, report) of the recipe's warmup data (`build_warmup_data`) in this process, the
+    model at `model_path` writing what is not cached (`warmup_generate_fn`): the task's work, and
+    the bench's warmup case's examples."""
+    from cycle_oracle.data.build import build_warmup_data
+    from cycle_oracle.models import load_tokenizer
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model_path)
+    generate, model_id = warmup_generate_fn(cfg, model_path, tok, threads)
+    return build_warmup_data(
+        cfg.warmup, cfg.split.heldout_fraction, tok, generate, cfg.description_instruction,
+        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
+        token_items_per_document=cfg.warmup.token_items_per_document,
+        stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour, corpus_documents=corpus_documents,
+    )
+
+
+def warmup_corpus(cfg):
+    """The warmup's token-prediction / description corpus (`warmup.corpus`), read on the driver and
+    put in Ray's object store for `build_data_task` (which may run on a node without the files or
+    the hub) -> its ObjectRef, or None where the task reads no corpus (kind `embedded`: the target
+    writes it; neither corpus task in `warmup.mixture`)."""
+    w = cfg.warmup
+    if w.corpus.kind == "embedded" or not any(w.mixture.get(t, 0) > 0 for t in ("token_prediction", "description")):
+        return None
+    return ray.put(load_documents(w.corpus, w.num_corpus_documents, cfg.seed))  # as data/token_prediction.load_corpus selects them
+
+
+def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
+    """(generate_fn, model id for the data cache) of the engine that writes the warmup data
+    (`warmup.generation_engine`), on the device of the bundle the task runs in (the learner's,
+    `Placement.task_options`): a vLLM engine takes the GPU Ray gave the task by itself; the HF model
+    is moved there, and `hf_generate_fn` puts its inputs on the model's device."""
+    from cycle_oracle.devices import check_dtype, role_device
+
+    device = role_device(cfg.resources.learner.num_gpus)
+    if cfg.warmup.generation_engine == "vllm":
+        from cycle_oracle.data.generation import vllm_generate_fn
+        from cycle_oracle.rollout import configure_cpu_environment
+
+        check_dtype(cfg.model.dtype, device, engine="vllm", role="learner (warmup data)")
+        configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
+        return vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
+    from cycle_oracle.data.generation import hf_generate_fn
+    from cycle_oracle.models import load_causal_lm
+
+    check_dtype(cfg.model.dtype, device, role="learner (warmup data)")
+    return hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype).to(device), tokenizer, batch_size=16), cfg.model.name
+
+
+def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 256) -> dict | None:
+    """Every learner subtracts the mean LatentQA read-slot activation over (up to `max_contexts`)
+    training contexts before injection (`warmup.latentqa_centre`). Deterministic in the seed and
+    the data, so a resumed run recomputes the same offset; it draws from its own RNG."""
+    contexts = list({it.context_ids: it for it in items}.values())
+    if not contexts:
+        return None
+    rng = random.Random(f"latentqa-centre:{cfg.seed}")
+    chosen = rng.sample(contexts, min(max_contexts, len(contexts)))
+    positions = [read_positions(it, rng, cfg.injection.num_placeholders) for it in chosen]
+    positions = [[p] if isinstance(p, int) else list(p) for p in positions]
+    info = group.set_read_offset("latentqa", [list(it.context_ids) for it in chosen], positions)
+    print(f"[warmup] LatentQA activations centred on {info['contexts']} training contexts: they keep "
+          f"{info['energy_share_kept']:.3f} of their energy")
+    return info
+
+
+def warmup_training_items(ctx: RunContext) -> dict:
+    """Supervised mixing's data: the warmup data build of this recipe's `warmup` settings (the
+    cache a warmup of the same settings wrote; built here otherwise), training split only."""
+    options, threads = ctx.placement.task_options()
+    train, _heldout, _report = remote_get(
+        build_data_task.options(**options).remote(ctx.model_spec, ctx.cfg.model_dump(mode="json"), threads, None, ctx.log_file("warmup-data"),
+                                                  warmup_corpus(ctx.cfg)),
+        ctx.cfg.ray.setup_timeout_s, "building the warmup data (supervised mixing)")
+    tasks = {t: len(train.get(t) or []) for t in ctx.cfg.grpo.sft_mix_tasks}
+    print(f"[grpo] supervised mixing: beta {ctx.cfg.grpo.sft_mix_weight}, warmup items {tasks}")
+    return {t: train[t] for t in tasks if train.get(t)}

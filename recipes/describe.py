@@ -1,17 +1,15 @@
 """`kind: describe` — extract activations from the corpus and describe them with the decoder
-(untrained, or `init_from` a checkpoint) through a vLLM rollout actor. Greedy decoding."""
+(untrained, or `init_from` a checkpoint) through the rollout group (vLLM). Greedy decoding."""
 
 from __future__ import annotations
 
 import random
 import time
 
-import ray
-
-from actors.placement import remote_get
-from actors.rollout import RolloutActor
+from actors.rollout import RolloutGroup
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.models import load_tokenizer
+from cycle_oracle.rollout import Sampling
 from recipes.common import extract_store, finish_run, injection_norm, load_start, start_run
 
 
@@ -25,25 +23,20 @@ def one_row_per_document(store, seed: int, limit: int) -> list[int]:
 
 
 def run(cfg, out, resume: bool = False) -> dict:
-    run = start_run(cfg, out, "describe", resume)
-    cfg = run.cfg  # model.dtype: auto resolved
+    ctx = start_run(cfg, out, "describe", resume)
+    cfg = ctx.cfg  # model.dtype: auto resolved
     docs = load_documents(cfg.corpus, cfg.num_documents)
-    store, emb_norm = extract_store(run, docs)
-    start = load_start(run)
-    norm = injection_norm(run, emb_norm, store.mean_norm, start)
+    store, emb_norm = extract_store(ctx, docs)
+    start = load_start(ctx)
+    norm = injection_norm(ctx, emb_norm, store.mean_norm, start)
     rows = one_row_per_document(store, cfg.seed, cfg.num_documents)
-    actor = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_spec, cfg.model_dump(mode="json"), run.layer, norm, 0,
-                                                                            run.log_file("rollout-0"))
+    rollouts = RolloutGroup(ctx.model_spec, cfg, ctx.layer, norm, ctx.placement, ctx.log_file)
     if start is not None:
-        remote_get(actor.sync.remote(start.tensors["decoder_adapter"], 1), cfg.ray.get_timeout_s, "rollout sync")
+        rollouts.sync(start.tensors["decoder_adapter"])
     t0 = time.time()
-    vectors = store.activations[rows]
-    batch = remote_get(
-        actor.sample.remote(vectors, [0] * len(rows), 1, 0.0, 1.0, cfg.sampling.max_new_tokens),
-        cfg.ray.get_timeout_s, "describing activations",
-    )
+    batch = rollouts.sample(store.activations[rows], [0] * len(rows), Sampling.greedy(cfg.sampling.max_new_tokens), "describing activations")
     elapsed = time.time() - t0
-    tokenizer = load_tokenizer(run.model_path)
+    tokenizer = load_tokenizer(ctx.model_path)
     items = []
     for i, row in enumerate(rows):
         rec = store.records[row]
@@ -52,17 +45,17 @@ def run(cfg, out, resume: bool = False) -> dict:
     results = {
         "kind": "describe",
         "model": cfg.model.name,
-        "layer": run.layer,
+        "layer": ctx.layer,
         "injection_norm": norm,
         "weight_version": int(batch.versions.max()),
         "num_descriptions": len(items),
         "seconds": elapsed,
         "descriptions": items,
     }
-    run.write_results("results.json", results)
-    run.metrics.log("describe", 0, {"num_descriptions": len(items), "seconds": elapsed})
-    ray.kill(actor)
-    finish_run(run)
+    ctx.write_results("results.json", results)
+    ctx.metrics.log("describe", 0, {"num_descriptions": len(items), "seconds": elapsed})
+    rollouts.shutdown()
+    finish_run(ctx)
     for it in items[:5]:
         print(f"  [{it['doc_id']} @{it['token_index']} {it['token']!r}] -> {it['description'][:120]!r}")
     return results

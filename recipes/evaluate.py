@@ -21,30 +21,30 @@ import ray
 from actors.placement import remote_get
 from cycle_oracle.corpus import load_documents
 from cycle_oracle.files import atomic_write_text
-from recipes.common import Run, extract_store, finish_run, start_run
+from recipes.common import RunContext, extract_store, finish_run, start_run
 
 DEFAULT_EVAL_RECIPE = Path(__file__).with_name("eval_cpu.yaml")
 
 
 def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
     from cycle_oracle.evals.baselines import check_oracle_request, needs_store, oracle_names
-    from cycle_oracle.evals.report import summarise
+    from cycle_oracle.evals.report import eval_summary
     from cycle_oracle.evals.run import run_evals_from_recipe
 
     names = oracle_names(cfg)
     check_oracle_request(cfg, names)  # a request that cannot run fails before Ray starts
-    run = start_run(cfg, out, "eval", resume)
-    cfg = run.cfg  # model.dtype: auto resolved
+    ctx = start_run(cfg, out, "eval", resume)
+    cfg = ctx.cfg  # model.dtype: auto resolved
     store = None
     if needs_store(cfg, names):
-        store, _emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+        store, _emb_norm = extract_store(ctx, load_documents(cfg.corpus, cfg.num_documents))
         print(f"[eval] store of {len(store)} activations (layer mean norm {store.mean_norm:.1f})")
-    organisms, reports = ({}, {}) if "secrets" not in cfg.eval.tasks else organisms_for(run)
+    organisms, reports = ({}, {}) if "secrets" not in cfg.eval.tasks else organisms_for(ctx)
     print(f"[eval] oracles: {', '.join(names)}")
-    results = run_evals_from_recipe(cfg, store, run.out, data_dir=data_dir, organisms=organisms, organism_reports=reports)
-    summary = summarise(results)
-    run.metrics.log("eval", 0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    finish_run(run)
+    results = run_evals_from_recipe(cfg, store, ctx.out, data_dir=data_dir, organisms=organisms, organism_reports=reports)
+    summary = eval_summary(results)
+    ctx.metrics.log("eval", 0, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    finish_run(ctx)
     results["summary"] = summary
     return results
 
@@ -70,7 +70,7 @@ def organism_task(model: str, config: dict, words: list[str], hints: dict, threa
         return {w: train_organism(path, w, cfg.eval.secrets, cfg.seed, cfg.model.dtype, hints, device) for w in words}
 
 
-def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
+def organisms_for(ctx: RunContext) -> tuple[dict[str, str], dict[str, dict]]:
     """({word: adapter folder or hub id}, {word: training report}) for every secret word: the
     recipe's `eval.secrets.organisms`, the folders of an earlier run in `<out>/organisms/`, and the
     rest trained now (a Ray task in the placement group's first bundle) and written there."""
@@ -78,10 +78,10 @@ def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
     from cycle_oracle.data.taboo import load_hints
     from cycle_oracle.models import lora_config, model_spec
 
-    cfg, s = run.cfg, run.cfg.eval.secrets
+    cfg, s = ctx.cfg, ctx.cfg.eval.secrets
     organisms: dict[str, str] = {w: s.organisms[w] for w in s.words if w in s.organisms}
     reports: dict[str, dict] = {w: {"source": "given (eval.secrets.organisms)"} for w in organisms}
-    root = run.out / "organisms"
+    root = ctx.out / "organisms"
     model = load_trained(cfg.init_from).record.model if cfg.init_from else cfg.model.name
     todo = []
     for w in s.words:
@@ -97,9 +97,9 @@ def organisms_for(run: Run) -> tuple[dict[str, str], dict[str, dict]]:
         spec = model_spec(model)
         print(f"[eval] training {len(todo)} Taboo organism(s) of {model}: {', '.join(todo)} "
               f"({s.dialogues_per_word} dialogues x {s.train_epochs} epochs each)")
-        options, threads = run.placement.task_options()
+        options, threads = ctx.placement.task_options()
         trained = remote_get(organism_task.options(**options).remote(spec, cfg.model_dump(mode="json"), todo, load_hints(s.hints_path),
-                                                                     threads, run.log_file("organisms")),
+                                                                     threads, ctx.log_file("organisms")),
                              cfg.ray.setup_timeout_s, "organism training")
         for w, (state, report) in trained.items():
             config = lora_config(s.lora)

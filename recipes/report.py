@@ -466,7 +466,7 @@ def report_from_results(results: dict | None) -> ClosingReport | None:
     return None
 
 
-def write_report(out, grpo: dict | None, warmup: dict | None = None, viewer: str | None = None) -> Path | None:
+def write_closing_report(out, grpo: dict | None, warmup: dict | None = None, viewer: str | None = None) -> Path | None:
     """`<out>/report.md` (the closing report of these results), written atomically -> its path, or
     None after one printed line if it could not be (the job's results.json stands without it)."""
     path = Path(out) / "report.md"

@@ -18,129 +18,43 @@ import ray
 import torch
 from rich.progress import Progress
 
-from actors.encoder import EncoderActor
+from actors.encoder import start_encoder
 from actors.learner import LearnerGroup
 from actors.placement import remote_get
-from actors.rollout import RolloutActor
+from actors.rollout import RolloutGroup
 from cycle_oracle.checkpoint import save_checkpoint
 from cycle_oracle.corpus import load_documents
-from cycle_oracle.data.read_positions import read_positions, to_example
-from cycle_oracle.encoder import reconstruction_metrics
+from cycle_oracle.data.mixture import WarmupMixture
+from cycle_oracle.data.read_positions import to_example
+from cycle_oracle.encoder import is_empty, reconstruction_metrics
 from cycle_oracle.evals.warmup import heldout_eval
-from recipes.common import Run, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm, load_resume, record, source_windows, start_run
-
-
-@ray.remote(max_calls=1)  # the worker exits afterwards: a vLLM engine's memory is not kept
-def build_data_task(model: str, config: dict, threads: int, shared_data_dir: str | None, log_file: str | None = None,
-                    corpus_documents: list | None = None):
-    """The warmup data (`build_warmup_data`) with the target `model` (a spec, resolved on this node);
-    `corpus_documents`: the warmup corpus as the driver read it (`warmup_corpus`), None to read
-    nothing here (an embedded corpus is written by the target; no corpus task in the mixture)."""
-    from actors.logs import send_output_to
-
-    send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
-    from cycle_oracle.config import RecipeConfig
-    from cycle_oracle.models import resolve_model_path
-
-    return warmup_data(RecipeConfig.model_validate(config), str(resolve_model_path(model)), threads, shared_data_dir, corpus_documents)
-
-
-def warmup_data(cfg, model_path: str, threads: int, shared_data_dir: str | None = None, corpus_documents: list | None = None):
-    """(train, heldout, report) of the recipe's warmup data (`build_warmup_data`) in this process, the
-    model at `model_path` writing what is not cached (`warmup_generate_fn`): the task's work, and
-    the bench's warmup case's examples."""
-    from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.models import load_tokenizer
-
-    torch.set_num_threads(threads)
-    tok = load_tokenizer(model_path)
-    generate, model_id = warmup_generate_fn(cfg, model_path, tok, threads)
-    return build_warmup_data(
-        cfg.warmup, cfg.split.heldout_fraction, tok, generate, cfg.description_instruction,
-        shared_data_dir=shared_data_dir, seed=cfg.seed, model_id=model_id, max_context_tokens=cfg.model.max_context_tokens,
-        token_items_per_document=cfg.warmup.token_items_per_document,
-        stimuli_per_behaviour=cfg.warmup.stimuli_per_behaviour, corpus_documents=corpus_documents,
-    )
-
-
-def warmup_corpus(cfg):
-    """The warmup's token-prediction / description corpus (`warmup.corpus`), read on the driver and
-    put in Ray's object store for `build_data_task` (which may run on a node without the files or
-    the hub) -> its ObjectRef, or None where the task reads no corpus (kind `embedded`: the target
-    writes it; neither corpus task in `warmup.mixture`)."""
-    w = cfg.warmup
-    if w.corpus.kind == "embedded" or not any(w.mixture.get(t, 0) > 0 for t in ("token_prediction", "description")):
-        return None
-    return ray.put(load_documents(w.corpus, w.num_corpus_documents, cfg.seed))  # as data/token_prediction.load_corpus selects them
-
-
-def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
-    """(generate_fn, model id for the data cache) of the engine that writes the warmup data
-    (`warmup.generation_engine`), on the device of the bundle the task runs in (the learner's,
-    `Placement.task_options`): a vLLM engine takes the GPU Ray gave the task by itself; the HF model
-    is moved there, and `hf_generate_fn` puts its inputs on the model's device."""
-    from cycle_oracle.devices import check_dtype, role_device
-
-    device = role_device(cfg.resources.learner.num_gpus)
-    if cfg.warmup.generation_engine == "vllm":
-        from cycle_oracle.data.generation import vllm_generate_fn
-        from cycle_oracle.rollout import configure_cpu_environment
-
-        check_dtype(cfg.model.dtype, device, engine="vllm", role="learner (warmup data)")
-        configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
-        return vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
-    from cycle_oracle.data.generation import hf_generate_fn
-    from cycle_oracle.models import load_causal_lm
-
-    check_dtype(cfg.model.dtype, device, role="learner (warmup data)")
-    return hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype).to(device), tokenizer, batch_size=16), cfg.model.name
-
-
-def centre_latentqa(group: LearnerGroup, items: list, cfg, max_contexts: int = 256) -> dict | None:
-    """Every learner subtracts the mean LatentQA read-slot activation over (up to `max_contexts`)
-    training contexts before injection (`warmup.latentqa_centre`). Deterministic in the seed and
-    the data, so a resumed run recomputes the same offset; it draws from its own RNG."""
-    contexts = list({it.context_ids: it for it in items}.values())
-    if not contexts:
-        return None
-    rng = random.Random(f"latentqa-centre:{cfg.seed}")
-    chosen = rng.sample(contexts, min(max_contexts, len(contexts)))
-    positions = [read_positions(it, rng, cfg.injection.num_placeholders) for it in chosen]
-    positions = [[p] if isinstance(p, int) else list(p) for p in positions]
-    info = group.set_read_offset("latentqa", [list(it.context_ids) for it in chosen], positions)
-    print(f"[warmup] LatentQA activations centred on {info['contexts']} training contexts: they keep "
-          f"{info['energy_share_kept']:.3f} of their energy")
-    return info
+from cycle_oracle.models import load_tokenizer
+from cycle_oracle.rollout import Sampling, request_seed
+from recipes.common import (RunContext, build_data_task, centre_latentqa, check_finite, checkpoint_adapter_configs, extract_store, finish_run,
+                            injection_norm, load_resume, record, start_run, warmup_corpus)
 
 
 ENCODER_WARM_START_BATCH = 16
 """(description, activation) pairs per encoder warm-start step."""
 
 
-def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dict:
+def encoder_warm_start(ctx: RunContext, store, rollouts: RolloutGroup, encoder, cfg, seed: int) -> dict:
     """Train the encoder on descriptions sampled from the warm decoder (plus, with
     `encoder.source_window_tokens`, the source text of the same activations); report before/after."""
-    from cycle_oracle.models import load_tokenizer
-
-    tokenizer = load_tokenizer(run.model_path)
+    tokenizer = load_tokenizer(ctx.model_path)
     train_rows, held_rows = store.split_by_document(cfg.split.heldout_fraction, seed)
     rng = random.Random(seed)
     train_rows = rng.sample(train_rows, min(cfg.warmup.encoder_samples, len(train_rows)))
     held_rows = rng.sample(held_rows, min(cfg.warmup.eval_items, len(held_rows)))
     t = cfg.ray.get_timeout_s
-    max_new = cfg.sampling.max_new_tokens
 
-    def describe(rows, greedy: bool, n: int, step: int):
+    def describe(rows, sampling: Sampling, step: int):
         vectors = store.activations[rows]
-        from cycle_oracle.rollout import request_seed
+        batch = rollouts.sample(vectors, [request_seed(seed, step, r) for r in rows], sampling, "encoder warm-start descriptions")
+        keep = [i for i, text in enumerate(batch.texts) if not is_empty(text)]
+        return [batch.texts[i] for i in keep], batch.with_vectors(vectors).vectors[keep]
 
-        seeds = [request_seed(seed, step, r) for r in rows]
-        temp = 0.0 if greedy else cfg.sampling.temperature
-        batch = remote_get(rollout.sample.remote(vectors, seeds, n, temp, 1.0, max_new), t, "encoder warm-start descriptions")
-        keep = [i for i, text in enumerate(batch.texts) if text.strip()]
-        return [batch.texts[i] for i in keep], batch.vectors[keep]
-
-    held_texts, held_vecs = describe(held_rows, False, 1, -1)  # sampled, as GRPO scores them
+    held_texts, held_vecs = describe(held_rows, Sampling.of(cfg.sampling, 1), -1)  # sampled, as GRPO scores them
 
     def measure() -> dict:
         if not held_texts:
@@ -149,13 +63,13 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
         return reconstruction_metrics(v_hat, held_vecs, store.mean)
 
     before = measure()
-    greedy_texts, greedy_vecs = describe(train_rows, True, 1, -2)
-    sampled_texts, sampled_vecs = describe(train_rows, False, 2, -3)
+    greedy_texts, greedy_vecs = describe(train_rows, Sampling.greedy(cfg.sampling.max_new_tokens), -2)
+    sampled_texts, sampled_vecs = describe(train_rows, Sampling.of(cfg.sampling, 2), -3)
     texts = greedy_texts + sampled_texts
     vecs = torch.cat([greedy_vecs, sampled_vecs])
     window = cfg.encoder.source_window_tokens
     if window:  # the source-text anchor (EncoderSettings.source_window_tokens)
-        texts += source_windows(store, train_rows, tokenizer, window)
+        texts += store.source_windows(train_rows, tokenizer, window)
         vecs = torch.cat([vecs, store.activations[train_rows]])
     losses = []
     batch = ENCODER_WARM_START_BATCH
@@ -163,11 +77,11 @@ def encoder_warm_start(run: Run, store, rollout, encoder, cfg, seed: int) -> dic
         idx = rng.sample(range(len(texts)), min(batch, len(texts)))
         m = remote_get(encoder.train_step.remote([texts[i] for i in idx], vecs[idx]), t, "encoder train step")
         losses.append(m["encoder_loss"])
-        run.metrics.log("encoder_warmstart", step, m)
+        ctx.metrics.log("encoder_warmstart", step, m)
     after = measure()
     out = {}
     if window:  # the encoder reading the true source text of the held-out rows (a ceiling)
-        v_hat, _ = remote_get(encoder.reconstruct.remote(source_windows(store, held_rows, tokenizer, window)), t, "encoder reconstruct")
+        v_hat, _ = remote_get(encoder.reconstruct.remote(store.source_windows(held_rows, tokenizer, window)), t, "encoder reconstruct")
         out["heldout_source_window"] = reconstruction_metrics(v_hat, store.activations[held_rows], store.mean)
     return {**out, "heldout_before": before, "heldout_after": after, "train_pairs": len(texts), "heldout_pairs": len(held_texts),
             "encoder_loss_first": losses[0] if losses else None, "encoder_loss_last": losses[-1] if losses else None}
@@ -182,13 +96,13 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
         raise ValueError(f"init_from={cfg.init_from!r}: the warmup always starts from the base model (init_from is for grpo, "
                          f"describe and eval; --resume continues a warmup run)")
     stage = on_stage or (lambda name, **counts: None)
-    run = start_run(cfg, out, "warmup", resume)
-    cfg = run.cfg  # model.dtype: auto resolved
+    ctx = start_run(cfg, out, "warmup", resume)
+    cfg = ctx.cfg  # model.dtype: auto resolved
     stage("warmup/ray_and_placement", dtype=cfg.model.dtype)
     t = cfg.ray.get_timeout_s
-    options, threads = run.placement.task_options()
+    options, threads = ctx.placement.task_options()
     train, heldout, data_report = remote_get(
-        build_data_task.options(**options).remote(run.model_spec, cfg.model_dump(mode="json"), threads, None, run.log_file("warmup-data"),
+        build_data_task.options(**options).remote(ctx.model_spec, cfg.model_dump(mode="json"), threads, None, ctx.log_file("warmup-data"),
                                                   warmup_corpus(cfg)),
         cfg.ray.setup_timeout_s, "building the warmup data",
     )
@@ -197,26 +111,23 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     print(f"[warmup] data (train/held-out items): {counts}; {'from the cache' if cached else 'built'} in "
           f"{data_report.get('seconds', 0):.0f} s (the full report goes to results.json)")
     stage("warmup/data_build", items=sum(len(v or []) for v in (*train.values(), *heldout.values())), cached=cached)
-    store, emb_norm = extract_store(run, load_documents(cfg.corpus, cfg.num_documents))
+    store, emb_norm = extract_store(ctx, load_documents(cfg.corpus, cfg.num_documents))
     stage("warmup/extraction", activations=len(store))
-    norm = injection_norm(run, emb_norm, store.mean_norm)
-
-    from cycle_oracle.data.mixture import WarmupMixture
-
+    norm = injection_norm(ctx, emb_norm, store.mean_norm)
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
-    group = LearnerGroup(run.model_spec, cfg, run.layer, norm, cfg.warmup.steps, "warmup", run.placement, log_dir=run.log_dir)
+    group = LearnerGroup(ctx.model_spec, cfg, ctx.layer, norm, cfg.warmup.steps, "warmup", ctx.placement, log_dir=ctx.log_dir)
     centring = centre_latentqa(group, train.get("latentqa", []), cfg) if cfg.warmup.latentqa_centre else None
     rng = random.Random(cfg.seed)
     start = 0
-    if resume and (ckpt := load_resume(run, "warmup")) is not None:
+    if resume and (ckpt := load_resume(ctx, "warmup")) is not None:
         group.restore(ckpt.learner_files(), ckpt.record.world_size)
         mixture.load_state_dict(ckpt.record.extra["mixture"])
         rng.setstate(_tuple_state(ckpt.record.extra["rng"]))
         start = ckpt.record.step
         print(f"[warmup] resumed from {ckpt.path} at step {start}")
     if resume:  # redone steps (and the evals after them) replace their earlier rows
-        for stage, after in (("warmup", start), ("encoder_warmstart", -1), ("warmup_eval", -1)):
-            run.metrics.rewind(stage, after)
+        for name, after in (("warmup", start), ("encoder_warmstart", -1), ("warmup_eval", -1)):
+            ctx.metrics.rewind(name, after)
 
     stage("warmup/learner_start", ranks=group.world_size)
     ga, mbs = cfg.decoder_optim.grad_accum, cfg.decoder_optim.micro_batch_size
@@ -243,51 +154,48 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
             metrics = {k: sum(v) / len(v) for k, v in agg.items()}
             metrics.update(lr=results[0]["lr"], tokens_per_s=tokens / (time.time() - t0), examples_seen=seen)
             check_finite(metrics, step)
-            run.metrics.log("warmup", step + 1, metrics)
+            ctx.metrics.log("warmup", step + 1, metrics)
             progress.update(bar, advance=1, description=f"warmup loss {metrics['loss']:.3f}")
             every = cfg.logging.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < cfg.warmup.steps:
-                _save(run, group, step + 1, mixture, rng, None)
+                _save(ctx, group, step + 1, mixture, rng, None)
             if on_step_time is not None:
                 on_step_time(step + 1, time.time() - t0)
 
     stage("warmup/sft_steps", steps=cfg.warmup.steps - start, examples=seen - start * ga * mbs * group.world_size, work=work)
-    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": run.layer, "latentqa_centring": centring}
+    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": ctx.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group.answer_scores, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
         results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
     stage("warmup/heldout_eval", items=sum(r.get("items", 0) for r in results["heldout"].values() if isinstance(r, dict)))
     adapter = group.adapter()
-    config = cfg.model_dump(mode="json")
-    rollout = RolloutActor.options(**run.placement.options("rollout", 0)).remote(run.model_spec, config, run.layer, norm, 0,
-                                                                              run.log_file("rollout-0"))
-    encoder = EncoderActor.options(**run.placement.options("encoder", 0)).remote(run.model_spec, config, run.layer, store.mean,
-                                                                              run.log_file("encoder"))
-    remote_get(rollout.sync.remote(adapter, 1), t, "rollout sync")
+    rollouts = RolloutGroup(ctx.model_spec, cfg, ctx.layer, norm, ctx.placement, ctx.log_file)
+    encoder = start_encoder(ctx.model_spec, cfg, ctx.layer, store.mean, ctx.placement, ctx.log_file("encoder"))
+    rollouts.sync(adapter)
     stage("warmup/rollout_and_encoder_start")
-    results["encoder_warm_start"] = encoder_warm_start(run, store, rollout, encoder, cfg, cfg.seed)
+    results["encoder_warm_start"] = encoder_warm_start(ctx, store, rollouts, encoder, cfg, cfg.seed)
     stage("warmup/encoder_warm_start", pairs=results["encoder_warm_start"]["train_pairs"], encoder_steps=cfg.warmup.encoder_steps,
           examples=cfg.warmup.encoder_steps * min(ENCODER_WARM_START_BATCH, results["encoder_warm_start"]["train_pairs"]))
     enc_tensors, _enc_opt = remote_get(encoder.state.remote(), t, "encoder state")
-    _save(run, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
-    results["summary"] = _summary(results)
-    run.write_results("results.json", results)
-    run.metrics.log("warmup_eval", cfg.warmup.steps, _flatten(results["heldout"]))
+    _save(ctx, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
+    results["summary"] = warmup_summary(results)
+    ctx.write_results("results.json", results)
+    ctx.metrics.log("warmup_eval", cfg.warmup.steps, _flatten(results["heldout"]))
     group.shutdown()
-    for a in (rollout, encoder):
-        ray.kill(a)
-    finish_run(run)
+    rollouts.shutdown()
+    ray.kill(encoder)
+    finish_run(ctx)
     stage("warmup/checkpoint_and_shutdown")
     return results
 
 
-def _save(run: Run, group: LearnerGroup, step: int, mixture, rng: random.Random, encoder_tensors, adapter=None) -> None:
+def _save(ctx: RunContext, group: LearnerGroup, step: int, mixture, rng: random.Random, encoder_tensors, adapter=None) -> None:
     files = group.checkpoint_files()
     tensors = {"decoder_adapter": adapter if adapter is not None else group.adapter()}
     if encoder_tensors is not None:
         tensors["encoder"] = encoder_tensors
-    rec = record(run, "warmup", step, group.norm, 0, group.world_size, mixture=mixture.state_dict(), rng=list(_jsonable(rng.getstate())))
-    save_checkpoint(run.out, rec, tensors, files=files, keep=run.cfg.logging.keep_checkpoints, adapter_configs=checkpoint_adapter_configs(run))
+    rec = record(ctx, "warmup", step, group.norm, 0, group.world_size, mixture=mixture.state_dict(), rng=list(_jsonable(rng.getstate())))
+    save_checkpoint(ctx.out, rec, tensors, files=files, keep=ctx.cfg.logging.keep_checkpoints, adapter_configs=checkpoint_adapter_configs(ctx))
 
 
 def _jsonable(state):
@@ -311,7 +219,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _summary(results: dict) -> dict:
+def warmup_summary(results: dict) -> dict:
+    """The numbers to read first: per task the held-out answer NLL with the real vs a shuffled
+    activation, and the encoder warm start's held-out reconstruction before and after."""
     s = {}
     for task, r in results.get("heldout", {}).items():
         s[f"{task}_nll_real_vs_shuffled"] = [round(r["nll_real"], 3), round(r["nll_shuffled"], 3)]

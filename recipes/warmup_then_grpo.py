@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recipes import grpo, warmup
 from recipes.eta import JobClock, JobPlan, write_minutes
-from recipes.report import write_report
+from recipes.report import write_closing_report
 
 VIEWER_MAX_MODEL_BYTES = 2 * 2**30
 """The viewer loads the checkpoint in this (the driver's) process, three copies of the model
@@ -45,9 +45,9 @@ def run(cfg, out, resume: bool = False) -> dict:
     summary = {"warmup": (warm or {}).get("summary", "reused from a previous run"), "grpo": result.get("summary")}
     if warm is None:
         warm = read_results(warm_dir / "results.json")
-    viewer = write_viewer(cfg, out, result)
+    viewer = write_closing_viewer(cfg, out, result)
     clock.stage_end("viewer", written=viewer is not None)
-    write_report(out, result, warm, viewer)
+    write_closing_report(out, result, warm, viewer)
     clock.stage_end("report")
     minutes = write_minutes(clock, cfg, out)
     print(f"[job] done in {(time.time() - t0) / 60:.1f} min; its minutes stage by stage: {minutes} (`python -m bench.minutes {out}`)")
@@ -98,7 +98,7 @@ def viewer_passage(grpo_results: dict) -> tuple[str, str]:
     return doc_id, passages[doc_id]
 
 
-def write_viewer(cfg, out: Path, grpo_results: dict, max_model_bytes: int = VIEWER_MAX_MODEL_BYTES) -> str | None:
+def write_closing_viewer(cfg, out: Path, grpo_results: dict, max_model_bytes: int = VIEWER_MAX_MODEL_BYTES) -> str | None:
     """`<out>/viewer.html` for one embedded passage with the final GRPO checkpoint, loaded in this
     process (`describe_texts_to_html`) -> its path, or None after one printed line (too large a
     model, or any failure: the job's results stand without it)."""

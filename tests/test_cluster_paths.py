@@ -95,7 +95,7 @@ def test_adapter_folder_written_without_a_model_loads_in_peft_with_the_same_logi
     folder = tmp_path / "served"
     policy = RolloutPolicy(tiny_path, _cfg("adapter"), 1, NORM, str(folder))
     engine = _RecordingEngine()
-    policy.sync(adapter_state(model), engine)
+    policy.update_engine(adapter_state(model), engine)
     assert engine.adapters == [str(folder)] and not engine.merged
 
     own = tmp_path / "peft-own"
@@ -119,7 +119,7 @@ def test_adapter_folder_written_without_a_model_loads_in_peft_with_the_same_logi
 
     # the next sync replaces the served folder's weights in place (same folder, load_inplace)
     model2 = _random_adapter(tiny_path, seed=2).eval()
-    policy.sync(adapter_state(model2), engine)
+    policy.update_engine(adapter_state(model2), engine)
     again = PeftModel.from_pretrained(load_causal_lm(tiny_path), str(folder)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(inputs_embeds=embeds).logits, model2(inputs_embeds=embeds).logits)
@@ -132,12 +132,12 @@ def test_adapter_mode_refuses_an_adapter_that_does_not_fit(tiny_path):
     state = adapter_state(_random_adapter(tiny_path, seed=3))
     bad = {k.replace("layers.1.", "layers.7."): v for k, v in state.items()}
     with pytest.raises(ValueError, match="does not have: .*layers.7"):
-        policy.sync(bad, _RecordingEngine())
+        policy.update_engine(bad, _RecordingEngine())
     with pytest.raises(ValueError, match="not a LoRA tensor"):
-        policy.sync({"base_model.model.model.norm.weight": torch.ones(128)}, _RecordingEngine())
+        policy.update_engine({"base_model.model.model.norm.weight": torch.ones(128)}, _RecordingEngine())
     emb = attach_lora(load_causal_lm(tiny_path), _cfg(decoder_lora={"r": 4, "alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}).decoder_lora)
     with pytest.raises(ValueError, match="adapts the input embedding"):
-        policy.sync(adapter_state(emb), _RecordingEngine())
+        policy.update_engine(adapter_state(emb), _RecordingEngine())
 
 
 # ---------------------------------------------------------------- 2 + 4. placement
@@ -277,7 +277,7 @@ def test_roles_check_the_dtype_before_building_their_model(tiny_path, monkeypatc
     import cycle_oracle.devices as devices
     from cycle_oracle.devices import DtypeError
     from cycle_oracle.encoder_trainer import EncoderTrainer
-    from recipes.warmup import warmup_generate_fn
+    from recipes.common import warmup_generate_fn
 
     monkeypatch.setattr(devices, "dtype_support", lambda device, engine="torch": (["float32"], "a float32-only device"))
     cfg = validate_recipe({"kind": "grpo", "model": {"name": "tiny-random-llama", "layer": 1, "dtype": "bfloat16"}})
@@ -417,7 +417,7 @@ def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, mon
     learner's): the model is moved there and the prompts follow it (here `meta` stands in for the GPU)."""
     import cycle_oracle.devices as devices
     import cycle_oracle.models as models
-    from recipes.warmup import warmup_generate_fn
+    from recipes.common import warmup_generate_fn
 
     class RecordingLM(nn.Module):
         def __init__(self):

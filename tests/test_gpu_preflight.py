@@ -161,7 +161,7 @@ def test_the_warmup_data_task_builds_from_the_drivers_documents(ray_local, tmp_p
     select, through Ray's object store); the data build then needs no corpus on its node."""
     from cycle_oracle.corpus import load_documents
     from cycle_oracle.data.build import build_warmup_data
-    from recipes.warmup import warmup_corpus
+    from recipes.common import warmup_corpus
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Paragraph {i} tells of the river town number {i}, its mills, its bridges and the people who "
@@ -367,7 +367,7 @@ def test_sync_check_passes_kernel_noise_and_fails_a_sync_the_bf16_ceilings_miss(
     the same weights (eager attention) is kernel noise, and passes at every sync once the first has
     calibrated the floor; an engine that serves the adapter one small update behind (a sync fault
     whose error stays under the bf16 ceilings, so the ceilings alone pass it) fails."""
-    from recipes.grpo import SYNC_NOISE_MULTIPLE, SYNC_PROBE, SYNC_TOLERANCE, SyncCheck
+    from cycle_oracle.weight_sync import SYNC_NOISE_MULTIPLE, SYNC_PROBE, SYNC_TOLERANCE, SyncCheck
 
     ceiling = SYNC_TOLERANCE["bfloat16"]
     check = SyncCheck(ceiling)
@@ -396,7 +396,7 @@ def test_sync_check_passes_kernel_noise_and_fails_a_sync_the_bf16_ceilings_miss(
 
 
 def test_sync_check_first_check_uses_the_ceilings_and_a_zero_floor_allows_rounding():
-    from recipes.grpo import SYNC_NOISE_MIN, SYNC_NOISE_MULTIPLE, SyncCheck
+    from cycle_oracle.weight_sync import SYNC_NOISE_MIN, SYNC_NOISE_MULTIPLE, SyncCheck
 
     with pytest.raises(RuntimeError, match=r"mean 2.00e-01 > 1.00e-01.*the ceilings \(first check"):
         SyncCheck({"mean": 0.1, "p99": 0.5}).judge({"mean": 0.2, "p99": 0.3, "max": 0.4, "tokens": 64}, "sync v1")
@@ -411,7 +411,7 @@ def test_one_off_gpu_tasks_release_their_worker():
     """The extraction task and the warmup-data task load the target (on a GPU: into its memory):
     their Ray worker exits after each call (max_calls=1) instead of keeping the model alive."""
     from recipes.common import extraction_task
-    from recipes.warmup import build_data_task
+    from recipes.common import build_data_task
 
     for task in (extraction_task, build_data_task):
         assert task._default_options.get("max_calls") == 1, f"{task._function_name} keeps its worker (and its GPU memory) alive"

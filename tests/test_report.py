@@ -1,6 +1,6 @@
 """The closing report (`recipes/report.py`) on results dicts built by the real code: retrieval blocks
 from `evaluate_retrieval` on a small real ActivationStore with fake oracles, the GRPO run's layout
-from `recipes/grpo.py` (`decoder_comparison`, `retrieval_summary`, the keys of `final_evals`), the
+from `cycle_oracle/evals/final.py` (`decoder_comparison`, `final_summary`, the keys of `final_evals`), the
 warmup's held-out eval from `heldout_eval` with fake scorers; all through JSON as results.json is."""
 
 import io
@@ -13,7 +13,7 @@ from rich.console import Console
 from cycle_oracle.activations import write_store
 from cycle_oracle.evals.oracle import Oracle
 from cycle_oracle.evals.retrieval import evaluate_retrieval
-from recipes.report import closing_report, report_from_results, write_report
+from recipes.report import closing_report, report_from_results, write_closing_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,8 +67,8 @@ def retrieval(o, store, controls=("shuffled", "zero", "context_only")):
 
 
 def grpo_results(store, grpo_noise, warm_noise, frozen_grpo_noise=None, frozen_warm_noise=None, init_from=True) -> dict:
-    """A GRPO run's results.json as `recipes/grpo.py` writes it (`run` + `final_evals`)."""
-    from recipes.grpo import decoder_comparison, retrieval_summary
+    """A GRPO run's results.json as `recipes/grpo.py` writes it (`run` + `evals/final.final_evals`)."""
+    from cycle_oracle.evals.final import decoder_comparison, final_summary
 
     results = {"kind": "grpo", "layer": 15, "injection_norm": 3.2, "steps": 8, "steps_planned": 8, "weight_version": 9, "role_restarts": 0}
     out = {"retrieval": retrieval(oracle(store, grpo_noise, seed=1), store)}
@@ -79,7 +79,7 @@ def grpo_results(store, grpo_noise, warm_noise, frozen_grpo_noise=None, frozen_w
         out["retrieval_warmup_decoder"] = retrieval(oracle(store, warm_noise, seed=4), store, controls=())
         out["grpo_minus_warmup"] = decoder_comparison(out["retrieval"], out["retrieval_warmup_decoder"])
     results.update(out)
-    results["summary"] = retrieval_summary(results)
+    results["summary"] = final_summary(results)
     return json.loads(json.dumps(results, default=float))  # as results.json holds it
 
 
@@ -89,7 +89,7 @@ def warmup_results(reads: bool) -> dict:
     from cycle_oracle.data.items import WarmupItem
     from cycle_oracle.encoder import reconstruction_metrics
     from cycle_oracle.evals.warmup import heldout_eval
-    from recipes.warmup import _summary
+    from recipes.warmup import warmup_summary
 
     def item(task, b, j, question):
         return WarmupItem(task, f"b{b}", (100 + b, j, 7, 8, 9), (2, 3, 4), question, f"answer {b}")
@@ -112,7 +112,7 @@ def warmup_results(reads: bool) -> dict:
                "heldout": heldout_eval(score, heldout, cfg, 1),
                "encoder_warm_start": {"heldout_source_window": recon(0.5), "heldout_before": recon(3.0), "heldout_after": recon(1.0),
                                       "train_pairs": 192, "heldout_pairs": 20, "encoder_loss_first": 0.9, "encoder_loss_last": 0.4}}
-    results["summary"] = _summary(results)
+    results["summary"] = warmup_summary(results)
     return json.loads(json.dumps(results, default=float))
 
 
@@ -236,13 +236,13 @@ def test_missing_optional_parts_are_left_out(store):
     assert report_from_results({"kind": "describe", "summary": {}}) is None and report_from_results(None) is None
 
 
-def test_write_report_is_atomic_and_never_fails_the_job(store, tmp_path, capsys):
+def test_write_closing_report_is_atomic_and_never_fails_the_job(store, tmp_path, capsys):
     grpo = grpo_results(store, grpo_noise=0.3, warm_noise=3.0, init_from=False)
     capsys.readouterr()
-    path = write_report(tmp_path, grpo)
+    path = write_closing_report(tmp_path, grpo)
     assert path == tmp_path / "report.md" and path.read_text() == closing_report(grpo).markdown
     assert not list(tmp_path.glob(".*.tmp"))
-    assert write_report(tmp_path / "bad", {"retrieval": "not a dict"}) is None
+    assert write_closing_report(tmp_path / "bad", {"retrieval": "not a dict"}) is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("[report] ") and "not written" in out[0]
     assert not (tmp_path / "bad" / "report.md").exists()
@@ -252,7 +252,7 @@ def test_the_cli_prints_the_report_instead_of_the_json_summary(store, tmp_path, 
     from cli.main import print_closing_report
 
     grpo = grpo_results(store, grpo_noise=0.3, warm_noise=3.0, init_from=False)
-    write_report(tmp_path, grpo)
+    write_closing_report(tmp_path, grpo)
     assert print_closing_report(grpo, tmp_path)
     out = capsys.readouterr().out
     assert "Verdict:" in out and f"report: {tmp_path / 'report.md'}" in out
@@ -264,15 +264,15 @@ def test_the_cli_prints_the_report_instead_of_the_json_summary(store, tmp_path, 
 def test_the_viewer_step_prints_one_line_when_it_cannot_write(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from recipes.warmup_then_grpo import viewer_passage, write_viewer
+    from recipes.warmup_then_grpo import viewer_passage, write_closing_viewer
 
     capsys.readouterr()
     doc_id, text = viewer_passage({"retrieval": {"items": [{"doc_id": "embedded:3"}]}})
     assert doc_id == "embedded:3" and text
     assert viewer_passage({})[0] == "embedded:0"
     cfg = SimpleNamespace(model=SimpleNamespace(name="tiny-random-llama"))
-    assert write_viewer(cfg, tmp_path, {}, max_model_bytes=1) is None  # too large: the command to run instead
-    assert write_viewer(cfg, tmp_path, {}) is None  # no checkpoint under tmp_path/grpo
+    assert write_closing_viewer(cfg, tmp_path, {}, max_model_bytes=1) is None  # too large: the command to run instead
+    assert write_closing_viewer(cfg, tmp_path, {}) is None  # no checkpoint under tmp_path/grpo
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("[viewer] not written") for line in lines)
     assert f"cycle-oracle describe --checkpoint {tmp_path / 'grpo'}" in lines[0]

@@ -1,7 +1,8 @@
 """HF vs vLLM on the same decoder + adapter + injected activations, in real Ray actors.
 
-Two engines start here (about a minute each on 2 cores): the default LoRA-free engine that
-serves merged weights, and the `adapter` engine (vLLM's LoRA path) for the stress test.
+Engines start here (about a minute each on 2 cores): the default LoRA-free engine that serves
+merged weights, the `adapter` engine (vLLM's LoRA path) for the stress test, and a rollout group
+of two merged engines.
 """
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from cycle_oracle.config import RecipeConfig
 from cycle_oracle.decoder import build_batch, completion_logprobs
 from cycle_oracle.injection import DecoderPrompt, description_prompt
-from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm
+from cycle_oracle.models import adapter_state, attach_lora, load_causal_lm, load_tokenizer
+from cycle_oracle.rollout import Sampling
 
 pytestmark = pytest.mark.slow
 TEMPERATURE = 0.7
@@ -55,13 +57,13 @@ def test_hf_and_vllm_agree_and_read_the_activation(ray_local, tiny_path, tiny_to
 
     actor = RolloutActor.options(num_cpus=0.5).remote(str(tiny_path), _config("merged"), 1, NORM)
     model = _random_adapter(tiny_path, seed=1)
-    assert ray.get(actor.sync.remote(adapter_state(model), 1), timeout=600) == 1
+    assert ray.get(actor.serve.remote(adapter_state(model), 1), timeout=600) == 1
     prompt = description_prompt(tiny_tokenizer, 1, RecipeConfig(kind="grpo").injection, RecipeConfig(kind="grpo").description_instruction)
     torch.manual_seed(0)
     vectors = torch.randn(2, 128) * 5
-    batch = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
+    batch = ray.get(actor.rollout.remote(vectors, [11, 12], Sampling(3, TEMPERATURE, 1.0, 8)), timeout=600)
     assert batch.versions.tolist() == [1] * 6 and len(batch) == 6 and batch.num_activations == 2 and batch.group_size == 3
-    torch.testing.assert_close(batch.vectors, vectors.repeat_interleave(3, dim=0))
+    assert batch.vectors is None, "the engine returns texts, tokens and log-probs; the caller attaches the activations"
     worst = 0.0
     for row in range(2):
         for j in range(3):
@@ -75,8 +77,8 @@ def test_hf_and_vllm_agree_and_read_the_activation(ray_local, tiny_path, tiny_to
 
     # A new version is served after sync: same seeds, different adapter -> different logprobs.
     model2 = _random_adapter(tiny_path, seed=2)
-    ray.get(actor.sync.remote(adapter_state(model2), 2), timeout=600)
-    batch2 = ray.get(actor.sample.remote(vectors, [11, 12], 3, TEMPERATURE, 1.0, 8), timeout=600)
+    ray.get(actor.serve.remote(adapter_state(model2), 2), timeout=600)
+    batch2 = ray.get(actor.rollout.remote(vectors, [11, 12], Sampling(3, TEMPERATURE, 1.0, 8)), timeout=600)
     assert batch2.versions.tolist() == [2] * 6
     ids2, lp2 = batch2.token_ids[0], torch.tensor(batch2.sampler_logprobs[0])
     hf_new = _hf_logprobs(model2, prompt, vectors[0], ids2)
@@ -93,13 +95,13 @@ def test_adapter_path_stress(ray_local, tiny_path, tiny_tokenizer):
 
     actor = RolloutActor.options(num_cpus=0.5).remote(str(tiny_path), _config("adapter"), 1, NORM)
     model = _random_adapter(tiny_path, seed=3)
-    ray.get(actor.sync.remote(adapter_state(model), 1), timeout=600)
+    ray.get(actor.serve.remote(adapter_state(model), 1), timeout=600)
     prompt = description_prompt(tiny_tokenizer, 1, RecipeConfig(kind="grpo").injection, RecipeConfig(kind="grpo").description_instruction)
     torch.manual_seed(0)
     same = torch.randn(1, 128).expand(4, 128).contiguous()
     for call in range(12):
         vectors = same if call % 2 == 0 else torch.randn(4, 128)
-        batch = ray.get(actor.sample.remote(vectors, [call * 10 + i for i in range(4)], 2, TEMPERATURE, 1.0, 6), timeout=600)
+        batch = ray.get(actor.rollout.remote(vectors, [call * 10 + i for i in range(4)], Sampling(2, TEMPERATURE, 1.0, 6)), timeout=600)
         assert batch.num_activations == 4
     diff = (_hf_logprobs(model, prompt, vectors[0], batch.token_ids[0]) - torch.tensor(batch.sampler_logprobs[0])).abs().max()
     assert float(diff) < 2e-3, f"adapter path logprobs differ from HF by {float(diff)}"
@@ -137,3 +139,46 @@ def test_vllm_serves_a_checkpoint_decoder_folder_as_is(ray_local, tiny_path, tin
     for i in range(len(batch)):
         hf = _hf_logprobs(model, prompt, vectors[i // 2], batch.token_ids[i])
         assert float((hf - torch.tensor(batch.sampler_logprobs[i])).abs().max()) < 2e-3
+
+
+def test_the_rollout_group_samples_in_order_describes_once_and_checks_its_syncs(ray_local, tiny_path):
+    """RolloutGroup over two actors: a batch comes back in activation order with the served version
+    (the activations stay with the caller); a sync is checked against a scorer's log-probs (here HF
+    on the same adapter) and a mismatch fails naming the bound; `describer` serves its adapter on
+    demand and writes a pool's descriptions once."""
+    from actors.placement import Placement
+    from actors.rollout import RolloutGroup
+
+    cfg = RecipeConfig.model_validate({**_config("merged"), "kind": "describe", "grpo": {"sync_check_every": 1}, "sampling": {"max_new_tokens": 6},
+                                       "resources": {"rollout": {"num_actors": 2, "num_cpus": 0.25, "threads": 1},
+                                                     "learner": {"num_cpus": 0.25}}})
+    placement = Placement(cfg, 300)
+    torch.manual_seed(0)
+    vectors = torch.randn(4, 128) * 5
+    group = RolloutGroup(str(tiny_path), cfg, 1, NORM, placement, probe=vectors)
+    model, other = _random_adapter(tiny_path, seed=5), _random_adapter(tiny_path, seed=6)
+    prompt = description_prompt(load_tokenizer(str(tiny_path)), 1, cfg.injection, cfg.description_instruction)
+
+    def hf_error(probe):  # what the learner's sync_error measures, with HF on the served adapter
+        diff = torch.cat([(_hf_logprobs(model, prompt, probe.vectors[i], ids) - torch.tensor(probe.sampler_logprobs[i])).abs()
+                          for i, ids in enumerate(probe.token_ids)])
+        return {"mean": float(diff.mean()), "p99": float(torch.quantile(diff, 0.99)), "max": float(diff.max()), "tokens": float(len(diff))}
+
+    try:
+        synced = group.sync(adapter_state(model), hf_error)
+        assert synced["weight_version"] == 1 and synced["sync_logprob_error_p99"] <= synced["sync_bound_p99"]
+        sampling = Sampling(2, TEMPERATURE, 1.0, 6)
+        batch = group.sample(vectors, [21, 22, 23, 24], sampling)
+        alone = ray.get(group.actors[0].rollout.remote(vectors, [21, 22, 23, 24], sampling), timeout=600)
+        assert batch.token_ids == alone.token_ids and batch.versions.tolist() == [1] * 8 and batch.vectors is None
+        with pytest.raises(RuntimeError, match="failed verification: served logprobs differ"):
+            group.sync(adapter_state(model), lambda probe: {"mean": 1.0, "p99": 1.0, "max": 1.0, "tokens": 6.0})
+
+        trained, start = group.describer(), group.describer(adapter_state(other))
+        first = trained(vectors)
+        version = group.version
+        assert start(vectors) != first and group.version == version + 1, "the other decoder was served to describe"
+        assert trained(vectors) == first and group.version == version + 1, "a described pool is not described again"
+    finally:
+        group.shutdown()
+        placement.remove()

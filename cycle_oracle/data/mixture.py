@@ -7,6 +7,8 @@ behaviour labels) go to train or held-out, never single tokens or items.
 task from a RNG seeded by (seed, i) alone, and each task walks through seeded per-epoch
 permutations of its pool (every item once per epoch). The whole state is therefore a handful of
 ints (`state_dict()`: draws so far, and draws per task), JSON-able and exact on restore.
+
+`sft_mix_examples` draws GRPO's supervised-mixing examples from the same task pools, per (seed, step).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import hashlib
 import random
 from collections.abc import Iterable, Sequence
 
-from cycle_oracle.data.items import WarmupItem, log
+from cycle_oracle.data.items import SftExample, WarmupItem, log
+from cycle_oracle.data.read_positions import to_example
 
 
 def heldout_sources(source_ids: Iterable[str], heldout_fraction: float, seed: int) -> set[str]:
@@ -148,3 +151,16 @@ class WarmupMixture:
             raise ValueError(f"inconsistent mixture state {state}")
         self.position = int(state["position"])
         self.drawn = drawn
+
+
+def sft_mix_examples(pools: dict[str, list[WarmupItem]], settings, seed: int, step: int, num_placeholders: int) -> list[SftExample]:
+    """GRPO's supervised mixing (`grpo.sft_mix_*`, `settings` = GrpoSettings): `sft_mix_examples`
+    warmup examples for GRPO step `step`, tasks drawn by their `sft_mix_tasks` weight from the
+    warmup's training items `pools` (task -> items), none when `sft_mix_weight` is 0. A function of
+    (seed, step) only, so a resumed run draws the same ones."""
+    tasks = [t for t, w in settings.sft_mix_tasks.items() if w > 0 and pools.get(t)]
+    if settings.sft_mix_weight <= 0 or not tasks:
+        return []
+    rng = random.Random(f"sft-mix:{seed}:{step}")
+    picks = rng.choices(tasks, weights=[settings.sft_mix_tasks[t] for t in tasks], k=settings.sft_mix_examples)
+    return [to_example(rng.choice(pools[t]), rng, num_placeholders) for t in picks]

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from cycle_oracle.activations import pad_right, read_residual, readable_positions
+from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION, InjectionSettings, LoraSettings
 from cycle_oracle.encoder import reconstruct_texts
 from cycle_oracle.evals.paraphrase import rewrite_texts
-from cycle_oracle.injection import build_decoder_prompt, decoder_inputs
+from cycle_oracle.injection import build_decoder_prompt, decoder_inputs, description_prompt
 from cycle_oracle.models import render_chat
 
 Vectors = torch.Tensor
@@ -149,8 +150,6 @@ def make_hf_oracle(
     `read` tokenises texts like extraction does (no chat template, `max_context_tokens` cap) and
     skips positions < skip_first and special tokens, as `activations.extract` does.
     """
-    from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION
-
     instruction = description_instruction or DEFAULT_DESCRIPTION_INSTRUCTION
     yes_ids, no_ids = _single_token_ids(tokenizer, YES_TOKENS), _single_token_ids(tokenizer, NO_TOKENS)
     end_ids = {tokenizer.eos_token_id}
@@ -165,7 +164,7 @@ def make_hf_oracle(
 
     @torch.no_grad()
     def describe(vectors: torch.Tensor) -> list[str]:
-        prompt = build_decoder_prompt(tokenizer, layer, instruction, num_placeholders, placeholder)
+        prompt = description_prompt(tokenizer, layer, InjectionSettings(num_placeholders=num_placeholders, placeholder=placeholder), instruction)
         texts: list[str] = []
         for sl in _batches(vectors.shape[0], batch_size):
             embeds = _prompt_embeds(prompt, vectors[sl])
@@ -303,7 +302,6 @@ def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: 
     identity-initialised LoRA (B = 0) and head (P = I, uniform pooling). Injection norm follows
     `injection` (an `InjectionSettings`, default: embedding_norm); layer_norm scaling needs
     `layer_norm=...` in kwargs."""
-    from cycle_oracle.config import InjectionSettings, LoraSettings
     from cycle_oracle.encoder import ActivationEncoder
     from cycle_oracle.injection import mean_embedding_norm, target_norm
     from cycle_oracle.models import load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path

@@ -43,23 +43,23 @@ def _sections(results: dict) -> dict[str, dict]:
     return {names[0]: results} | dict(results.get("other_oracles") or {})
 
 
-def summarise(results: dict) -> dict[str, float]:
+def eval_summary(results: dict) -> dict[str, float]:
     """Flat headline numbers ("<eval>/<name>") for logs and dashboards: the primary oracle's, and
     with several oracles every oracle's as "oracles/<oracle>/<eval>/<name>"; the secrets eval's
     organism-side numbers as "secrets/black_box" and "secrets/leak_rate"."""
     sections = {name: dict(sec, _versus_text_guess=(results.get("versus_text_guess") or {}).get(name)) for name, sec in _sections(results).items()}
-    s = _summarise_section(next(iter(sections.values())))
+    s = _section_summary(next(iter(sections.values())))
     controls = results.get("secret_controls")
     if controls:
         s["secrets/black_box"] = controls["black_box"]["accuracy"]
         s["secrets/leak_rate"] = controls["leak_rate"]["accuracy"]
     if len(sections) > 1:
         for name, sec in sections.items():
-            s.update({f"oracles/{name}/{k}": v for k, v in _summarise_section(sec).items()})
+            s.update({f"oracles/{name}/{k}": v for k, v in _section_summary(sec).items()})
     return s
 
 
-def _summarise_section(results: dict) -> dict[str, float]:
+def _section_summary(results: dict) -> dict[str, float]:
     s: dict[str, float] = {}
     r = results.get("retrieval")
     if r:
@@ -528,7 +528,7 @@ def plot_truncation(sections: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, out_dir: str | Path) -> dict:
+def write_eval_report(out_dir: str | Path, results: dict) -> dict:
     """Write plots, `results.json` and `report.md` into out_dir; returns results (with `plots`,
     `summary` and `schema_version` filled in)."""
     out = Path(out_dir)
@@ -548,7 +548,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
         plots.append(name)
     results["plots"] = plots
     results["schema_version"] = SCHEMA_VERSION
-    results["summary"] = summarise(results)
+    results["summary"] = eval_summary(results)
     atomic_write_text(out / "results.json", json.dumps(_finite(results), indent=2, default=_json_default, allow_nan=False))
     atomic_write_text(out / "report.md", render_markdown(results))
     return results

@@ -36,7 +36,7 @@ from cycle_oracle.evals.data import ALL_TASKS, load_probe_file, load_task, probe
 from cycle_oracle.evals.oracle import Oracle
 from cycle_oracle.evals.paraphrase import ParaphraseOptions
 from cycle_oracle.evals.probes import ROUTES, evaluate_task
-from cycle_oracle.evals.report import comparison_rows, write_report
+from cycle_oracle.evals.report import comparison_rows, write_eval_report
 from cycle_oracle.evals.retrieval import evaluate_retrieval
 from cycle_oracle.evals.secrets import SecretSet, evaluate_secrets, secret_controls
 from cycle_oracle.stats import paired_difference
@@ -212,7 +212,7 @@ def run_evals(
     if len(names) > 1:
         results["other_oracles"] = {name: sections[name] for name in names[1:]}
     results["comparison"] = comparison_rows(sections)
-    write_report(results, out_dir)
+    write_eval_report(out_dir, results)
     say(f"[eval] wrote {Path(out_dir) / 'results.json'} and report.md")
     return results
 
