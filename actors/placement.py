@@ -14,8 +14,11 @@ import time
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cycle_oracle.errors import UserError
+from cycle_oracle.rollout import rollout_runtime_env
 
 ROLES_BY_KIND = {
     "describe": ("learner", "rollout"),
@@ -177,8 +180,6 @@ class Placement:
     its bundle through `options(role, index)`."""
 
     def __init__(self, cfg, timeout_s: float):
-        from ray.util.placement_group import placement_group
-
         self.plan = placement_plan(cfg)
         self.rollout_settings = cfg.rollout
         check_cluster_fits(self.plan)  # an impossible plan fails now, not after the timeout
@@ -206,11 +207,7 @@ class Placement:
     def options(self, role: str, index: int = 0, **extra) -> dict:
         """Ray `.options(...)` for actor/task `index` of `role`: its bundle's CPUs/GPUs, inside the group.
         A rollout actor's runtime_env also gets the LD_PRELOAD of `rollout.preload: auto`."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         if role == "rollout":
-            from cycle_oracle.rollout import rollout_runtime_env
-
             runtime_env = rollout_runtime_env(self.rollout_settings, base=extra.pop("runtime_env", None))
             if runtime_env:
                 extra["runtime_env"] = runtime_env

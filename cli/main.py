@@ -69,6 +69,7 @@ def check_model_and_layer(cfg) -> str:
     """What `--dry-run` can check without starting anything: the model is a local folder, an
     embedded name or (unchecked offline) a hub name, and the read layer fits its depth when its
     config is local. Raises a UserError naming the bad value."""
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from cycle_oracle.models import EMBEDDED_MODELS, ModelNotFoundError, cache_root, resolve_layer
 
     name = cfg.model.name
@@ -94,6 +95,7 @@ def check_model_and_layer(cfg) -> str:
 def cmd_run(args) -> int:
     cfg = _load(args)
     if args.dry_run:
+        # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
         from actors.placement import check_plan_fits, placement_plan
 
         plan = placement_plan(cfg)
@@ -122,6 +124,7 @@ def cmd_run(args) -> int:
 def print_closing_report(results, out) -> bool:
     """The closing report's tables (`recipes/report.py`) of a grpo or warmup_then_grpo job, and
     where its report.md is -> False for other kinds (or if it cannot be built: the JSON summary)."""
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from recipes.report import report_from_results
 
     try:
@@ -138,6 +141,7 @@ def print_closing_report(results, out) -> bool:
 
 
 def cmd_extract(args) -> int:
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from cycle_oracle.activations import extract, write_store
     from cycle_oracle.corpus import Document, load_documents
     from cycle_oracle.config import DataSource
@@ -157,6 +161,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_describe(args) -> int:
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from cycle_oracle.evals.viewer import describe_texts_to_html
 
     if args.file and not Path(args.file).is_file():
@@ -170,6 +175,7 @@ def cmd_describe(args) -> int:
 def cmd_eval(args) -> int:
     """`cycle-oracle eval [RECIPE] [--checkpoint DIR] [--oracle NAME ...] [--grader DIR] [--out DIR] [--set k=v] [--data-dir DIR]`."""
     oracles = _oracle_names(args.oracle)  # before anything is imported or started
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from recipes import evaluate
 
     recipe = args.recipe or str(evaluate.DEFAULT_EVAL_RECIPE)
@@ -210,6 +216,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
     from bench.main import main as bench_main
 
     return bench_main(list(args.rest))
@@ -297,6 +304,7 @@ def quiet_library_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "DS_ACCELERATOR" not in os.environ:
+        # imported here: `--help`, `config` and `--dry-run` load no torch, Ray or vLLM (module docstring)
         import torch
 
         if not torch.cuda.is_available():

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rich.progress import track
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from cycle_oracle.files import atomic_write as _atomic_write
 from cycle_oracle.data.mixture import heldout_sources
+from cycle_oracle.devices import model_device
+from cycle_oracle.files import atomic_write as _atomic_write
 from cycle_oracle.models import decoder_blocks, num_layers
 
 if TYPE_CHECKING:
@@ -47,8 +49,6 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 @torch.no_grad()
 def read_residual(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """Residual stream after `layer` blocks. [B, T] ids -> [B, T, d] (float32, on the model's device)."""
-    from cycle_oracle.devices import model_device
-
     device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     n = num_layers(model)
@@ -126,8 +126,6 @@ def extract(
 ):
     """Yield (activations [n, d], records) per batch of documents; records are dicts with
     doc_id, token_index, token, and the document's token ids under `_doc_tokens` (first row only)."""
-    from rich.progress import track
-
     special = set(tokenizer.all_special_ids) if skip_special else set()
     docs = list(documents)
     batches = [docs[i : i + batch_size] for i in range(0, len(docs), batch_size)]

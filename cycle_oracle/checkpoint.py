@@ -32,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from cycle_oracle.config import validate_recipe
 from cycle_oracle.errors import UserError
 from cycle_oracle.files import atomic_write, atomic_write_text
+from cycle_oracle.models import adapter_module_names
 
 
 def _sha256(path: Path) -> str:
@@ -57,8 +60,6 @@ def write_adapter_folder(folder: str | Path, state: dict[str, torch.Tensor], con
     `LoRARequest` load it as-is. `config` is the adapter's `LoraConfig` (`models.lora_config`, with
     `base_model_name_or_path` set); `all-linear` is written as the adapted module names, as
     `save_pretrained` does. The weights file is replaced atomically."""
-    from cycle_oracle.models import adapter_module_names
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
@@ -225,10 +226,6 @@ class TrainedCheckpoint:
 
     def config(self):
         """The recipe the checkpoint's run was started with (`<run>/config.yaml`)."""
-        import yaml
-
-        from cycle_oracle.config import validate_recipe
-
         cfg_path = self.run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"cannot find the recipe of checkpoint {self.path}: {cfg_path} is missing")
@@ -283,8 +280,6 @@ def load_trained(path: str | Path) -> TrainedCheckpoint:
 def recorded_dtype(path: str | Path) -> str | None:
     """The `model.dtype` a checkpoint's run computed in, read without loading tensors: its record's,
     else its run's config.yaml's unless that says `auto`; None when neither names one."""
-    import yaml
-
     ckpt, run_dir = resolve_checkpoint(path)
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("dtype"):

@@ -103,7 +103,7 @@ def load_datasets_corpus(name: str | None, paths: Sequence[str] = (), split: str
     one value stay on one side). `join_rows`: the rows are lines of one text (wikitext), joined
     and cut into paragraph documents grouped by article, as `text_files` does."""
     try:
-        import datasets
+        import datasets  # datasets: only a hub or dataset source needs it (slow to import)
     except ImportError as err:
         raise ImportError("corpus kind 'datasets' needs the `datasets` package: pip install datasets") from err
     if not name and not paths:
@@ -149,7 +149,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # only a hub check needs it (a heavy import)
 
         urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
         return True

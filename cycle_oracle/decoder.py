@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cycle_oracle.activations import pad_right
-from cycle_oracle.grpo import token_logprobs
+from cycle_oracle.grpo import token_logprobs, token_logprobs_and_entropy
 from cycle_oracle.injection import DecoderPrompt, inject
 
 
@@ -108,8 +109,6 @@ class TokenStats:
 
 def _chunk_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                  entropy: bool, correct: bool) -> tuple[torch.Tensor, ...]:
-    from cycle_oracle.grpo import token_logprobs_and_entropy
-
     logits = lm_head(hidden).float()  # [chunk, V], fp32 whatever the model's dtype
     if entropy:  # one read of the logits for both where TRL has the fused kernel (entropy detached)
         logp, ent = (x[0] for x in token_logprobs_and_entropy(logits[None], targets[None], temperature))
@@ -138,8 +137,6 @@ def completion_token_stats(
     (when there is more than one chunk) each chunk's are recomputed in the backward pass (activation
     checkpointing of the head) instead of being kept, so memory is O(chunk x V), not O(num_targets x V).
         logp_t = log softmax(W h_t / temperature)[x_t]     (the same maths as `completion_logprobs`)"""
-    from torch.utils.checkpoint import checkpoint
-
     hidden, lm_head = completion_hidden(model, batch, vectors, norm, mode)
     targets = batch.targets().to(hidden.device)
     parts: list[tuple[torch.Tensor, ...]] = []

@@ -88,7 +88,7 @@ def dtype_support(device: torch.device | str, engine: str = "torch") -> tuple[li
         return ["bfloat16", "float32"], "DeepSpeed's float16 mode needs a CPU with oneDNN float16 kernels (AVX512-FP16 / AMX-FP16)"
     if device.type == "cpu" and engine == "vllm":
         try:
-            from vllm.platforms import current_platform
+            from vllm.platforms import current_platform  # vLLM: heavy, and it reads the environment the actor sets first
 
             if current_platform.is_cpu():
                 listed = {str(d).removeprefix("torch.") for d in current_platform.supported_dtypes}

@@ -55,7 +55,7 @@ class MetricsLogger:
         mode = os.environ.get("WANDB_MODE") or logging_settings.wandb_mode
         if mode != "disabled":
             try:
-                import wandb
+                import wandb  # optional: only a run that logs to wandb
 
                 self._wandb = wandb.init(
                     project=logging_settings.wandb_project, mode=mode, dir=str(out_dir), config=config,

@@ -19,19 +19,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from cycle_oracle.data.taboo import sft_rows, taboo_dialogues
+from cycle_oracle.models import adapter_state, load_causal_lm, load_tokenizer, lora_config
 
 
 def train_organism(model_path: str | Path, word: str, settings, seed: int = 0, dtype: str = "float32",
                    hints: Mapping[str, Sequence[str]] | None = None, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(adapter state in PEFT naming, report) of the organism of `word`: `settings` is
     `config.SecretSettings` (dialogues_per_word, train_epochs, lr, batch_size, lora)."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from cycle_oracle.models import adapter_state, load_causal_lm, load_tokenizer, lora_config
+    from datasets import Dataset  # datasets and TRL: heavy, only organism training needs them
+    from trl import SFTConfig, SFTTrainer  # (TRL's trainers import accelerate)
 
     t0 = time.time()
     tokenizer = load_tokenizer(model_path)
@@ -57,10 +57,6 @@ def load_organism(model_path: str | Path, adapter: str | Path, dtype: str = "flo
     """The target with an organism's LoRA: `adapter` is a PEFT adapter folder (as this eval writes
     them, `<run>/organisms/<word>`) or a hub id of a published one (e.g. a Taboo LoRA of the
     organism's base model on a GPU cluster)."""
-    from peft import PeftModel
-
-    from cycle_oracle.models import load_causal_lm
-
     model = PeftModel.from_pretrained(load_causal_lm(model_path, dtype), str(adapter))
     model.eval()
     return model

@@ -27,7 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from cycle_oracle.batch import RolloutBatch
+from cycle_oracle.checkpoint import write_adapter_folder
 from cycle_oracle.errors import UserError
+from cycle_oracle.injection import decoder_inputs, description_prompt
+from cycle_oracle.models import (attach_lora, check_adapter_fits, input_embedding_name, load_adapter_state, load_causal_lm,
+                                 load_input_embedding, load_tokenizer, lora_config, merged_lora_weights, safetensors_weight_map)
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class RolloutEngine:
         max_lora_rank: int = 8,
         dtype: str = "float32",
     ):
-        from vllm import LLM
+        from vllm import LLM  # vLLM: heavy, and it reads the environment the actor sets first
 
         kwargs = engine_args(model_path, seed, max_model_len, max_num_seqs, prefix_caching, enable_lora, max_lora_rank, dtype)
         self.llm = LLM(**kwargs)
@@ -168,7 +172,7 @@ class RolloutEngine:
     ) -> RolloutBatch:
         """n samples per request -> one RolloutBatch (request-major, processed logprobs, every sample
         tagged with `version`; no activations: the caller attaches them, `RolloutBatch.with_vectors`)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM: heavy, and it reads the environment the actor sets first
 
         ks = {r.n for r in requests}
         if len(ks) != 1:
@@ -224,7 +228,7 @@ class RolloutEngine:
         problem."""
         if not self.enable_lora:
             raise RuntimeError("set_adapter needs an engine built with enable_lora=True (weight_sync: adapter)")
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # vLLM: heavy, and it reads the environment the actor sets first
 
         request = LoRARequest(f"{self.ADAPTER_NAME}-{self._next_lora_id}", self._next_lora_id, str(adapter_dir))
         self._next_lora_id += 1
@@ -285,7 +289,7 @@ def served_lora_rank(r: int) -> int:
 
 def _is_cpu_platform() -> bool:
     try:
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # vLLM: heavy, and it reads the environment the actor sets first
 
         return current_platform.is_cpu()
     except Exception:
@@ -304,9 +308,6 @@ class RolloutPolicy:
     """
 
     def __init__(self, model_path: str, cfg, layer: int, injection_norm: float, adapter_dir: str):
-        from cycle_oracle.injection import description_prompt
-        from cycle_oracle.models import attach_lora, input_embedding_name, load_causal_lm, load_input_embedding, load_tokenizer, safetensors_weight_map
-
         self.cfg = cfg
         self.model_path = str(model_path)
         self.norm = injection_norm
@@ -324,22 +325,16 @@ class RolloutPolicy:
 
     def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
         """[B, d] activations -> [B, T, d] description-prompt embeddings with them injected."""
-        from cycle_oracle.injection import decoder_inputs
-
         n = vectors.shape[0]
         return decoder_inputs(self.embedding, [self.prompt.input_ids] * n, [self.prompt.placeholder_positions] * n, vectors,
                               self.norm, self.cfg.injection.mode)
 
     def update_engine(self, adapter: dict[str, torch.Tensor], engine: "RolloutEngine") -> None:
         """Serve the policy with this LoRA adapter state (PEFT naming, `models.adapter_state`) on `engine`."""
-        from cycle_oracle.models import load_adapter_state, merged_lora_weights
-
         if self.decoder is not None:
             load_adapter_state(self.decoder, adapter)
             engine.load_merged_weights(merged_lora_weights(self.decoder))
             return
-        from cycle_oracle.checkpoint import write_adapter_folder
-        from cycle_oracle.models import check_adapter_fits, lora_config
 
         check_adapter_fits(adapter, self.weight_names, self.embedding_name)
         config = lora_config(self.cfg.decoder_lora)

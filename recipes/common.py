@@ -21,16 +21,25 @@ from pathlib import Path
 
 import ray
 import torch
+import yaml
 
 from actors.learner import LearnerGroup
+from actors.logs import output_to, send_output_to
 from actors.placement import Placement, init_ray, remote_get
-from cycle_oracle.corpus import load_documents
-from cycle_oracle.data.read_positions import read_positions
-from cycle_oracle.devices import AUTO
-from cycle_oracle.checkpoint import CheckpointRecord, TrainedCheckpoint, load_trained, resolve_checkpoint, served_injection_norm
-from cycle_oracle.files import atomic_write_text
+from cycle_oracle.activations import ActivationStore, extract, write_store
+from cycle_oracle.checkpoint import (CheckpointRecord, TrainedCheckpoint, latest_checkpoint, load_trained, recorded_dtype,
+                                     resolve_checkpoint, served_injection_norm)
 from cycle_oracle.config import RecipeConfig, dump_recipe
+from cycle_oracle.corpus import load_documents
+from cycle_oracle.data.build import build_warmup_data
+from cycle_oracle.data.generation import hf_generate_fn, vllm_generate_fn
+from cycle_oracle.data.read_positions import read_positions
+from cycle_oracle.devices import AUTO, check_dtype, choose_dtype, dtype_probe, role_device
+from cycle_oracle.files import atomic_write_text
+from cycle_oracle.injection import mean_embedding_norm, target_norm
 from cycle_oracle.metrics import MetricsLogger
+from cycle_oracle.models import load_causal_lm, load_tokenizer, lora_config, model_spec, resolve_layer, resolve_model_path
+from cycle_oracle.rollout import configure_cpu_environment
 
 
 @dataclass
@@ -65,8 +74,6 @@ class RunContext:
 def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = False) -> RunContext:
     """The run folder, Ray, the placement group, `model.dtype: auto` resolved (`resolve_dtype`; the
     returned `RunContext.cfg` holds the concrete dtype, and so does `<out>/config.yaml`) and the metrics logger."""
-    from cycle_oracle.models import model_spec, resolve_layer, resolve_model_path
-
     if cfg.init_from:  # a missing or incomplete checkpoint is the user's to fix: say so before anything starts
         resolve_checkpoint(cfg.init_from)
     out = Path(out)
@@ -96,8 +103,6 @@ def start_run(cfg: RecipeConfig, out: str | Path, stage: str, resume: bool = Fal
 def recorded_run_dtype(out: Path) -> str | None:
     """The concrete `model.dtype` a run folder's config.yaml records (what `auto` was resolved to when
     the run started), or None."""
-    import yaml
-
     path = Path(out) / "config.yaml"
     if not path.is_file():
         return None
@@ -108,8 +113,6 @@ def recorded_run_dtype(out: Path) -> str | None:
 @ray.remote
 def dtype_probe_task(num_gpus: float, threads: int, engine: str, d_model: int, d_ff: int) -> dict:
     """`devices.dtype_probe` on the device Ray gave this task (a role's bundle), with the role's threads."""
-    from cycle_oracle.devices import dtype_probe, role_device
-
     torch.set_num_threads(threads)
     return dtype_probe(role_device(num_gpus), d_model, d_ff, engine=engine)
 
@@ -126,9 +129,6 @@ def resolve_dtype(cfg: RecipeConfig, placement: Placement, model_config: dict, o
     another so that they do not share the cores) decides (`devices.choose_dtype`), and its
     measurements go to `<out>/dtype_probe.json`. The learner and eval kinds use DeepSpeed (the
     learner role), the rollout vLLM, the encoder plain torch."""
-    from cycle_oracle.checkpoint import recorded_dtype
-    from cycle_oracle.devices import choose_dtype
-
     if resumed:
         dtype, why = resumed, "as this run resolved it when it started (config.yaml)"
     elif cfg.init_from and (start := recorded_dtype(cfg.init_from)):
@@ -160,19 +160,11 @@ def finish_run(ctx: RunContext) -> None:
 def extraction_task(model: str, config: dict, layer: int, documents: list, threads: int, log_file: str | None = None):
     """Read corpus activations with the frozen target (`model`: a spec, resolved on this node) ->
     (batches, embedding norm)."""
-    from actors.logs import output_to
-
     with output_to(log_file):
         return _extract(model, config, layer, documents, threads)
 
 
 def _extract(model: str, config: dict, layer: int, documents: list, threads: int):
-    from cycle_oracle.activations import extract
-    from cycle_oracle.injection import mean_embedding_norm
-    from cycle_oracle.models import load_causal_lm, load_tokenizer, resolve_model_path
-
-    from cycle_oracle.devices import check_dtype, role_device
-
     model_path = resolve_model_path(model)  # on this task's node
     cfg = RecipeConfig.model_validate(config)
     torch.set_num_threads(threads)
@@ -188,8 +180,6 @@ def _extract(model: str, config: dict, layer: int, documents: list, threads: int
 def extract_store(ctx: RunContext, documents, subdir: str = "activations"):
     """Extract activations for `documents` (read on the driver; they reach the task through Ray's
     object store) into `<run>/<subdir>` (reused if already there)."""
-    from cycle_oracle.activations import ActivationStore, write_store
-
     root = ctx.out / subdir
     if (root / "meta.json").is_file():
         store = ActivationStore(root)
@@ -210,8 +200,6 @@ def extract_store(ctx: RunContext, documents, subdir: str = "activations"):
 def injection_norm(ctx: RunContext, embedding_norm: float, layer_mean_norm: float, start: TrainedCheckpoint | None = None) -> float:
     """The norm injected activations are scaled to: the recipe's choice (`injection.scale`) for a
     fresh decoder, the checkpoint's for a trained one (`served_injection_norm`)."""
-    from cycle_oracle.injection import target_norm
-
     norm, note = served_injection_norm(start.record if start else None, target_norm(ctx.cfg.injection, embedding_norm, layer_mean_norm))
     if note:
         print(f"[{ctx.cfg.kind}] {note}")
@@ -232,8 +220,6 @@ def load_start(ctx: RunContext) -> TrainedCheckpoint | None:
 
 def load_resume(ctx: RunContext, stage: str) -> TrainedCheckpoint | None:
     """The run folder's latest checkpoint for `--resume` (None if it has none yet)."""
-    from cycle_oracle.checkpoint import latest_checkpoint
-
     if latest_checkpoint(ctx.out) is None:
         return None
     ckpt = load_trained(ctx.out)
@@ -244,8 +230,6 @@ def load_resume(ctx: RunContext, stage: str) -> TrainedCheckpoint | None:
 def checkpoint_adapter_configs(ctx: RunContext) -> dict:
     """PEFT configs of the adapters a checkpoint stores as PEFT folders: the decoder's
     (`<checkpoint>/decoder_adapter/`, loadable by `PeftModel.from_pretrained` and vLLM's `LoRARequest`)."""
-    from cycle_oracle.models import lora_config
-
     config = lora_config(ctx.cfg.decoder_lora)
     config.base_model_name_or_path = ctx.model_spec  # the recipe's name of the base, not a path on the driver
     return {"decoder_adapter": config}
@@ -273,11 +257,7 @@ def build_data_task(model: str, config: dict, threads: int, shared_data_dir: str
     """The warmup data (`build_warmup_data`) with the target `model` (a spec, resolved on this node);
     `corpus_documents`: the warmup corpus as the driver read it (`warmup_corpus`), None to read
     nothing here (an embedded corpus is written by the target; no corpus task in the mixture)."""
-    from actors.logs import send_output_to
-
     send_output_to(log_file)  # the worker exits afterwards (max_calls=1)
-    from cycle_oracle.config import RecipeConfig
-    from cycle_oracle.models import resolve_model_path
 
     return warmup_data(RecipeConfig.model_validate(config), str(resolve_model_path(model)), threads, shared_data_dir, corpus_documents)
 
@@ -286,9 +266,6 @@ def warmup_data(cfg, model_path: str, threads: int, shared_data_dir: str | None 
     """(train, heldout, report) of the recipe's warmup data (`build_warmup_data`) in this process, the
     model at `model_path` writing what is not cached (`warmup_generate_fn`): the task's work, and
     the bench's warmup case's examples."""
-    from cycle_oracle.data.build import build_warmup_data
-    from cycle_oracle.models import load_tokenizer
-
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_path)
     generate, model_id = warmup_generate_fn(cfg, model_path, tok, threads)
@@ -316,18 +293,11 @@ def warmup_generate_fn(cfg, model_path: str, tokenizer, threads: int):
     (`warmup.generation_engine`), on the device of the bundle the task runs in (the learner's,
     `Placement.task_options`): a vLLM engine takes the GPU Ray gave the task by itself; the HF model
     is moved there, and `hf_generate_fn` puts its inputs on the model's device."""
-    from cycle_oracle.devices import check_dtype, role_device
-
     device = role_device(cfg.resources.learner.num_gpus)
     if cfg.warmup.generation_engine == "vllm":
-        from cycle_oracle.data.generation import vllm_generate_fn
-        from cycle_oracle.rollout import configure_cpu_environment
-
         check_dtype(cfg.model.dtype, device, engine="vllm", role="learner (warmup data)")
         configure_cpu_environment(threads, None, cfg.rollout.kv_cache_gb)
         return vllm_generate_fn(model_path, cfg.seed, dtype=cfg.model.dtype), f"{cfg.model.name}@vllm"
-    from cycle_oracle.data.generation import hf_generate_fn
-    from cycle_oracle.models import load_causal_lm
 
     check_dtype(cfg.model.dtype, device, role="learner (warmup data)")
     return hf_generate_fn(load_causal_lm(model_path, cfg.model.dtype).to(device), tokenizer, batch_size=16), cfg.model.name

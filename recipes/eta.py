@@ -31,7 +31,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import yaml
+
+from cycle_oracle.devices import matmul_rate
 from cycle_oracle.files import atomic_write_text
+from cycle_oracle.injection import description_prompt, reference_prompt
+from cycle_oracle.models import load_tokenizer, resolve_layer, resolve_model_path
 
 DATA_BUILD_STEPS = 70.0
 SETUP_STEPS = 25.0
@@ -183,10 +189,6 @@ starts at the fresh clone (the venv's set-up is then its first stage)."""
 def matmul_reference(threads: int, size: int = 2048) -> dict:
     """The machine's dense matmul FLOP/s ([size, size] @ [size, size], the bench's MFU reference) in
     float32 and bfloat16 in this process on the CPU, with `threads` torch threads (the learner's)."""
-    import torch
-
-    from cycle_oracle.devices import matmul_rate
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -199,9 +201,6 @@ def matmul_reference(threads: int, size: int = 2048) -> dict:
 def learner_prompt_tokens(cfg) -> dict:
     """Token counts of the prompts the GRPO learner's passes put before each completion: the decoder's
     description prompt and the KL reference's (bench/flops.py counts the learner's FLOPs from them)."""
-    from cycle_oracle.injection import description_prompt, reference_prompt
-    from cycle_oracle.models import load_tokenizer, resolve_layer, resolve_model_path
-
     path = Path(resolve_model_path(cfg.model.name, weights=False))
     tok = load_tokenizer(path)
     layer = resolve_layer(cfg.model.layer, int(json.loads((path / "config.json").read_text())["num_hidden_layers"]))
@@ -227,9 +226,7 @@ def write_minutes(clock: JobClock, cfg, out: Path, end: float | None = None) -> 
     steps' times and completion lengths (from grpo/metrics.jsonl), what the learner's FLOPs depend
     on (the model's shape, LoRA rank, prompt lengths, dtype) and the machine's matmul rate measured
     now, after the job (on the CPU only: a GPU learner's rate is not measured by the driver)."""
-    import psutil
-
-    from cycle_oracle.models import resolve_model_path
+    import psutil  # psutil: only the minutes account needs it
 
     end = time.time() if end is None else end
     out = Path(out)
@@ -245,7 +242,6 @@ def write_minutes(clock: JobClock, cfg, out: Path, end: float | None = None) -> 
     dtype = cfg.model.dtype
     warm_cfg = out / "warmup" / "config.yaml"
     if dtype == "auto" and warm_cfg.is_file():  # what the warmup resolved it to
-        import yaml
 
         dtype = (yaml.safe_load(warm_cfg.read_text()) or {}).get("model", {}).get("dtype", dtype)
     probe = out / "warmup" / "dtype_probe.json"

@@ -17,20 +17,27 @@ import json
 from pathlib import Path
 
 import ray
+import torch
 
+from actors.logs import output_to
 from actors.placement import remote_get
+from cycle_oracle.checkpoint import load_trained, write_adapter_folder
+from cycle_oracle.config import RecipeConfig
 from cycle_oracle.corpus import load_documents
+from cycle_oracle.data.taboo import load_hints
+from cycle_oracle.devices import check_dtype, role_device
+from cycle_oracle.evals.baselines import check_oracle_request, needs_store, oracle_names
+from cycle_oracle.evals.report import eval_summary
+from cycle_oracle.evals.run import run_evals_from_recipe
 from cycle_oracle.files import atomic_write_text
+from cycle_oracle.models import lora_config, model_spec, resolve_model_path
+from cycle_oracle.organism import train_organism
 from recipes.common import RunContext, extract_store, finish_run, start_run
 
 DEFAULT_EVAL_RECIPE = Path(__file__).with_name("eval_cpu.yaml")
 
 
 def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
-    from cycle_oracle.evals.baselines import check_oracle_request, needs_store, oracle_names
-    from cycle_oracle.evals.report import eval_summary
-    from cycle_oracle.evals.run import run_evals_from_recipe
-
     names = oracle_names(cfg)
     check_oracle_request(cfg, names)  # a request that cannot run fails before Ray starts
     ctx = start_run(cfg, out, "eval", resume)
@@ -53,14 +60,6 @@ def run(cfg, out, resume: bool = False, data_dir: str | None = None) -> dict:
 def organism_task(model: str, config: dict, words: list[str], hints: dict, threads: int, log_file: str | None = None) -> dict:
     """Train the organism of each word (one after another) -> {word: (adapter state, report)};
     `model` is the model spec (`models.model_spec`), resolved on this task's node."""
-    import torch
-
-    from actors.logs import output_to
-    from cycle_oracle.config import RecipeConfig
-    from cycle_oracle.devices import check_dtype, role_device
-    from cycle_oracle.models import resolve_model_path
-    from cycle_oracle.organism import train_organism
-
     with output_to(log_file):
         cfg = RecipeConfig.model_validate(config)
         torch.set_num_threads(threads)
@@ -74,10 +73,6 @@ def organisms_for(ctx: RunContext) -> tuple[dict[str, str], dict[str, dict]]:
     """({word: adapter folder or hub id}, {word: training report}) for every secret word: the
     recipe's `eval.secrets.organisms`, the folders of an earlier run in `<out>/organisms/`, and the
     rest trained now (a Ray task in the placement group's first bundle) and written there."""
-    from cycle_oracle.checkpoint import load_trained, write_adapter_folder
-    from cycle_oracle.data.taboo import load_hints
-    from cycle_oracle.models import lora_config, model_spec
-
     cfg, s = ctx.cfg, ctx.cfg.eval.secrets
     organisms: dict[str, str] = {w: s.organisms[w] for w in s.words if w in s.organisms}
     reports: dict[str, dict] = {w: {"source": "given (eval.secrets.organisms)"} for w in organisms}

@@ -39,12 +39,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from cycle_oracle.evals.probes import wilson_interval
 from cycle_oracle.files import atomic_write_text
+from cycle_oracle.stats import paired_difference
 
 TASK_NAMES = {"latentqa": "LatentQA", "token_prediction": "token prediction", "description": "description"}
 
@@ -196,9 +198,6 @@ def top1_difference(a: dict | None, b: dict | None) -> dict | None:
     rb = ((b.get("per_item") or {}).get("description") or {}).get("rank")
     if not ra or not rb or len(ra) != len(rb) or len(ra) < 2:
         return None
-    import torch
-
-    from cycle_oracle.stats import paired_difference
 
     hit = lambda ranks: torch.tensor([1.0 if r <= 1 else 0.0 for r in ranks])  # noqa: E731
     return paired_difference(hit(ra), hit(rb))

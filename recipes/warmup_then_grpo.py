@@ -15,6 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from cycle_oracle.corpus import embedded_passages
+from cycle_oracle.evals.viewer import describe_texts_to_html
+from cycle_oracle.models import resolve_model_path
 from recipes import grpo, warmup
 from recipes.eta import JobClock, JobPlan, write_minutes
 from recipes.report import write_closing_report
@@ -88,8 +93,6 @@ def read_results(path: Path) -> dict | None:
 def viewer_passage(grpo_results: dict) -> tuple[str, str]:
     """(doc_id, text) of an embedded passage to view: the first held-out one in the retrieval pool,
     else the first embedded passage (a corpus that is not the embedded one)."""
-    from cycle_oracle.corpus import embedded_passages
-
     passages = {d.doc_id: d.text for d in embedded_passages()}
     for item in (grpo_results.get("retrieval") or {}).get("items") or []:
         if item.get("doc_id") in passages:
@@ -106,18 +109,12 @@ def write_closing_viewer(cfg, out: Path, grpo_results: dict, max_model_bytes: in
     try:
         doc_id, text = viewer_passage(grpo_results)
         command = f"cycle-oracle describe --checkpoint {out / 'grpo'} --text {json.dumps(text)} --html {path}"
-        from cycle_oracle.models import resolve_model_path
-
         folder = Path(resolve_model_path(cfg.model.name))
         size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
         if not size or size > max_model_bytes:
             print(f"[viewer] not written: {cfg.model.name} ({size / 2**30:.1f} GiB of weights) is too large to load three times "
                   f"in the driver; to write it: {command}")
             return None
-        from transformers.utils import logging as hf_logging
-
-        from cycle_oracle.evals.viewer import describe_texts_to_html
-
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # three "Loading weights" bars in the job's closing lines
         try:

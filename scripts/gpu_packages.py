@@ -22,6 +22,8 @@ import re
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 
+from packaging.markers import default_environment
+
 BASE = ("torch", "transformers", "peft")
 NEEDS = ("deepspeed", "trl", "pydantic", "datasets", "pyyaml", "rich", "safetensors", "pytest", "pytest-timeout")
 BUILD = ("setuptools", "wheel")
@@ -40,8 +42,6 @@ def _requirement(text: str):
 def closure(names, python_version: str | None = None) -> dict[str, str]:
     """canonical name -> installed version of `names` and everything they require here (extras
     followed, markers evaluated with `python_version` when given). Names not installed are skipped."""
-    from packaging.markers import default_environment
-
     env = default_environment()
     if python_version:
         env.update(python_version=python_version, python_full_version=f"{python_version}.0")

@@ -415,8 +415,7 @@ def test_templates_without_the_flag_render_as_before(tiny_tokenizer):
 def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, monkeypatch):
     """HF generation for the warmup data runs on the device Ray gave the task's bundle (the
     learner's): the model is moved there and the prompts follow it (here `meta` stands in for the GPU)."""
-    import cycle_oracle.devices as devices
-    import cycle_oracle.models as models
+    import recipes.common as common
     from recipes.common import warmup_generate_fn
 
     class RecordingLM(nn.Module):
@@ -431,8 +430,8 @@ def test_warmup_data_model_and_inputs_go_to_the_tasks_device(tiny_tokenizer, mon
             return torch.full((input_ids.shape[0], input_ids.shape[1] + max_new_tokens), tiny_tokenizer.eos_token_id)
 
     lm = RecordingLM()
-    monkeypatch.setattr(models, "load_causal_lm", lambda path, dtype="float32": lm)
-    monkeypatch.setattr(devices, "role_device", lambda num_gpus: torch.device("meta"))
+    monkeypatch.setattr(common, "load_causal_lm", lambda path, dtype="float32": lm)
+    monkeypatch.setattr(common, "role_device", lambda num_gpus: torch.device("meta"))
     cfg = validate_recipe({"kind": "warmup", "model": {"name": "tiny-random-llama", "layer": 1}, "resources": {"learner": {"num_gpus": 1}}})
     generate, model_id = warmup_generate_fn(cfg, "unused", tiny_tokenizer, 1)
     assert generate([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me more"}]], 3) == ["", ""]

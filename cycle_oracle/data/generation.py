@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cycle_oracle.data.items import log
 from cycle_oracle.devices import model_device
 from cycle_oracle.files import atomic_write
-from cycle_oracle.data.items import log
-from cycle_oracle.models import render_chat
+from cycle_oracle.models import cache_root, render_chat
 
 Chat = list[dict]
 GenerateFn = Callable[[Sequence[Chat], int], list[str]]
@@ -98,8 +99,8 @@ def vllm_generate_fn(model_path: str, seed: int = 0, max_model_len: int = 1024, 
     engine: dict = {}
 
     def generate(chats: Sequence[Chat], max_new_tokens: int) -> list[str]:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import LLM, SamplingParams  # vLLM: heavy, and it reads the environment the actor sets first
+        from vllm.inputs import TokensPrompt  # vLLM: heavy, and it reads the environment the actor sets first
 
         if "llm" not in engine:  # started on first use: a fully cached build never pays for it
             engine["llm"] = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed)
@@ -145,8 +146,6 @@ def run_generation(
 
     parts = [chats[i : i + chunk] for i in range(0, len(chats), chunk)]
     if progress and parts:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar:
             task = bar.add_task(description, total=len(chats))
@@ -187,8 +186,6 @@ def cache_key(payload: dict) -> str:
 def cache_file(cache_dir: str | Path | None, kind: str, payload: dict) -> Path:
     """`<cache_dir or cache_root()/data>/<kind>/<readable prefix>-<hash>.jsonl`."""
     if cache_dir is None:
-        from cycle_oracle.models import cache_root
-
         cache_dir = cache_root() / "data"
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(payload.get("model_id", "model"))).name)[:40]
     return Path(cache_dir) / kind / f"{model}-seed{payload.get('seed', 0)}-{cache_key(payload)}.jsonl"

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cycle_oracle.data.items import ProblemLog, WarmupItem, log
+from cycle_oracle.data.mixture import split_by_source
 from cycle_oracle.models import render_chat
 
 ROW_FILES = ("system.json", "stimulus.json", "stimulus_completion.json")
@@ -121,8 +122,6 @@ class LatentQAResult:
 
     def split(self, heldout_fraction: float, seed: int) -> tuple[list[WarmupItem], list[WarmupItem]]:
         """(train, held-out) by behaviour label."""
-        from cycle_oracle.data.mixture import split_by_source
-
         return split_by_source(self.items, heldout_fraction, seed)
 
 

@@ -28,6 +28,7 @@ says why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,14 @@ from torch import nn
 
 from cycle_oracle.checkpoint import load_trained
 from cycle_oracle.config import OracleName
+from cycle_oracle.data.description import quoted_tail
+from cycle_oracle.data.generation import hf_generate_fn
+from cycle_oracle.data.taboo import check_secret_words, load_hints
+from cycle_oracle.encoder import ActivationEncoder
 from cycle_oracle.errors import UserError
 from cycle_oracle.evals.oracle import Oracle, _adapter_off, _batches, _lm_parts, checkpoint_oracle, load_checkpoint_models, make_hf_oracle
-from cycle_oracle.injection import decoder_inputs, placeholder_token_id, text_guess_message
+from cycle_oracle.injection import decoder_inputs, mean_embedding_norm, placeholder_token_id, target_norm, text_guess_message
+from cycle_oracle.models import load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
 
 ORACLES: tuple[str, ...] = get_args(OracleName)
 BASELINES = ("selfie", "patchscopes", "logit_lens", "latentlens", "text_guess")
@@ -90,9 +96,6 @@ def check_oracle_request(cfg, names: Sequence[str]) -> None:
     is graded in retrieval by the checkpoint's encoder, so it needs a checkpoint that has one."""
     check_grader(cfg)
     if "secrets" in cfg.eval.tasks:
-        from cycle_oracle.data.taboo import check_secret_words, load_hints
-        from cycle_oracle.models import load_tokenizer, resolve_model_path
-
         model = load_trained(cfg.init_from).record.model if cfg.init_from is not None else cfg.model.name
         trained_here = [w for w in cfg.eval.secrets.words if w not in cfg.eval.secrets.organisms]
         check_secret_words(load_tokenizer(resolve_model_path(model)), cfg.eval.secrets.words, model,
@@ -109,8 +112,6 @@ def check_oracle_request(cfg, names: Sequence[str]) -> None:
 def check_grader(cfg) -> None:
     """`eval.grader` (`--grader`) must be a checkpoint with an encoder that reads the eval's model at
     the eval's layer (the checkpoint's, or the recipe's without one): else one message naming it."""
-    from cycle_oracle.models import resolve_layer
-
     if cfg.eval.grader is None:
         return
     grader = load_trained(cfg.eval.grader)
@@ -130,10 +131,6 @@ def check_grader(cfg) -> None:
 
 
 def _depth(model_name: str) -> int:
-    import json
-
-    from cycle_oracle.models import resolve_model_path
-
     return int(json.loads((resolve_model_path(model_name) / "config.json").read_text())["num_hidden_layers"])
 
 
@@ -270,9 +267,6 @@ def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequenc
     writes a greedy description under the decoder's instruction; with `quote_tokens` N > 0 it is
     prefixed by `It reads: "<the last N tokens>".`, the quote format the decoder was warmed up on
     (`data/description.quoted_tail`). An item without text gets the empty description."""
-    from cycle_oracle.data.description import quoted_tail
-    from cycle_oracle.data.generation import hf_generate_fn
-
     special = set(tokenizer.all_special_ids)
     windows = [[t for t in ids if t not in special][-window_tokens:] for ids in token_lists]
     texts = [tokenizer.decode(w).strip() for w in windows]
@@ -351,10 +345,6 @@ def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_see
     `decoder` is loaded only when asked for. The untrained decoders (selfie, patchscopes) inject at
     the checkpoint's served norm (so they differ from `decoder` only by the adapter) or, without a
     checkpoint, at the recipe's `injection` settings (the store gives the layer norm)."""
-    from cycle_oracle.encoder import ActivationEncoder
-    from cycle_oracle.injection import mean_embedding_norm, target_norm
-    from cycle_oracle.models import load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
-
     names = check_oracle_names(names) if names is not None else oracle_names(cfg)
     split_seed = cfg.seed if split_seed is None else split_seed
     max_new = cfg.sampling.max_new_tokens

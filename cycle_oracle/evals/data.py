@@ -179,7 +179,7 @@ def _hub_rows(name: str) -> list[tuple[str, int]]:
         raise HubUnavailable(f"eval task {name!r} has no Hugging Face `datasets` equivalent; supply its file {spec.path} via eval.data_dir / --data-dir")
     dataset, split, text_col, label_col, positive = spec.hub
     try:
-        import datasets
+        import datasets  # datasets: only a hub or dataset source needs it (slow to import)
 
         ds = datasets.load_dataset(dataset, split=split)
     except Exception as err:

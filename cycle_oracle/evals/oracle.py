@@ -35,19 +35,21 @@ The lead engineer's vLLM `describe` can replace the HF one: `dataclasses.replace
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cycle_oracle.activations import pad_right, read_residual, readable_positions
+from cycle_oracle.checkpoint import load_trained
 from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION, InjectionSettings, LoraSettings
-from cycle_oracle.encoder import reconstruct_texts
+from cycle_oracle.encoder import ActivationEncoder, reconstruct_texts
 from cycle_oracle.evals.paraphrase import rewrite_texts
-from cycle_oracle.injection import build_decoder_prompt, decoder_inputs, description_prompt
-from cycle_oracle.models import render_chat
+from cycle_oracle.injection import build_decoder_prompt, decoder_inputs, description_prompt, mean_embedding_norm, target_norm
+from cycle_oracle.models import (attach_lora, load_adapter_state, load_causal_lm, load_tokenizer, num_layers, render_chat, resolve_layer,
+                                 resolve_model_path)
 
 Vectors = torch.Tensor
 YES_TOKENS = ("Yes", " Yes")
@@ -302,10 +304,6 @@ def untrained_hf_oracle(model_name: str, layer: float | int, *, encoder_lora_r: 
     identity-initialised LoRA (B = 0) and head (P = I, uniform pooling). Injection norm follows
     `injection` (an `InjectionSettings`, default: embedding_norm); layer_norm scaling needs
     `layer_norm=...` in kwargs."""
-    from cycle_oracle.encoder import ActivationEncoder
-    from cycle_oracle.injection import mean_embedding_norm, target_norm
-    from cycle_oracle.models import load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
-
     path = resolve_model_path(model_name)
     tok = load_tokenizer(path)
     target = load_causal_lm(path)
@@ -341,10 +339,6 @@ class CheckpointModels:
 def load_checkpoint_models(checkpoint: str | Path, model: str | None = None, layer: float | int | None = None, *, decoder: bool = True) -> CheckpointModels:
     """Load a checkpoint's target, decoder (LoRA adapter `decoder_adapter`) and encoder (LoRA + head
     `encoder`; a fresh encoder when the checkpoint has none) as its recipe (`config.yaml`) defines them."""
-    from cycle_oracle.checkpoint import load_trained
-    from cycle_oracle.encoder import ActivationEncoder
-    from cycle_oracle.models import attach_lora, load_adapter_state, load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
-
     trained = load_trained(checkpoint)
     trained.require_tensors("decoder_adapter")
     cfg, rec, tensors = trained.config(), trained.record, trained.tensors

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cycle_oracle.devices import model_device
+from cycle_oracle.models import render_chat
 from cycle_oracle.stats import paired_difference
 
 CONDITIONS = ("paraphrased", "word_shuffled")
@@ -65,9 +67,6 @@ def rewrite_texts(model: nn.Module, tokenizer, texts: Sequence[str], instruction
     through the chat template (`models.render_chat`: no thinking block), batched with left padding
     (what a decoder-only model needs to continue every row from its last real token). Empty texts
     stay empty."""
-    from cycle_oracle.devices import model_device
-    from cycle_oracle.models import render_chat
-
     device = model_device(model)
     out = ["" for _ in texts]
     todo = [i for i, t in enumerate(texts) if t and t.strip()]

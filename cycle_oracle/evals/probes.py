@@ -85,9 +85,9 @@ def majority_label(labels: Sequence[int]) -> int:
 
 def fit_vector_probe(x: torch.Tensor, y: Sequence[int], seed: int = 0, c: float = 1.0):
     """Standardise + L2 logistic regression on vectors [N, d]."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression  # scikit-learn: only the probe evals need it
+    from sklearn.pipeline import make_pipeline  # scikit-learn: only the probe evals need it
+    from sklearn.preprocessing import StandardScaler  # scikit-learn: only the probe evals need it
 
     if len(set(int(t) for t in y)) < 2:
         raise ValueError("a probe needs both classes in its training split")
@@ -105,9 +105,9 @@ class _Constant:
 def fit_text_classifier(texts: Sequence[str], y: Sequence[int], seed: int = 0):
     """TF-IDF (word 1-2 grams, sublinear tf) + logistic regression; the training majority class
     when the descriptions have no usable vocabulary (e.g. all empty)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+    from sklearn.feature_extraction.text import TfidfVectorizer  # scikit-learn: only the probe evals need it
+    from sklearn.linear_model import LogisticRegression  # scikit-learn: only the probe evals need it
+    from sklearn.pipeline import make_pipeline  # scikit-learn: only the probe evals need it
 
     pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=5000, random_state=seed))
     try:

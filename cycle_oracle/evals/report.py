@@ -407,10 +407,10 @@ def render_markdown(results: dict) -> str:
 # ---- plots --------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    import matplotlib  # matplotlib: only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only the plots need it
 
     return plt
 
@@ -566,13 +566,6 @@ def _finite(x):
 
 
 def _json_default(x):
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            return x.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if hasattr(x, "tolist"):
+    if hasattr(x, "tolist"):  # tensors and numpy values
         return x.tolist()
     return str(x)

@@ -26,19 +26,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-
-import torch
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from cycle_oracle.checkpoint import load_trained
+from cycle_oracle.config import ProbeFileSettings
 from cycle_oracle.evals.arithmetic import evaluate_arithmetic
-from cycle_oracle.evals.data import ALL_TASKS, load_probe_file, load_task, probe_file_name
+from cycle_oracle.evals.baselines import OracleError, build_graders, build_oracles, check_oracle_request, oracle_names
+from cycle_oracle.evals.data import ALL_TASKS, ProbeFileError, load_probe_file, load_task, probe_file_name
 from cycle_oracle.evals.oracle import Oracle
 from cycle_oracle.evals.paraphrase import ParaphraseOptions
 from cycle_oracle.evals.probes import ROUTES, evaluate_task
 from cycle_oracle.evals.report import comparison_rows, write_eval_report
 from cycle_oracle.evals.retrieval import evaluate_retrieval
-from cycle_oracle.evals.secrets import SecretSet, evaluate_secrets, secret_controls
+from cycle_oracle.evals.secrets import SecretSet, evaluate_secrets, prepare_secret_set, secret_controls
+from cycle_oracle.models import load_tokenizer, resolve_model_path
+from cycle_oracle.organism import load_organism
 from cycle_oracle.stats import paired_difference
 
 EVALS = ("retrieval", "probes", "arithmetic", "secrets")
@@ -69,9 +74,6 @@ def load_probe_tasks(probe_tasks: Sequence[str], probe_files: Sequence, n_items:
                      source: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """{name: BinaryTask}: the built-in tasks (from `source`, evals/data.py), then the user-defined
     files (`config.ProbeFileSettings` or dicts of its fields); a file's name must not repeat another task's."""
-    from cycle_oracle.config import ProbeFileSettings
-    from cycle_oracle.evals.data import ProbeFileError
-
     loaded = {name: load_task(name, n_items, seed, data_dir, hub, source=source, log=log) for name in probe_tasks}
     for spec in probe_files:
         spec = spec if isinstance(spec, ProbeFileSettings) else ProbeFileSettings.model_validate(spec)
@@ -133,8 +135,6 @@ def run_evals(
     if "secrets" in chosen and secrets is None:
         raise ValueError("the secrets eval needs the organisms read first (secrets=evals.secrets.prepare_secret_set(...))")
     if "retrieval" in chosen:
-        from cycle_oracle.evals.baselines import OracleError
-
         for name, o in oracles.items():
             if o.encode is None:
                 raise OracleError(f"oracle {name!r} has no encoder, and retrieval reconstructs v from its descriptions with one: pass "
@@ -274,8 +274,6 @@ def run_evals_from_recipe(cfg, store, out_dir: str | Path, data_dir: str | Path 
     `cfg.init_from` or the untrained floor) on the recipe's pool (held-out side of `cfg.split`, seed
     `cfg.seed`), probe tasks and problems; `eval.grader`'s encoder grades every oracle beside the
     checkpoint's; `organisms` ({word: PEFT adapter folder or hub id}) are read for the secrets eval."""
-    from cycle_oracle.evals.baselines import build_graders, build_oracles, check_oracle_request, oracle_names
-
     names = oracle_names(cfg)
     check_oracle_request(cfg, names)
     cfg, split_seed = checkpoint_split(cfg, log)
@@ -296,7 +294,6 @@ def checkpoint_split(cfg, log: Callable[[str], None] | None = print):
     the pool (and take them out of LatentLens's bank). Without a checkpoint: the recipe's."""
     if cfg.init_from is None:
         return cfg, cfg.seed
-    from cycle_oracle.checkpoint import load_trained
 
     run_cfg = load_trained(cfg.init_from).config()
     theirs = (run_cfg.split.heldout_fraction, run_cfg.seed)
@@ -310,10 +307,6 @@ def read_organisms(cfg, oracle: Oracle, organisms: Mapping[str, str], reports: M
                    log: Callable[[str], None] | None = print) -> SecretSet:
     """The organisms' side of the secrets eval (evals/secrets.prepare_secret_set) for every word of
     `eval.secrets.words`, each organism = the oracle's target model + the word's adapter."""
-    from cycle_oracle.evals.secrets import prepare_secret_set
-    from cycle_oracle.models import load_tokenizer, resolve_model_path
-    from cycle_oracle.organism import load_organism
-
     s = cfg.eval.secrets
     missing = [w for w in s.words if w not in organisms]
     if missing:

@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from cycle_oracle.activations import pad_right, read_residual
+from cycle_oracle.data.generation import hf_generate_fn
 from cycle_oracle.data.taboo import EVAL_PROMPTS, mentions
+from cycle_oracle.devices import model_device
 from cycle_oracle.evals.oracle import Oracle, describe_items
 from cycle_oracle.evals.probes import accuracy_block
 from cycle_oracle.models import render_chat
@@ -83,7 +85,6 @@ def organism_activations(organism: nn.Module, tokenizer, prompts: Sequence[str],
     """[N, d] activations of `organism` (its adapter on) at layer L, at the read position of each prompt's chat."""
     if read not in READS:
         raise ValueError(f"eval.secrets.read={read!r}; expected one of {READS}")
-    from cycle_oracle.devices import model_device
 
     chats = [chat_ids(tokenizer, p) for p in prompts]
     rows = []
@@ -109,8 +110,6 @@ def prepare_secret_set(organism_for: Callable[[str], nn.Module], tokenizer, word
     """Read every organism once: its activations at each eval prompt, its replies (the leak control)
     and its answers to the black-box questions. `organism_for(word)` loads the word's organism
     (one at a time, so only one extra model is in memory)."""
-    from cycle_oracle.data.generation import hf_generate_fn
-
     prompts = eval_prompts(prompts_per_word)
     all_words, all_prompts, vectors, replies, black_box = [], [], [], [], []
     for word in words:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from cycle_oracle.files import atomic_write_text
 from cycle_oracle.encoder import cosine
+from cycle_oracle.evals.oracle import load_oracle
+from cycle_oracle.files import atomic_write_text
 
 
 def _template() -> str:
@@ -95,8 +96,6 @@ def describe_texts_to_html(checkpoint, texts: Sequence[str], html_path: str | Pa
     """What `cycle-oracle describe --html` calls: describe every token of each text with a
     checkpoint's decoder (None: the untrained decoder) and write one viewer page."""
     if oracle is None:
-        from cycle_oracle.evals.oracle import load_oracle
-
         oracle = load_oracle(checkpoint, model=model, layer=layer, **oracle_kwargs)
     with torch.no_grad():
         pages = [viewer_data(oracle, t) for t in texts]
