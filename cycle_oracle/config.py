@@ -453,7 +453,7 @@ class GrpoSettings(Strict):
     tokens) still watch the sync."""
     sync_tolerance: dict[Literal["mean", "p99"], float] | None = None
     """Bounds on |log pi_learner - log pi_served| over the sync probe's tokens ({mean: .., p99: ..});
-    None: the bounds measured for `model.dtype` (recipes/grpo.py SYNC_TOLERANCE)."""
+    None: the bounds measured for `model.dtype` (cycle_oracle/weight_sync.py SYNC_TOLERANCE)."""
     max_role_restarts: int = Field(2, ge=0)
     """How often a run survives the death of its encoder or a learner: every role then restarts
     from the last checkpoint (rollout actors are restarted by Ray and re-synced on their own)."""
