@@ -34,18 +34,22 @@ def _lora_model(path: str, rank: int, alpha: int, seed: int = 0):
     return model
 
 
-def count_adapter_loads() -> list[int]:
+def count_adapter_loads() -> list:
     """Count vLLM's worker-side adapter loads from here on (each `WorkerLoRAManager._load_adapter` call
-    reads a PEFT folder from disk and builds the LoRA tensors) -> a one-element list holding the count.
+    reads a PEFT folder from disk and builds the LoRA tensors) -> [count, seconds spent in them].
     Call it in the process that runs the engine core (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     from vllm.lora.worker_manager import WorkerLoRAManager
 
-    count = [0]
+    count = [0, 0.0]
     load = WorkerLoRAManager._load_adapter
 
     def counted(self, lora_request):
-        count[0] += 1
-        return load(self, lora_request)
+        t0 = time.perf_counter()
+        try:
+            return load(self, lora_request)
+        finally:
+            count[0] += 1
+            count[1] += time.perf_counter() - t0
 
     WorkerLoRAManager._load_adapter = counted
     return count
@@ -175,7 +179,7 @@ def case_engine(case: dict) -> dict:
         out["sample_api"] = {"B": batch, "K": k, **rec, "generated_tokens": sum(lengths), "mean_length": sum(lengths) / len(lengths),
                              "tokens_per_s": sum(lengths) / rec["seconds"]}
     if loads is not None:  # adapter reads from disk over the whole case (warm-up, points, sample API)
-        out["adapter_loads"] = loads[0]
+        out["adapter_loads"], out["adapter_load_s"] = loads
         out["generate_calls"] = calls[0]
     out["peak_rss_mb"] = peak_rss_mb()
     return out
