@@ -1,8 +1,9 @@
 """LearnerGroup: N DeepSpeed ranks (one Ray actor each) training the decoder LoRA data-parallel.
 
 `LearnerActor` is `cycle_oracle.learner.DecoderLearner` as a Ray actor (the library class's
-methods are the actor's methods: `sft_micro_step`, `grpo_step`, `sequence_kl`, ...); `LearnerGroup` is the driver's handle: it shards a batch across ranks, gathers
-results back into sample order and waits with a timeout.
+methods are the actor's methods: `sft_micro_step`, `update_shard`, `sequence_kl`, ...); `LearnerGroup`
+is the driver's handle: it shards a batch across ranks, gathers results back into sample order,
+combines the ranks' `UpdateStats` and waits with a timeout.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from collections.abc import Sequence
 
 import ray
 import torch
+import torch.distributed as dist
 
+from actors.logs import send_output_to
 from actors.placement import Placement, free_port, remote_get
 from cycle_oracle.batch import RolloutBatch, gather_in_order, shard_indices
-from cycle_oracle.learner import DecoderLearner, init_distributed
+from cycle_oracle.config import RecipeConfig
+from cycle_oracle.learner import DecoderLearner, UpdateStats, init_distributed
 from cycle_oracle.models import resolve_model_path
 
 
@@ -25,9 +29,6 @@ class LearnerActor(DecoderLearner):
     def __init__(self, model_path: str, config: dict, layer: int, injection_norm: float, total_steps: int, stage: str,
                  rank: int, world_size: int, master_addr: str, master_port: int, reference_adapter: dict | None = None,
                  log_file: str | None = None):
-        from actors.logs import send_output_to
-        from cycle_oracle.config import RecipeConfig
-
         send_output_to(log_file)
         cfg = RecipeConfig.model_validate(config)
         torch.set_num_threads(cfg.resources.learner.threads)
@@ -40,8 +41,6 @@ class LearnerActor(DecoderLearner):
         return self.rank
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -50,15 +49,6 @@ class LearnerActor(DecoderLearner):
 def _node_address_and_port() -> tuple[str, int]:
     """(IP of this node, a port free on it): where learner rank 0 will listen."""
     return ray.util.get_node_ip_address(), free_port()
-
-
-def combine_rank_metrics(results: list[dict]) -> dict:
-    """Per-rank learner metrics -> one record: `tokens` summed, `*_max` maxed, the rest averaged."""
-    out = {}
-    for k in results[0]:
-        values = [r[k] for r in results]
-        out[k] = sum(values) if k == "tokens" else max(values) if k.endswith("_max") else sum(values) / len(values)
-    return out
 
 
 class LearnerGroup:
@@ -106,14 +96,13 @@ class LearnerGroup:
                          "centring the LatentQA activations")[0]
 
     # ---- GRPO -------------------------------------------------------------------------------
-    def grpo_step(self, batch: RolloutBatch, sft_examples: Sequence = ()) -> dict:
+    def update(self, batch: RolloutBatch, sft_examples: Sequence = ()) -> UpdateStats:
         """One GRPO update on the whole batch, sharded by sample (and the supervised-mixing
-        examples, if any, by example); metrics averaged over ranks, maxima maxed (`*_max`), `tokens` summed."""
+        examples, if any, by example) -> the step's `UpdateStats` (`UpdateStats.combined` over the ranks)."""
         parts = shard_indices(len(batch), self.world_size)
         sft = shard_indices(len(sft_examples), self.world_size)
-        results = self._all([a.grpo_step.remote(batch.select(idx), [sft_examples[i] for i in sft_idx])
-                             for a, idx, sft_idx in zip(self.actors, parts, sft)], "GRPO learn step")
-        return combine_rank_metrics(results)
+        return UpdateStats.combined(self._all([a.update_shard.remote(batch.select(idx), [sft_examples[i] for i in sft_idx])
+                                               for a, idx, sft_idx in zip(self.actors, parts, sft)], "GRPO update"))
 
     def sequence_kl(self, batch: RolloutBatch) -> torch.Tensor:
         """[N] sum_t (log pi - log pi_ref) per sample, in the batch's sample order."""

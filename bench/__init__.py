@@ -16,7 +16,7 @@ Sections:
   rollout  vLLM RolloutEngine: B x K sweep (equal lengths via min_tokens) + engine-setting cases
   hf       HF `generate` on the same prompts/lengths/batches (the ratio baseline)
   encoder  ActivationEncoder scoring (forward) and co-training update (forward + backward + AdamW)
-  learner  DecoderLearner.grpo_step (old + reference log-probs, policy forward + backward + step)
+  learner  DecoderLearner.update_shard (old + reference log-probs, policy forward + backward + step)
   e2e      recipes/cycle_grpo.yaml for 4 steps, plain and with overlap_rollout: time split + peak RSS
   scaling  the same with 2 rollout actors (samples/s; on 2 cores this measures contention)
   paper    FLOPs per role and step time of a Qwen3-8B GPU-cluster step (no measurement)

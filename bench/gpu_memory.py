@@ -9,7 +9,7 @@ disk, no hub), hands it to `cycle_oracle.learner.DecoderLearner` (LoRA, DeepSpee
 recipe's `decoder_optim`, `grpo` and `memory` sections: gradient checkpointing, micro-batches under
 a token budget, chunked logits; `gradient_checkpointing_active` in the output says whether the
 checkpointing took), and runs two
-`grpo_step`s on one learner rank's shard of the recipe's batch: B x K / learners sequences of the
+`update_shard`s on one learner rank's shard of the recipe's batch: B x K / learners sequences of the
 description prompt + `sampling.max_new_tokens` random completion tokens, random activations of
 width d, random advantages. The first step is cold (allocator, kernels); the second is timed on
 its own. It prints one JSON object (also written to --out): the device, torch version, peak GPU
@@ -27,6 +27,7 @@ helpers (`save_tiny_qwen3`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -226,7 +227,7 @@ def run_probe(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            metrics = learner.grpo_step(batch)
+            metrics = {k: v for k, v in dataclasses.asdict(learner.update_shard(batch)).items() if v is not None}
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timings[f"step{step}_s"] = time.perf_counter() - t0
@@ -236,7 +237,7 @@ def run_probe(args) -> dict:
         out["step_metrics"] = {k: float(v) for k, v in metrics.items()}
         flops = bf.learner_flops(bf.shape_from_hf_config(config.to_dict(), out["shape"]), n, prompt_len, completion, trainable,
                                  reference="base" if g.kl_coef > 0 else None, reference_prompt_len=len(learner.reference_prompt.input_ids))
-        # one update per rollout: no separate old-policy forward (learner.grpo_step)
+        # one update per rollout: no separate old-policy forward (learner.update_shard)
         single = g.epochs_per_rollout == 1 and g.minibatches_per_epoch == 1
         model_flops = flops["total"] - (flops["old"] if single else 0)
         out["flops"] = {"per_step": model_flops, "achieved_tflop_s": model_flops / timings["step2_s"] / 1e12}

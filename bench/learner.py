@@ -1,4 +1,4 @@
-"""Learner case: DecoderLearner.grpo_step as the recipe runs it (the old-policy pass only when an
+"""Learner case: DecoderLearner.update_shard as the recipe runs it (the old-policy pass only when an
 update per rollout is not enough: epochs or minibatches > 1), FLOPs counted for the passes it makes;
 the reference forward is also timed alone to split the step."""
 
@@ -59,14 +59,14 @@ def case_learner(case: dict) -> dict:
         f = bf.learner_flops(shape, n, out["prompt_len"], T, lora, out["kl_reference"], out["reference_prompt_len"],
                              g.epochs_per_rollout, old_pass=old_pass)
         out["old_policy_pass"] = old_pass
-        learner.grpo_step(samples)  # warm-up
+        learner.update_shard(samples)  # warm-up
         def once():
             t0 = time.perf_counter()
             if out["kl_reference"]:
                 learner.reference_logprobs(samples)  # timed alone: the step makes the same pass inside
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
-            learner.grpo_step(samples)
+            learner.update_shard(samples)
             t_step = time.perf_counter() - t0
             return t_step, {"ref_forward": t_ref}
 

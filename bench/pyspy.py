@@ -26,7 +26,7 @@ PROFILE_FOCUS = {
     "engine": ("LLM.generate (vllm/", "RolloutEngine.sample (", "RolloutEngine.load_merged_weights ("),
     "hf": ("GenerationMixin.generate (transformers/",),
     "encoder": ("EncoderTrainer.score (", "EncoderTrainer.train_step ("),
-    "learner": ("DecoderLearner.grpo_step (", "DecoderLearner.policy_logprobs (", "DecoderLearner.reference_logprobs ("),
+    "learner": ("DecoderLearner.update_shard (", "DecoderLearner.policy_logprobs (", "DecoderLearner.reference_logprobs ("),
 }
 
 

@@ -16,7 +16,7 @@ CONVENTIONS = {
     "rollout_flops": "flops/mfu: generated tokens only (per generated token 2 N_blocks + 2 d V + attention over its context); "
                      "flops_work/mfu_work: + the prefill of every sample's prompt (B*K prefills: what the engine computes with "
                      "prefix caching off); flops_useful/mfu_useful: + one prefill per activation (B prefills)",
-    "learner_flops": "the passes grpo_step makes: old-policy forward (only with more than one update per rollout) + reference "
+    "learner_flops": "the passes update_shard makes: old-policy forward (only with more than one update per rollout) + reference "
                      "forward (bare assistant header + completion, base model) + policy forward and backward, over prompt + "
                      "completion tokens (padding excluded)",
     "mfu": "model FLOP/s / dense fp32 2048^2 matmul FLOP/s measured with the same thread count in the same run",
@@ -209,7 +209,7 @@ def to_markdown(r: dict) -> str:
     le = r.get("learner")
     variants = {"recipe": le, **r.get("learner_variants", {})} if le else {}
     if le and "points" in le:
-        L += [f"## Learner: DecoderLearner.grpo_step (prompt {le['prompt_len']} + completion {le['completion_len']} tokens, "
+        L += [f"## Learner: DecoderLearner.update_shard (prompt {le['prompt_len']} + completion {le['completion_len']} tokens, "
               f"KL reference {le['kl_reference']}, ZeRO {le['zero_stage']}; DeepSpeed start {le['start_s']:.0f} s)", "",
               "| variant | samples | step s | trained tokens/s | MFU (step) | old fwd s / MFU | ref fwd s / MFU | policy fwd+bwd+step s / MFU | peak RSS MB | load |",
               # an old fwd of "-": the step makes no old-policy pass (one update per rollout); its FLOPs are not counted

@@ -3,31 +3,37 @@ runs one of these per rank).
 
 - `sft_micro_step`: warmup. Activations are read from the same model with the adapter disabled (the
   frozen target), injected, and the loss is cross-entropy on answer tokens only.
-- `grpo_step`: GRPO on a `RolloutBatch` (cycle_oracle/batch.py; this rank's shard). The learner recomputes the old-policy log-probs itself
-  (before any update), uses vLLM's sampling log-probs only for truncated importance sampling
-  and the logged train/inference mismatch, and adds the KL to the reference (see grpo.py).
+- `update_shard`: GRPO on a `RolloutBatch` (cycle_oracle/batch.py; this rank's shard) -> `UpdateStats`.
+  The learner recomputes the old-policy log-probs itself (before any update), uses vLLM's sampling
+  log-probs only for truncated importance sampling and the logged train/inference mismatch, and adds
+  the KL to the reference (see grpo.py).
 DeepSpeed owns the optimizer, LR schedule, gradient clipping, accumulation and the
 data-parallel all-reduce (gloo on CPU, nccl on GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed  # the learner is DeepSpeed: every process that imports this module trains with it
 import torch
+import torch.distributed as dist
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from cycle_oracle.activations import pad_right, read_residual
 from cycle_oracle.data.items import SftExample
-from cycle_oracle.devices import model_device
+from cycle_oracle.devices import check_dtype, model_device
 from cycle_oracle.decoder import DecoderBatch, build_batch, completion_mask, completion_token_stats, unflatten
 from cycle_oracle.batch import RolloutBatch, micro_batches
 from cycle_oracle.grpo import grpo_policy_loss, masked_mean, sequence_kl_k1, truncated_importance_weights
-from cycle_oracle.injection import DecoderPrompt, build_decoder_prompt, reference_prompt
+from cycle_oracle.injection import DecoderPrompt, answer_ids, build_decoder_prompt, description_prompt, reference_prompt
 from cycle_oracle.models import adapter_state, attach_lora, load_adapter_state, load_causal_lm, load_tokenizer
 
 
@@ -64,8 +70,6 @@ def data_parallel_tokens(local_tokens: float, device: torch.device | str = "cpu"
     """T_global / W: the data-parallel minibatch's token count over the world size (the local
     count when no process group is running), the denominator that makes W ranks' averaged
     gradient equal one learner's on the whole minibatch."""
-    import torch.distributed as dist
-
     local = torch.tensor([float(local_tokens)], device=device)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(local)
@@ -75,8 +79,6 @@ def data_parallel_tokens(local_tokens: float, device: torch.device | str = "cpu"
 
 def data_parallel_max(local: int, device: torch.device | str = "cpu") -> int:
     """The largest `local` over the data-parallel ranks (the local value without a process group)."""
-    import torch.distributed as dist
-
     value = torch.tensor([float(local)], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -84,10 +86,71 @@ def data_parallel_max(local: int, device: torch.device | str = "cpu") -> int:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> None:
-    import deepspeed
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     deepspeed.init_distributed(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+
+
+@dataclass
+class UpdateStats:
+    """What one GRPO update measured (torchtune's `GRPOStats`): one rank's, token-weighted over its
+    micro-batches (`DecoderLearner.update_shard`), or the data-parallel step's (`combined`). Every
+    field is set by the learner; the GRPO step's metrics are `metrics()` (a renamed field fails
+    here, it is not logged as a default)."""
+
+    policy_loss: float
+    """Mean clipped surrogate per token, before the KL term (`grpo.grpo_policy_loss`)."""
+    clip_fraction: float
+    """Share of tokens whose ratio left the clip range on the side that stops their gradient."""
+    clip_fraction_low: float
+    clip_fraction_high: float
+    ratio_mean: float
+    """Mean pi / pi_old per token (1 with one update per rollout)."""
+    entropy: float
+    """Mean per-token entropy of the policy at the sampling temperature."""
+    kl: float
+    """Mean k3 KL to the reference per token; 0.0 without a reference pass (kl_coef 0 or the reward placement)."""
+    importance_weight_mean: float
+    importance_weight_max: float
+    importance_capped_fraction: float
+    """Share of tokens whose importance weight pi_learner / pi_sampler was capped (`grpo.importance_cap`)."""
+    logp_mismatch: float
+    """Mean |log pi_learner - log pi_sampler| of the sampled tokens (the train/inference mismatch)."""
+    lr: float
+    tokens: float
+    """Completion tokens trained on (summed over ranks)."""
+    sft_loss: float | None = None
+    """Supervised mixing's answer-token NLL (None when `grpo.sft_mix_weight` is 0)."""
+
+    NO_TOKENS = {"ratio_mean": 1.0, "importance_weight_mean": 1.0, "importance_weight_max": 1.0}
+    """What a rank that trained on no token reports: an update that changed nothing (every other mean 0)."""
+
+    @classmethod
+    def of_means(cls, means: dict[str, float], lr: float, tokens: float, sft_loss: float | None) -> UpdateStats:
+        """From the token means of `grpo.grpo_policy_loss`'s metrics, the entropy and the importance
+        stats (`importance_<stat>` of `grpo.truncated_importance_weights`)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"lr", "tokens", "sft_loss"}
+        value = {n: float(means.get(n, cls.NO_TOKENS.get(n, 0.0))) for n in names - {"logp_mismatch"}}
+        value["logp_mismatch"] = float(means.get("importance_logp_mismatch", 0.0))
+        return cls(**value, lr=lr, tokens=tokens, sft_loss=sft_loss)
+
+    @classmethod
+    def combined(cls, ranks: Sequence[UpdateStats]) -> UpdateStats:
+        """The data-parallel step's: `tokens` summed over the ranks, `importance_weight_max` maxed,
+        every other field averaged (each rank's gradient counts equally)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(r, f.name) for r in ranks]
+            if f.name == "sft_loss" and values[0] is None:
+                out[f.name] = None
+            else:
+                out[f.name] = sum(values) if f.name == "tokens" else max(values) if f.name.endswith("_max") else sum(values) / len(values)
+        return cls(**out)
+
+    def metrics(self) -> dict[str, float]:
+        """The learner's part of a GRPO step's metrics (`metrics.METRICS["grpo"]`)."""
+        out = {k: getattr(self, k) for k in ("policy_loss", "clip_fraction", "ratio_mean", "entropy", "kl", "importance_weight_mean",
+                                             "importance_weight_max", "importance_capped_fraction", "logp_mismatch", "lr")}
+        return out | ({"sft_loss": self.sft_loss} if self.sft_loss is not None else {})
 
 
 class DecoderLearner:
@@ -99,8 +162,6 @@ class DecoderLearner:
                  reference_adapter: dict | None = None, model=None, tokenizer=None):
         """`model`/`tokenizer`: a prebuilt HF causal LM (without LoRA) and its tokenizer instead of
         loading `model_path` (the GPU memory probe builds a random-initialised 8B-shaped one)."""
-        import deepspeed
-
         if stage == "warmup":
             optim, grad_accum = cfg.decoder_optim, None
         elif stage == "grpo":
@@ -111,8 +172,6 @@ class DecoderLearner:
         self.layer = layer
         self.norm = injection_norm
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-        from cycle_oracle.devices import check_dtype
-
         # the device DeepSpeed will put this rank on (Ray's GPU when it gave one, else the CPU)
         check_dtype(cfg.model.dtype, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), engine="deepspeed", role="learner")
         model = attach_lora(model if model is not None else load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
@@ -133,7 +192,7 @@ class DecoderLearner:
             ref = attach_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.decoder_lora)
             load_adapter_state(ref, reference_adapter)
             self.reference = ref.merge_and_unload().eval().to(self.device)
-        self.description_prompt = build_decoder_prompt(self.tokenizer, layer, cfg.description_instruction, cfg.injection.num_placeholders, cfg.injection.placeholder)
+        self.description_prompt = description_prompt(self.tokenizer, layer, cfg.injection, cfg.description_instruction)
         self.reference_prompt = reference_prompt(self.tokenizer)
         self.optimizer_steps = 0
         self.read_offsets: dict[str, torch.Tensor] = {}
@@ -195,8 +254,6 @@ class DecoderLearner:
         """Dropout off in every GRPO pass (eval mode), while the transformer blocks report
         `training` so that HF's gradient checkpointing, which runs only in training mode,
         recomputes them (`memory.gradient_checkpointing`); their submodules stay in eval mode."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
         self.engine.eval()
         blocks = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)] if self.cfg.memory.gradient_checkpointing else []
         for b in blocks:
@@ -209,8 +266,6 @@ class DecoderLearner:
 
     # ---- warmup -------------------------------------------------------------------------
     def _sft_prompts(self, examples: Sequence[SftExample]) -> tuple[list[DecoderPrompt], list[list[int]]]:
-        from cycle_oracle.injection import answer_ids
-
         prompts = [build_decoder_prompt(self.tokenizer, self.layer, e.question, self.cfg.injection.num_placeholders, self.cfg.injection.placeholder) for e in examples]
         return prompts, [answer_ids(self.tokenizer, e.answer) for e in examples]
 
@@ -336,7 +391,7 @@ class DecoderLearner:
 
     def policy_logprobs(self, batch: RolloutBatch, grad: bool = False, with_entropy: bool = False):
         """(log pi [N, T], completion mask [N, T], entropy [N, T] or None) at the batch's temperature.
-        Without grad the batch runs in micro-batches; a gradient call is one pass (`grpo_step`
+        Without grad the batch runs in micro-batches; a gradient call is one pass (`update_shard`
         micro-batches before calling it)."""
         if grad:
             return self._token_logprobs(self.engine, batch, self.description_prompt, with_entropy)
@@ -378,8 +433,9 @@ class DecoderLearner:
         diff = (logp - self._sampler_logprobs(probe, logp)).abs()[mask.bool()].float().cpu()
         return {"mean": float(diff.mean()), "p99": float(torch.quantile(diff, 0.99)), "max": float(diff.max()), "tokens": float(len(diff))}
 
-    def grpo_step(self, batch: RolloutBatch, sft_examples: Sequence[SftExample] = ()) -> dict:
-        """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch.
+    def update_shard(self, batch: RolloutBatch, sft_examples: Sequence[SftExample] = ()) -> UpdateStats:
+        """epochs x minibatches of clipped-surrogate updates on this rank's share of the batch -> its
+        `UpdateStats` (token-weighted means over every micro-batch of every update).
 
         With one epoch of one minibatch (the default and the GPU recipes) there is no separate
         old-policy forward: pi_old is the policy being updated, so old log-probs are the gradient
@@ -459,14 +515,11 @@ class DecoderLearner:
                     passes.append(self._sft_passes(sft_part, g.sft_mix_weight, sft_sums))
                 self._accumulate(passes)
                 self.optimizer_steps += 1
-        out = {k: v / max(counted, 1.0) for k, v in sums.items()} | maxima
+        means = {k: v / max(counted, 1.0) for k, v in sums.items()} | maxima
         if not single_update:  # the importance weights of the one old-policy pass
-            out.update({f"importance_{k}": float(v) for k, v in old_stats.items()})
-        if g.sft_mix_weight > 0:
-            out["sft_loss"] = sft_sums[0] / max(sft_sums[1], 1.0)
-        out["lr"] = self.lr()
-        out["tokens"] = float(sum(len(t) for t in batch.token_ids))
-        return out
+            means.update({f"importance_{k}": float(v) for k, v in old_stats.items()})
+        return UpdateStats.of_means(means, lr=self.lr(), tokens=float(sum(len(t) for t in batch.token_ids)),
+                                    sft_loss=sft_sums[0] / max(sft_sums[1], 1.0) if g.sft_mix_weight > 0 else None)
 
     def _sft_passes(self, examples: Sequence[SftExample], weight: float, sums: list[float]):
         """(micro-batches, backward function) adding weight x the answer-token mean NLL of `examples`

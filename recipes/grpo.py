@@ -237,20 +237,15 @@ def grpo_step(roles: Roles, batch: RolloutBatch, rows: list[int], step: int, tim
     advantages, zero_spread = group_advantages(batch.groups(batch.rewards), g.scale_advantages_by_std)
     batch.advantages = advantages.reshape(-1).float()
     with timer.phase("learn"):
-        learn = roles.learners.grpo_step(batch, sft_mix_examples(roles.sft_pools, g, cfg.seed, step, cfg.injection.num_placeholders))
+        stats = roles.learners.update(batch, sft_mix_examples(roles.sft_pools, g, cfg.seed, step, cfg.injection.num_placeholders))
 
     lengths = batch.completion_lengths()
-    metrics = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(batch.groups(rewards).std(1).mean()),
-        **recon, **encoder_metrics, **shaping,
-        "kl": learn.get("kl", 0.0) if kl is None else kl, "entropy": learn.get("entropy", 0.0), "clip_fraction": learn.get("clip_fraction", 0.0),
-        "policy_loss": learn.get("policy_loss", 0.0), "ratio_mean": learn.get("ratio_mean", 1.0),
-        "importance_weight_mean": learn.get("importance_weight_mean", 1.0), "importance_weight_max": learn.get("importance_weight_max", 1.0),
-        "importance_capped_fraction": learn.get("importance_capped_fraction", 0.0), "logp_mismatch": learn.get("importance_logp_mismatch", 0.0),
-        "lr": learn["lr"], "description_tokens": sum(lengths) / len(lengths),
-        **({"sft_loss": learn["sft_loss"]} if "sft_loss" in learn else {}),
-        "truncation_rate": float(batch.truncated.float().mean()), "zero_spread_fraction": zero_spread,
-        "rollout_versions": float(batch.versions.min()), **text_diversity(batch.texts)}
+    metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(batch.groups(rewards).std(1).mean()), **recon, **encoder_metrics,
+               **shaping, **stats.metrics(), "description_tokens": sum(lengths) / len(lengths),
+               "truncation_rate": float(batch.truncated.float().mean()), "zero_spread_fraction": zero_spread,
+               "rollout_versions": float(batch.versions.min()), **text_diversity(batch.texts)}
+    if kl is not None:  # the reward placement's KL (the learner computes none)
+        metrics["kl"] = kl
     check_finite(metrics, step)
     return metrics
 

@@ -230,8 +230,8 @@ def test_deepspeed_learner_sft_and_grpo_steps_in_bf16(dist, device, qwen3_path, 
     batch = _rollout_batch(tokenizer)
     before, mask, _ = learner.policy_logprobs(batch)
     assert _on(before, device) and _finite(before)
-    m = learner.grpo_step(batch)
-    assert _all_finite(m) and m["tokens"] == float(mask.sum()) and m["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    m = learner.update_shard(batch)
+    assert _all_finite(m.metrics()) and m.tokens == float(mask.sum()) and m.ratio_mean == pytest.approx(1.0, abs=1e-3)
     after, _, _ = learner.policy_logprobs(batch)
     moved = ((after - before) * mask).sum(1).cpu()
     assert float(moved[0]) > float(moved[1]), f"the step did not favour the positive advantage: {moved.tolist()}"

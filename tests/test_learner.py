@@ -95,7 +95,7 @@ def test_a_loaded_adapter_survives_the_next_optimizer_step(dist, cfg, tiny_path,
     assert abs(fresh.sequence_kl(sample)[0]) > 1e-6, "after an update the policy differs from the reference"
 
 
-def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):
+def test_a_grpo_update_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, tiny_tokenizer):
     torch.manual_seed(0)
     learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=10)
     v = torch.randn(128)
@@ -104,10 +104,10 @@ def test_grpo_step_moves_the_policy_toward_the_advantage(dist, cfg, tiny_path, t
     samples = _batch(v, [good, bad], [1.0, -1.0])
     before, _, _ = learner.policy_logprobs(samples)
     samples.sampler_logprobs = [lp[: len(ids)].tolist() for ids, lp in zip(samples.token_ids, before)]
-    m = learner.grpo_step(samples)
+    m = learner.update_shard(samples)
     after, mask, _ = learner.policy_logprobs(samples)
-    assert m["clip_fraction"] == 0.0  # one epoch: ratio 1, clipping inert
-    assert abs(m["importance_logp_mismatch"]) < 1e-5
+    assert m.clip_fraction == 0.0  # one epoch: ratio 1, clipping inert
+    assert abs(m.logp_mismatch) < 1e-5
     assert float((after[0] - before[0]).sum()) > 0 > float((after[1] - before[1]).sum())
     kl = learner.sequence_kl(samples)
     assert len(kl) == 2 and all(x == x for x in kl)
@@ -159,8 +159,8 @@ def _uneven_batch(tok) -> RolloutBatch:
     return _batch(v, seqs, [1.0, -1.0, 0.5])
 
 
-def _gradients_of_one_grpo_step(learner, batch) -> dict[str, torch.Tensor]:
-    """The (data-parallel averaged) gradient DeepSpeed holds when grpo_step calls engine.step."""
+def _gradients_of_one_update(learner, batch) -> dict[str, torch.Tensor]:
+    """The (data-parallel averaged) gradient DeepSpeed holds when update_shard calls engine.step."""
     grads = {}
     original = learner.engine.step
 
@@ -171,7 +171,7 @@ def _gradients_of_one_grpo_step(learner, batch) -> dict[str, torch.Tensor]:
         return original(*a, **k)
 
     learner.engine.step = step
-    learner.grpo_step(batch)
+    learner.update_shard(batch)
     learner.engine.step = original
     return grads
 
@@ -188,7 +188,7 @@ def _rank_gradients(rank: int, port: int, model_path: str, out_dir: str) -> None
     torch.manual_seed(0)
     learner = DecoderLearner(model_path, _grpo_cfg(), 1, 1.0, total_steps=4, stage="grpo")
     batch = _uneven_batch(load_tokenizer(model_path))
-    grads = _gradients_of_one_grpo_step(learner, batch.select(shard_indices(len(batch), 2)[rank]))
+    grads = _gradients_of_one_update(learner, batch.select(shard_indices(len(batch), 2)[rank]))
     torch.save(grads, f"{out_dir}/rank{rank}.pt")
     td.destroy_process_group()
 
@@ -202,7 +202,7 @@ def test_two_learners_on_uneven_shards_compute_the_single_learner_gradient(dist,
 
     torch.manual_seed(0)
     single = DecoderLearner(str(tiny_path), _grpo_cfg(), 1, 1.0, total_steps=4, stage="grpo")
-    reference = _gradients_of_one_grpo_step(single, _uneven_batch(tiny_tokenizer))
+    reference = _gradients_of_one_update(single, _uneven_batch(tiny_tokenizer))
     mp.start_processes(_rank_gradients, args=(free_port(), str(tiny_path), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
@@ -218,7 +218,7 @@ def test_every_rank_makes_the_asked_number_of_minibatch_steps(dist, tiny_path, t
                              1, 1.0, total_steps=8, stage="grpo")
     seqs = [tiny_tokenizer.encode(f" sample number {i}", add_special_tokens=False) for i in range(6)]
     before = learner.optimizer_steps
-    learner.grpo_step(_batch(torch.randn(128), seqs, [1.0, -1.0, 0.5, -0.5, 0.2, -0.2]))
+    learner.update_shard(_batch(torch.randn(128), seqs, [1.0, -1.0, 0.5, -0.5, 0.2, -0.2]))
     assert learner.optimizer_steps - before == 4
 
 
@@ -233,8 +233,8 @@ def test_lora_dropout_does_not_move_the_ratio(dist, tiny_path, tiny_tokenizer):
         for name, p in learner.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # dropout on A's input only matters once B is non-zero
-    m = learner.grpo_step(_uneven_batch(tiny_tokenizer))
-    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] == 0.0
+    m = learner.update_shard(_uneven_batch(tiny_tokenizer))
+    assert m.ratio_mean == pytest.approx(1.0, abs=1e-6) and m.clip_fraction == 0.0
 
 def test_a_checkpoint_decoder_is_a_peft_adapter_folder(dist, cfg, tiny_path, tiny_tokenizer, tmp_path):
     """`<checkpoint>/decoder_adapter/` loads with PeftModel.from_pretrained as-is and gives the
@@ -303,7 +303,7 @@ def test_one_update_per_rollout_skips_the_old_policy_pass_with_the_same_gradient
         p.grad = None
 
     learner.policy_logprobs = counting
-    grads = _gradients_of_one_grpo_step(learner, batch)
+    grads = _gradients_of_one_update(learner, batch)
     assert calls["n"] == 1, "one forward (with grad) per update, no old-policy pass"
     assert set(grads) == set(reference) and reference
     for name, g in reference.items():
@@ -365,7 +365,7 @@ def test_micro_batched_gradients_equal_the_one_pass_gradient(dist, tiny_path, ti
 
     block.forward = counting
 
-    grpo = {name: _gradients_of(l, lambda l=l: l.grpo_step(batch)) for name, l in learners.items()}
+    grpo = {name: _gradients_of(l, lambda l=l: l.update_shard(batch)) for name, l in learners.items()}
     assert calls["n"] == 2 * len(batch), "checkpointing recomputes each micro-batch's blocks in the backward pass"
     examples = _examples(tiny_tokenizer)
     sft = {name: _gradients_of(l, lambda l=l: l.sft_micro_step(examples)) for name, l in learners.items()}
@@ -391,7 +391,7 @@ def _rank_update(rank: int, port: int, model_path: str, out_dir: str, micro: int
     learner = DecoderLearner(model_path, _memory_cfg(stage=2, micro_batch_tokens=micro), 1, 1.0, total_steps=4, stage="grpo")
     _random_lora_b(learner)
     batch = _uneven_batch(load_tokenizer(model_path))
-    learner.grpo_step(batch.select(shard_indices(len(batch), 2)[rank]))
+    learner.update_shard(batch.select(shard_indices(len(batch), 2)[rank]))
     torch.save(learner.adapter(), f"{out_dir}/rank{rank}.pt")
     td.destroy_process_group()
 
@@ -409,7 +409,7 @@ def test_zero2_ranks_needing_different_micro_batch_counts_agree_and_match_one_le
     torch.manual_seed(0)
     single = DecoderLearner(str(tiny_path), _memory_cfg(stage=2), 1, 1.0, total_steps=4, stage="grpo")
     _random_lora_b(single)
-    single.grpo_step(_uneven_batch(tiny_tokenizer))
+    single.update_shard(_uneven_batch(tiny_tokenizer))
     reference = single.adapter()
     ctx = mp.start_processes(_rank_update, args=(free_port(), str(tiny_path), str(tmp_path), 16), nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 240
@@ -435,8 +435,8 @@ def test_a_bf16_learner_trains_with_fp32_master_weights_and_fp32_logprobs(dist, 
     logp, mask, _ = learner.policy_logprobs(batch)
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
     before = learner.adapter()
-    m = learner.grpo_step(batch)
-    assert all(v == v for v in m.values()), m
+    m = learner.update_shard(batch)
+    assert all(v == v for v in m.metrics().values()), m  # no NaN
     assert any(not torch.equal(before[k], v) for k, v in learner.adapter().items()), "the bf16 step must move the adapter"
     assert learner.sft_micro_step(_examples(tiny_tokenizer))["loss"] > 0
 
@@ -450,7 +450,7 @@ def test_the_first_optimizer_step_without_warmup_uses_the_peak_lr(dist, tiny_pat
     learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=10, stage="grpo")
     assert learner.lr() == pytest.approx(1e-3)
     before = learner.adapter()
-    learner.grpo_step(_uneven_batch(tiny_tokenizer))
+    learner.update_shard(_uneven_batch(tiny_tokenizer))
     moved = max(float((learner.adapter()[k] - v).abs().max()) for k, v in before.items())
     assert moved == pytest.approx(1e-3, rel=0.05), "Adam's first step moves each weight by about lr"
 
@@ -469,7 +469,7 @@ def test_with_the_kl_in_the_reward_the_update_makes_no_reference_pass(dist, tiny
             return _original(*a, **k)
 
         learner.reference_logprobs = counting
-        learner.grpo_step(_uneven_batch(tiny_tokenizer))
+        learner.update_shard(_uneven_batch(tiny_tokenizer))
     assert calls == {"loss": 1, "reward": 0}
 
 
@@ -483,8 +483,8 @@ def test_supervised_mixing_adds_beta_times_the_sft_gradient(dist, tiny_path, tin
         learners[name] = DecoderLearner(str(tiny_path), _grpo_cfg(sft_mix_weight=weight), 1, 1.0, total_steps=4, stage="grpo")
         _random_lora_b(learners[name])
     batch, examples = _uneven_batch(tiny_tokenizer), _examples(tiny_tokenizer)
-    mixed = _gradients_of(learners["mixed"], lambda: learners["mixed"].grpo_step(batch, examples))
-    grpo = _gradients_of(learners["grpo"], lambda: learners["grpo"].grpo_step(batch))
+    mixed = _gradients_of(learners["mixed"], lambda: learners["mixed"].update_shard(batch, examples))
+    grpo = _gradients_of(learners["grpo"], lambda: learners["grpo"].update_shard(batch))
     sft = _gradients_of(learners["sft"], lambda: learners["sft"].sft_micro_step(examples))
     assert mixed.keys() == grpo.keys() == sft.keys() and mixed
     for k in mixed:

@@ -1,6 +1,7 @@
 """RL-loop defects (each test fails on the code before its fix): the unusable-sample penalty, the
 encoder's objective vs the reward, rank metrics, minibatch counts, metrics rows of redone steps."""
 
+import dataclasses
 import json
 
 import pytest
@@ -47,12 +48,20 @@ def test_the_encoder_regresses_in_the_reward_space(tiny_path):
         assert trainer.train_step(texts, v)["encoder_loss"] == pytest.approx(expected, abs=1e-5), space
 
 
-def test_rank_metrics_max_the_maxima():
-    from actors.learner import combine_rank_metrics
+def test_rank_stats_max_the_maxima_and_sum_the_tokens():
+    """UpdateStats.combined: tokens summed, importance_weight_max maxed, the rest averaged; a rank
+    that trained on no token reports an update that changed nothing (ratio 1, weights 1)."""
+    from cycle_oracle.learner import UpdateStats
 
-    out = combine_rank_metrics([{"importance_weight_max": 1.2, "kl": 0.1, "tokens": 10.0},
-                                {"importance_weight_max": 2.9, "kl": 0.3, "tokens": 4.0}])
-    assert out == {"importance_weight_max": 2.9, "kl": pytest.approx(0.2), "tokens": 14.0}
+    ranks = [UpdateStats.of_means({"importance_weight_max": 1.2, "kl": 0.1, "importance_logp_mismatch": 0.01}, lr=1e-3, tokens=10.0, sft_loss=None),
+             UpdateStats.of_means({"importance_weight_max": 2.9, "kl": 0.3, "importance_logp_mismatch": 0.03}, lr=1e-3, tokens=4.0, sft_loss=None)]
+    out = UpdateStats.combined(ranks)
+    assert (out.importance_weight_max, out.tokens, out.sft_loss) == (2.9, 14.0, None)
+    assert out.kl == pytest.approx(0.2) and out.logp_mismatch == pytest.approx(0.02) and out.ratio_mean == 1.0
+    assert set(out.metrics()) == {"policy_loss", "clip_fraction", "ratio_mean", "entropy", "kl", "importance_weight_mean",
+                                  "importance_weight_max", "importance_capped_fraction", "logp_mismatch", "lr"}
+    mixed = UpdateStats.combined([dataclasses.replace(r, sft_loss=v) for r, v in zip(ranks, (1.0, 3.0))])
+    assert mixed.metrics()["sft_loss"] == 2.0
 
 
 def test_minibatches_every_rank_can_fill_are_a_schema_check():
