@@ -202,8 +202,10 @@ class DecoderLearner:
     @torch.no_grad()
     def read_activations(self, contexts: Sequence[Sequence[int]], positions: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         """The frozen target's layer-L activations (adapter disabled): [B, d] for one position per
-        context, [B, P] positions -> [B, P, d]."""
-        ids, mask = pad_right(contexts, self.tokenizer.pad_token_id)
+        context, [B, P] positions -> [B, P, d]. Each context is read up to its last read position only:
+        attention is causal, so what follows it changes nothing that is read."""
+        last = [max(p) if isinstance(p, Sequence) else p for p in positions]
+        ids, mask = pad_right([list(c)[: i + 1] for c, i in zip(contexts, last)], self.tokenizer.pad_token_id)
         with self.model.disable_adapter():
             hidden = read_residual(self.model, ids, mask, self.layer)
         index = torch.tensor([list(p) if isinstance(p, Sequence) else p for p in positions], device=hidden.device)

@@ -489,3 +489,22 @@ def test_supervised_mixing_adds_beta_times_the_sft_gradient(dist, tiny_path, tin
     assert mixed.keys() == grpo.keys() == sft.keys() and mixed
     for k in mixed:
         torch.testing.assert_close(mixed[k], grpo[k] + beta * sft[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_a_context_is_read_up_to_its_last_read_position_only(dist, cfg, tiny_path, tiny_tokenizer, monkeypatch):
+    """The warmup reads each context through the frozen target only up to its last read position
+    (causal attention: the rest changes nothing read), so a LatentQA chat is not read to its end;
+    the activations equal a read of the whole context."""
+    import cycle_oracle.learner as learner_module
+    from cycle_oracle.activations import pad_right, read_residual
+
+    learner = DecoderLearner(str(tiny_path), cfg, 1, 1.0, total_steps=2)
+    ctx = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog and keeps running far into the woods.")
+    widths = []
+    monkeypatch.setattr(learner_module, "read_residual", lambda model, ids, mask, layer: widths.append(ids.shape[1]) or read_residual(model, ids, mask, layer))
+    got = learner.read_activations([ctx, ctx[:9]], [[2, 6], [3, 8]])
+    assert widths == [9] and len(ctx) > 9  # up to position 8, not the longer context's end
+    ids, mask = pad_right([ctx], tiny_tokenizer.pad_token_id)
+    with learner.model.disable_adapter(), torch.no_grad():
+        full = read_residual(learner.model, ids, mask, 1)[0]
+    torch.testing.assert_close(got, full[torch.tensor([[2, 6], [3, 8]])], rtol=1e-4, atol=1e-4)
