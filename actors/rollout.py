@@ -71,9 +71,8 @@ class RolloutActor:
         """[B, d] activations (seed b for activation b) -> B x n descriptions, tagged with the served
         weight version; the batch carries no activations (the caller holds them)."""
         embeds = self.policy.prompt_embeds(vectors)
-        requests = [SamplingRequest(embeds[i], seed, sampling.n) for i, seed in enumerate(seeds)]
-        return self.engine.sample(requests, sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                  stop_token_ids=[self.tokenizer.eos_token_id], version=self.version)
+        requests = [SamplingRequest(embeds[i], seed) for i, seed in enumerate(seeds)]
+        return self.engine.generate(requests, sampling, stop_token_ids=[self.tokenizer.eos_token_id], version=self.version)
 
     def serve(self, adapter: dict[str, torch.Tensor], version: int) -> int:
         """Serve the policy with this LoRA adapter state as weight version `version`."""

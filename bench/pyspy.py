@@ -23,7 +23,7 @@ def _category(leaf: str, stack: list[str]) -> str:
 
 
 PROFILE_FOCUS = {
-    "engine": ("LLM.generate (vllm/", "RolloutEngine.sample (", "RolloutEngine.load_merged_weights ("),
+    "engine": ("LLM.generate (vllm/", "RolloutEngine.generate (", "RolloutEngine.load_merged_weights ("),
     "hf": ("GenerationMixin.generate (transformers/",),
     "encoder": ("EncoderTrainer.score (", "EncoderTrainer.train_step ("),
     "learner": ("DecoderLearner.update_shard (", "DecoderLearner.policy_logprobs (", "DecoderLearner.reference_logprobs ("),

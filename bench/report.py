@@ -166,7 +166,7 @@ def to_markdown(r: dict) -> str:
                      f"{_f(h['tokens_per_s'], 0) if h else '-'} | {_f(p['tokens_per_s'] / h['tokens_per_s'], 2) if h else '-'} | {_load_cell(p)} |")
         if "sample_api" in base:
             s = base["sample_api"]
-            L += ["", f"Through `RolloutEngine.sample` (natural lengths, EOS allowed), B={s['B']} K={s['K']}: "
+            L += ["", f"Through `RolloutEngine.generate` (natural lengths, EOS allowed), B={s['B']} K={s['K']}: "
                       f"{s['tokens_per_s']:.0f} tokens/s, mean length {s['mean_length']:.1f} (load {_load_cell(s)})."]
         L.append("")
     if ro:

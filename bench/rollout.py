@@ -81,7 +81,7 @@ def case_engine(case: dict) -> dict:
     lora = case.get("lora")  # None | "adapter" | "merged"
     rank = cfg.decoder_lora.r
 
-    from cycle_oracle.rollout import RolloutEngine, SamplingRequest
+    from cycle_oracle.rollout import RolloutEngine, Sampling, SamplingRequest
     import vllm
     from vllm import SamplingParams
 
@@ -98,7 +98,7 @@ def case_engine(case: dict) -> dict:
                  "compilation_mode": case.get("compilation_mode", "default (CPU: dynamo trace once + inductor; LoRA engines: none)"),
                  "prefix_caching": bool(case.get("prefix_caching")), "lora": lora, "prompt_len": len(prompt.input_ids),
                  "new_tokens": case["new_tokens"], "max_num_seqs": case.get("max_num_seqs", 64),
-                 # "n": K samples as one request with n=K (what RolloutEngine.sample sends); "separate": K requests with n=1
+                 # "n": K samples as one request with n=K (what RolloutEngine.generate sends); "separate": K requests with n=1
                  "requests": "separate" if case.get("separate_requests") else "n",
                  # adapter mode as a GRPO step runs it: a weight sync (set_adapter) before every timed generate call
                  "sync_every_call": bool(case.get("sync_every_call"))}
@@ -166,13 +166,13 @@ def case_engine(case: dict) -> dict:
         points.append({"B": batch, "K": k, **rec, "generated_tokens": tokens, "equal_lengths": len(set(lengths)) == 1,
                        "tokens_per_s": tokens / dt, "samples_per_s": batch * k / dt, **f, "flops_per_s": f["flops"] / dt})
     out["points"] = points
-    if case.get("sample_api_point"):  # the project API (RolloutEngine.sample): natural lengths, EOS allowed
+    if case.get("sample_api_point"):  # the project API (RolloutEngine.generate): natural lengths, EOS allowed
         batch, k = case["sample_api_point"]
         embeds = prompt_embeds(emb, prompt, random_vectors(batch, shape.d_model, 7), norm, cfg.injection.mode)
-        reqs = [SamplingRequest(embeds[i], 100 + i, k) for i in range(batch)]
+        reqs = [SamplingRequest(embeds[i], 100 + i) for i in range(batch)]
         def once():
             t0 = time.perf_counter()
-            res = engine.sample(reqs, 1.0, 1.0, case["new_tokens"], stop_token_ids=[eos])
+            res = engine.generate(reqs, Sampling(k, 1.0, 1.0, case["new_tokens"]), stop_token_ids=[eos])
             return time.perf_counter() - t0, res.completion_lengths()
 
         rec, lengths = measure(once, 1, case.get("quiet_wait_s", 0))

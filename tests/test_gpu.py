@@ -266,7 +266,7 @@ def test_vllm_rollout_engine_on_the_device(device, qwen3_path, tokenizer):
     from cycle_oracle.decoder import build_batch, completion_logprobs
     from cycle_oracle.injection import build_decoder_prompt, decoder_inputs
     from cycle_oracle.models import load_causal_lm
-    from cycle_oracle.rollout import RolloutEngine, SamplingRequest
+    from cycle_oracle.rollout import RolloutEngine, Sampling, SamplingRequest
 
     torch.cuda.empty_cache()
     engine = RolloutEngine(str(qwen3_path), seed=0, max_model_len=256, max_num_seqs=8, dtype="bfloat16")
@@ -274,7 +274,7 @@ def test_vllm_rollout_engine_on_the_device(device, qwen3_path, tokenizer):
     prompt = build_decoder_prompt(tokenizer, LAYER, "Describe in one sentence what the text is about.")
     vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(3)) * 5
     embeds = decoder_inputs(hf.get_input_embeddings(), [prompt.input_ids] * 2, [prompt.placeholder_positions] * 2, vectors, 2.0)
-    batch = engine.sample([SamplingRequest(embeds[i], 10 + i, 2) for i in range(2)], 0.7, 1.0, 8).with_vectors(vectors)
+    batch = engine.generate([SamplingRequest(embeds[i], 10 + i) for i in range(2)], Sampling(2, 0.7, 1.0, 8)).with_vectors(vectors)
     assert len(batch) == 4 and batch.vectors.device.type == "cpu"
     worst = 0.0
     for i, ids in enumerate(batch.token_ids):

@@ -54,18 +54,18 @@ def _adapter_engine_timeline(model_path: str, folders: list[str], embeds: torch.
     sample calls of len(seeds) requests x 2 samples x 6 tokens; vLLM's adapter loads (reads of a
     PEFT folder from disk) counted after each call. Runs in a Ray worker: LLM() only inside actors or tasks."""
     from bench.rollout import count_adapter_loads
-    from cycle_oracle.rollout import RolloutEngine, SamplingRequest, configure_cpu_environment
+    from cycle_oracle.rollout import RolloutEngine, Sampling, SamplingRequest, configure_cpu_environment
 
     configure_cpu_environment(1, None, 1)
     loads = count_adapter_loads()
     engine = RolloutEngine(model_path, seed=0, max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=4)
     out = {"prefix_caching": engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching, "timeline": [], "batches": []}
-    requests = [SamplingRequest(embeds[i], seeds[i], 2) for i in range(len(seeds))]
+    requests = [SamplingRequest(embeds[i], seeds[i]) for i in range(len(seeds))]
     for version, folder in enumerate(folders, start=1):
         engine.set_adapter(folder)
         out["timeline"].append(("sync", version, loads[0]))
         for call in range(2):
-            batch = engine.sample(requests, TEMPERATURE, 1.0, 6)
+            batch = engine.generate(requests, Sampling(2, TEMPERATURE, 1.0, 6))
             out["timeline"].append(("sample", version, loads[0]))
             if call == 0:
                 out["batches"].append(batch)

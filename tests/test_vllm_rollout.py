@@ -117,7 +117,7 @@ def _serve_adapter_folder(model_path: str, folder: str, embeds: torch.Tensor, se
     configure_cpu_environment(1, None, 1)
     engine = RolloutEngine(model_path, seed=0, max_model_len=256, max_num_seqs=8, enable_lora=True, max_lora_rank=4)
     engine.set_adapter(folder)
-    return engine.sample([SamplingRequest(embeds[i], seeds[i], 2) for i in range(len(seeds))], TEMPERATURE, 1.0, 6)
+    return engine.generate([SamplingRequest(embeds[i], seeds[i]) for i in range(len(seeds))], Sampling(2, TEMPERATURE, 1.0, 6))
 
 
 def test_vllm_serves_a_checkpoint_decoder_folder_as_is(ray_local, tiny_path, tiny_tokenizer, tmp_path):
