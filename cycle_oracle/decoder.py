@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from cycle_oracle.activations import pad_right
 from cycle_oracle.grpo import token_logprobs, token_logprobs_and_entropy
 from cycle_oracle.injection import DecoderPrompt, inject
+from cycle_oracle.models import causal_lm_parts
 
 
 @dataclass
@@ -56,21 +57,11 @@ def build_batch(prompts: Sequence[DecoderPrompt], completions: Sequence[Sequence
     return DecoderBatch(ids, attn, pos, target)
 
 
-def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Embedding]:
-    """(inner transformer, lm_head, input embedding) of a HF causal LM, through PEFT/DeepSpeed wrappers."""
-    lm = model
-    while hasattr(lm, "module") and not hasattr(lm, "lm_head"):  # DeepSpeedEngine
-        lm = lm.module
-    if hasattr(lm, "get_base_model"):  # PeftModel: LoRA layers are injected in place
-        lm = lm.get_base_model()
-    return lm.model, lm.lm_head, lm.get_input_embeddings()
-
-
 def completion_hidden(model: nn.Module, batch: DecoderBatch, vectors: torch.Tensor, norm: float, mode: str = "replace") -> tuple[torch.Tensor, nn.Module]:
     """(final hidden states at the positions that predict each completion token [num_targets, d],
     in row-major order of target_mask; the LM head), on the model's device (the batch and vectors
     are moved there). Prompt positions never reach the LM head."""
-    inner, lm_head, embedding = _causal_lm_parts(model)
+    inner, lm_head, embedding = causal_lm_parts(model)
     device = embedding.weight.device
     batch = batch.to(device)
     vectors = vectors.to(device=device, dtype=embedding.weight.dtype)

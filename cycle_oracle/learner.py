@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed  # the learner is DeepSpeed: every process that imports this module trains with it
 import torch
 import torch.distributed as dist
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -86,6 +85,8 @@ def data_parallel_max(local: int, device: torch.device | str = "cpu") -> int:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> None:
+    import deepspeed  # heavy (~3 s): the driver imports this module for the actor class and never trains
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     deepspeed.init_distributed(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
@@ -162,6 +163,8 @@ class DecoderLearner:
                  reference_adapter: dict | None = None, model=None, tokenizer=None):
         """`model`/`tokenizer`: a prebuilt HF causal LM (without LoRA) and its tokenizer instead of
         loading `model_path` (the GPU memory probe builds a random-initialised 8B-shaped one)."""
+        import deepspeed  # heavy (~3 s): the driver imports this module for the actor class and never trains
+
         if stage == "warmup":
             optim, grad_accum = cfg.decoder_optim, None
         elif stage == "grpo":

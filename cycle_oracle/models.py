@@ -21,6 +21,7 @@ output, which HF reports after the final norm; we never read it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -31,7 +32,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cycle_oracle.errors import LayerError, UserError
 
@@ -82,8 +88,6 @@ def smollm2_gguf_path() -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tok.chat_template or "im_start" not in tok.chat_template:
@@ -102,8 +106,6 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def _build_tiny_random_llama(out: Path, seed: int = 0) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -158,8 +160,6 @@ def resolve_model_path(name: str, weights: bool = True) -> Path:
 @functools.lru_cache(maxsize=None)
 def _hub_snapshot(name: str, weights: bool) -> Path:
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # offline, gated, missing
@@ -173,8 +173,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -191,8 +189,6 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True, tokeniz
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     model.eval()
     return model
@@ -204,8 +200,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 def safetensors_weight_map(path: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file of a HF model folder holding it (sharded folders through
     their index json, otherwise every *.safetensors file's header). Empty if the folder has none."""
-    from safetensors import safe_open
-
     path = Path(path)
     index = path / WEIGHTS_INDEX
     if index.is_file():
@@ -220,8 +214,6 @@ def safetensors_weight_map(path: str | Path) -> dict[str, Path]:
 def input_embedding_name(path: str | Path) -> str:
     """The parameter name of a model's input embedding table (e.g. `model.embed_tokens.weight`), found
     the way HF finds it (`get_input_embeddings`) on the model built on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     weight = model.get_input_embeddings().weight
@@ -253,8 +245,6 @@ def load_input_embedding(path: str | Path, dtype: str = "float32") -> nn.Embeddi
     from its safetensors file(s) by name without loading the other weights: what a rollout actor
     needs to build prompt embeddings when vLLM serves the adapter (`weight_sync: adapter`). The same
     values as `load_causal_lm(path, dtype).get_input_embeddings()`."""
-    from safetensors import safe_open
-
     name = input_embedding_name(path)
     files = safetensors_weight_map(path)
     if not files:  # e.g. a pytorch_model.bin folder: no way to read one tensor, load the model once
@@ -300,8 +290,6 @@ def resolve_layer(layer: float | int, n_layers: int) -> int:
 
 
 def lora_config(settings, task_type: str | None = "CAUSAL_LM"):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -314,8 +302,6 @@ def lora_config(settings, task_type: str | None = "CAUSAL_LM"):
 
 def attach_lora(model: nn.Module, settings, task_type: str | None = "CAUSAL_LM"):
     """Wrap `model` in a PEFT LoRA; only the LoRA weights are trainable afterwards."""
-    from peft import get_peft_model
-
     return get_peft_model(model, lora_config(settings, task_type))
 
 
@@ -347,8 +333,6 @@ def d_model(model_or_config) -> int:
 def merged_lora_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """HF-named full weights W + (alpha/r) B A for every LoRA-wrapped linear (what a LoRA-free
     engine needs to serve the adapted model). Other weights are unchanged by LoRA."""
-    from peft.tuners.lora import LoraLayer
-
     merged = {}
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -362,8 +346,6 @@ def merged_lora_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors only (PEFT naming), detached on CPU: what travels at a weight sync."""
-    from peft import get_peft_model_state_dict
-
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
@@ -399,9 +381,25 @@ def check_adapter_fits(state: dict[str, torch.Tensor], weight_names, embedding_n
 
 
 def load_adapter_state(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ValueError(f"adapter state has keys the model does not: {unexpected[:3]}")
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Embedding]:
+    """(inner transformer, lm_head, input embedding) of a HF causal LM, through PEFT and DeepSpeed
+    wrappers: the inner model's last_hidden_state (final norm applied) is what the lm_head reads."""
+    lm = model
+    while hasattr(lm, "module") and not hasattr(lm, "lm_head"):  # DeepSpeedEngine
+        lm = lm.module
+    if hasattr(lm, "get_base_model"):  # PeftModel: LoRA layers are injected in place
+        lm = lm.get_base_model()
+    return lm.model, lm.lm_head, lm.get_input_embeddings()
+
+
+def adapter_off(model: nn.Module):
+    """Context in which a PEFT model runs as its base model (reads of the frozen target never see LoRA)."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()

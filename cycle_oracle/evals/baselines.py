@@ -45,9 +45,9 @@ from cycle_oracle.data.generation import hf_generate_fn
 from cycle_oracle.data.taboo import check_secret_words, load_hints
 from cycle_oracle.encoder import ActivationEncoder
 from cycle_oracle.errors import UserError
-from cycle_oracle.evals.oracle import Oracle, _adapter_off, _batches, _lm_parts, checkpoint_oracle, load_checkpoint_models, make_hf_oracle
+from cycle_oracle.evals.oracle import Oracle, batch_slices, checkpoint_oracle, load_checkpoint_models, make_hf_oracle
 from cycle_oracle.injection import decoder_inputs, mean_embedding_norm, placeholder_token_id, target_norm, text_guess_message
-from cycle_oracle.models import load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
+from cycle_oracle.models import adapter_off, causal_lm_parts, load_causal_lm, load_tokenizer, num_layers, resolve_layer, resolve_model_path
 
 ORACLES: tuple[str, ...] = get_args(OracleName)
 BASELINES = ("selfie", "patchscopes", "logit_lens", "latentlens", "text_guess")
@@ -146,7 +146,7 @@ def needs_store(cfg, names: Sequence[str]) -> bool:
 def logit_lens_describe(target: nn.Module, tokenizer, top_k: int, batch_size: int = 64) -> Callable[[torch.Tensor], list[str]]:
     """describe(V [N, d]) -> the top_k tokens of lm_head(final_norm(v)) per row, space-joined
     (special tokens excluded; tokens that are only whitespace are dropped from the text)."""
-    inner, lm_head = _lm_parts(target)
+    inner, lm_head, _embedding = causal_lm_parts(target)
     final_norm = getattr(inner, "norm", None)
     if final_norm is None:
         raise OracleError(f"logit_lens needs the target's final norm (model.model.norm); {type(inner).__name__} has none")
@@ -155,7 +155,7 @@ def logit_lens_describe(target: nn.Module, tokenizer, top_k: int, batch_size: in
     @torch.no_grad()
     def describe(vectors: torch.Tensor) -> list[str]:
         out = []
-        for sl in _batches(vectors.shape[0], batch_size):
+        for sl in batch_slices(vectors.shape[0], batch_size):
             h = vectors[sl].to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
             logits = lm_head(final_norm(h)).float()
             logits[:, special] = float("-inf")
@@ -192,7 +192,7 @@ def patchscopes_describe(target: nn.Module, tokenizer, prompt: str, injection_no
     @torch.no_grad()
     def describe(vectors: torch.Tensor) -> list[str]:
         texts = []
-        for sl in _batches(vectors.shape[0], batch_size):
+        for sl in batch_slices(vectors.shape[0], batch_size):
             n = sl.stop - sl.start
             embeds = decoder_inputs(emb, [ids] * n, [positions] * n, vectors[sl].float(), injection_norm, injection_mode)
             out = target.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
@@ -234,7 +234,7 @@ class ContextBank:
         k = min(k, len(self.rows))
         rows = torch.tensor(self.rows)
         sims, idx = [], []
-        for sl in _batches(vectors.shape[0], chunk):
+        for sl in batch_slices(vectors.shape[0], chunk):
             s = F.normalize(vectors[sl].float().cpu(), dim=-1) @ self.vectors.T
             top = s.topk(k, dim=-1)
             sims.append(top.values)
@@ -272,7 +272,7 @@ def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequenc
     texts = [tokenizer.decode(w).strip() for w in windows]
     todo = [i for i, t in enumerate(texts) if t]
     generate = hf_generate_fn(model, tokenizer, batch_size)
-    with _adapter_off(model):
+    with adapter_off(model):
         replies = generate([[{"role": "user", "content": text_guess_message(texts[i], instruction)}] for i in todo], max_new_tokens) if todo else []
     out = ["" for _ in texts]
     for i, reply in zip(todo, replies):

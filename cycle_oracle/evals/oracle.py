@@ -34,7 +34,6 @@ The lead engineer's vLLM `describe` can replace the HF one: `dataclasses.replace
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,8 @@ from cycle_oracle.config import DEFAULT_DESCRIPTION_INSTRUCTION, InjectionSettin
 from cycle_oracle.encoder import ActivationEncoder, reconstruct_texts
 from cycle_oracle.evals.paraphrase import rewrite_texts
 from cycle_oracle.injection import build_decoder_prompt, decoder_inputs, description_prompt, mean_embedding_norm, target_norm
-from cycle_oracle.models import (attach_lora, load_adapter_state, load_causal_lm, load_tokenizer, num_layers, render_chat, resolve_layer,
-                                 resolve_model_path)
+from cycle_oracle.models import (adapter_off, attach_lora, causal_lm_parts, load_adapter_state, load_causal_lm, load_tokenizer, num_layers,
+                                 render_chat, resolve_layer, resolve_model_path)
 
 Vectors = torch.Tensor
 YES_TOKENS = ("Yes", " Yes")
@@ -101,21 +100,8 @@ def yes_no_score(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[
     return torch.logsumexp(logits[:, list(yes_ids)], dim=-1) - torch.logsumexp(logits[:, list(no_ids)], dim=-1)
 
 
-def _adapter_off(model: nn.Module):
-    """Context in which a PEFT model runs as its base model (target reads never see LoRA)."""
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
-
-
-def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(inner transformer, lm_head) of a HF causal LM, also through a PEFT wrapper; the inner
-    model's last_hidden_state is what the lm_head reads (final norm applied)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.model, lm.lm_head
-
-
-def _batches(n: int, size: int):
+def batch_slices(n: int, size: int):
+    """Slices of at most `size` items covering 0..n-1, in order."""
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
 
@@ -168,7 +154,7 @@ def make_hf_oracle(
     def describe(vectors: torch.Tensor) -> list[str]:
         prompt = description_prompt(tokenizer, layer, InjectionSettings(num_placeholders=num_placeholders, placeholder=placeholder), instruction)
         texts: list[str] = []
-        for sl in _batches(vectors.shape[0], batch_size):
+        for sl in batch_slices(vectors.shape[0], batch_size):
             embeds = _prompt_embeds(prompt, vectors[sl])
             out = decoder_model.generate(
                 inputs_embeds=embeds,
@@ -188,7 +174,7 @@ def make_hf_oracle(
         """Greedy answer of the decoder, v injected, to `question` (the QA route: warmup's LatentQA format)."""
         prompt = build_decoder_prompt(tokenizer, layer, question.strip(), num_placeholders, placeholder)
         texts: list[str] = []
-        for sl in _batches(vectors.shape[0], batch_size):
+        for sl in batch_slices(vectors.shape[0], batch_size):
             embeds = _prompt_embeds(prompt, vectors[sl])
             out = decoder_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                          max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(end_ids))
@@ -212,7 +198,7 @@ def make_hf_oracle(
     def ask_yes_no(vectors: torch.Tensor, question: str) -> torch.Tensor:
         prompt = build_decoder_prompt(tokenizer, layer, question.strip() + yes_no_suffix, num_placeholders, placeholder)
         scores = []
-        for sl in _batches(vectors.shape[0], batch_size):
+        for sl in batch_slices(vectors.shape[0], batch_size):
             embeds = _prompt_embeds(prompt, vectors[sl])
             logits = decoder_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), use_cache=False, logits_to_keep=1).logits
             scores.append(yes_no_score(logits[:, -1], yes_ids, no_ids))
@@ -226,9 +212,9 @@ def make_hf_oracle(
             chat = render_chat(tokenizer, [{"role": "user", "content": message}])
             seqs.append(tokenizer.encode(chat, add_special_tokens=False))
         scores = []
-        inner, lm_head = _lm_parts(judge)
-        with _adapter_off(judge):
-            for sl in _batches(len(seqs), batch_size):
+        inner, lm_head, _embedding = causal_lm_parts(judge)
+        with adapter_off(judge):
+            for sl in batch_slices(len(seqs), batch_size):
                 ids, mask = pad_right(seqs[sl], tokenizer.pad_token_id)
                 hidden = inner(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 last = mask.sum(1) - 1  # right padding: the first answer position is after the last real token
@@ -253,8 +239,8 @@ def make_hf_oracle(
             raise ValueError(f"positions={positions!r}; expected 'last' or 'mean'")
         token_lists = [_tokenize(t) for t in texts]
         rows = []
-        with _adapter_off(target_model):
-            for sl in _batches(len(token_lists), batch_size):
+        with adapter_off(target_model):
+            for sl in batch_slices(len(token_lists), batch_size):
                 chunk = token_lists[sl]
                 ids, mask = pad_right(chunk, tokenizer.pad_token_id)
                 hidden = read_residual(target_model, ids, mask, layer)
@@ -267,7 +253,7 @@ def make_hf_oracle(
     def read_tokens(text: str):
         toks = _tokenize(text)
         ids, mask = pad_right([toks], tokenizer.pad_token_id)
-        with _adapter_off(target_model):
+        with adapter_off(target_model):
             hidden = read_residual(target_model, ids, mask, layer)[0]
         readable = torch.zeros(len(toks), dtype=torch.bool)
         readable[readable_positions(toks, "all", skip_first, special)] = True
@@ -277,7 +263,7 @@ def make_hf_oracle(
         return tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def paraphrase(texts: Sequence[str], instruction: str, max_new: int) -> list[str]:
-        with _adapter_off(target_model):
+        with adapter_off(target_model):
             return rewrite_texts(target_model, tokenizer, texts, instruction, max_new, batch_size)
 
     info = {
