@@ -37,6 +37,7 @@ def _role_of(cmdline: list[str], root_pid: int, pid: int) -> str:
 
 def run_e2e(name: str, recipe: str, overrides: list[str], workdir: Path, timeout_s: float, measured_steps: tuple[int, int]) -> dict:
     """Run a recipe with the CLI, sampling RSS (psutil, whole process tree) once a second."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import psutil
 
     out_dir = workdir / name

@@ -10,6 +10,7 @@ from bench.load import measure, peak_rss_mb
 
 
 def case_encoder(case: dict) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     torch.set_num_threads(case["threads"])

@@ -68,6 +68,7 @@ _TRAINING_TEXT = [
 def small_tokenizer():
     """A byte-level BPE tokenizer (any text encodes) with a ChatML chat template, built in memory in
     well under a second: eos `<|im_end|>`, pad `<|endoftext|>`, " ?" one token (the placeholder)."""
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -84,6 +85,7 @@ def small_tokenizer():
 
 
 def qwen3_config(shape: dict, tokenizer):
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     from transformers import Qwen3Config
 
     if len(tokenizer) > shape["vocab_size"]:
@@ -93,6 +95,7 @@ def qwen3_config(shape: dict, tokenizer):
 
 def random_qwen3(config, device, dtype):
     """A random-initialised Qwen3 causal LM built directly on `device` in `dtype` (eval mode)."""
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +107,7 @@ def random_qwen3(config, device, dtype):
 def save_tiny_qwen3(folder: str | Path, seed: int = 0, shape: dict | None = None) -> Path:
     """A tiny random Qwen3 (fp32) + the small tokenizer as a HF folder that `load_causal_lm`,
     `load_tokenizer`, the encoder and the learner load by path."""
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     import torch
 
     folder = Path(folder)
@@ -124,6 +128,7 @@ def _free_port() -> int:
 def probe_batch(n: int, completion_tokens: int, d_model: int, vocab: int, seed: int = 0, temperature: float = 1.0):
     """n samples of `completion_tokens` random ids, random activations [n, d] and advantages;
     sampler log-probs -log V (a random model's typical value)."""
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     import torch
 
     from cycle_oracle.batch import RolloutBatch
@@ -150,6 +155,7 @@ def _gib(x) -> float | None:
 
 def run_probe(args) -> dict:
     """Build, set up, two GRPO steps; the JSON record (see the module docstring)."""
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     import torch
     import torch.distributed as dist
 
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # DeepSpeed picks its accelerator by what torch sees
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # imported here: main() sets CUDA_VISIBLE_DEVICES before torch loads
     from cycle_oracle.errors import UserError
 
     try:

@@ -12,12 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe_config(recipe: str, overrides: list[str]):
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.config import load_recipe
 
     return load_recipe(REPO / recipe, overrides)
 
 
 def model_info(model: str) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.models import resolve_model_path
 
     path = resolve_model_path(model)
@@ -27,6 +29,7 @@ def model_info(model: str) -> dict:
 
 def input_embedding(path: str):
     """The input embedding only (no full model load), as an nn.Embedding."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
     from safetensors import safe_open
 
@@ -38,6 +41,7 @@ def input_embedding(path: str):
 
 def case_model(case: dict):
     """The case's model (path, config, shape), its recipe with the overrides, and the read layer."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.models import resolve_layer
 
     info = model_info(case["model"])
@@ -51,6 +55,7 @@ def case_model(case: dict):
 
 def prompt_setup(case: dict):
     """Tokenizer, description prompt, injection norm and layer exactly as the GRPO recipe builds them."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.injection import description_prompt, mean_embedding_norm, target_norm
     from cycle_oracle.models import load_tokenizer
 
@@ -63,12 +68,14 @@ def prompt_setup(case: dict):
 
 
 def random_vectors(batch: int, d: int, seed: int):
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     return torch.randn(batch, d, generator=torch.Generator().manual_seed(seed)) * 10
 
 
 def prompt_embeds(emb, prompt, vectors, norm, mode):
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.injection import decoder_inputs
 
     n = vectors.shape[0]
@@ -77,6 +84,7 @@ def prompt_embeds(emb, prompt, vectors, norm, mode):
 
 def corpus_token_rows(tok, n: int, length: int) -> list[list[int]]:
     """n rows of exactly `length` token ids of natural text (the embedded corpus, cycled)."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.corpus import embedded_passages
 
     ids: list[int] = []

@@ -19,6 +19,7 @@ def piece_flops(f: dict, old_timed_alone: bool = False) -> dict:
 
 
 def case_learner(case: dict) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     torch.set_num_threads(case["threads"])

@@ -24,6 +24,7 @@ def _own_cpu_seconds(tree_root: int | None = None) -> float:
     if tree_root is None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import psutil
 
     total = 0.0

@@ -10,6 +10,7 @@ from bench.load import measure
 def matmul_flops(n: int = 2048, dtype: str = "float32", threads: int = 2, reps: int = 10, m: int | None = None, k: int | None = None,
                  quiet_wait_s: float = 0.0) -> dict:
     """Best-of-`reps` FLOP/s of one dense [m x k] @ [k x n] matmul (square n x n by default)."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     torch.set_num_threads(threads)
@@ -37,6 +38,7 @@ def matmul_flops(n: int = 2048, dtype: str = "float32", threads: int = 2, reps: 
 
 
 def machine_section(threads: int, quick: bool, d_model: int, d_ff: int, quiet_wait_s: float = 0.0) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     n = 256 if quick else 2048

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._case:
         return run_here(json.loads(args._case), Path(args._result))
     if args.minutes:
+        # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
         from bench.minutes import main as minutes_main
 
         return minutes_main([args.minutes, *(["--md", args.md] if args.md else [])])
@@ -203,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             results["e2e"][name] = run_e2e(name, e2e_recipe, ov, workdir, args.e2e_timeout, measured)
             save()
         if not args.keep_e2e:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     if "paper" in sections:
         results["paper"] = paper_section()
@@ -220,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 def merge_results(old: dict, new: dict) -> dict:
     """Sections of `new` into `old`: engine cases, e2e runs and learner variants are merged by name,
     other sections replaced; new["meta"] is kept under meta.merged_runs."""
-    import copy
-
     out = copy.deepcopy(old)
     for key, value in new.items():
         if key in ("meta", "targets", "conventions"):
@@ -293,6 +292,7 @@ def add_mfu(res: dict, peak: float | None) -> dict:
 
 
 def meta(args, shape: bf.ModelShape, sections: list[str]) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     versions = {"torch": torch.__version__, "python": platform.python_version()}

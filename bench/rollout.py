@@ -22,6 +22,7 @@ def rollout_flop_fields(shape, batch, k, prompt_len, new_tokens) -> dict:
 
 
 def _lora_model(path: str, rank: int, alpha: int, seed: int = 0):
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
     from cycle_oracle.config import LoraSettings
     from cycle_oracle.models import attach_lora, load_causal_lm
@@ -38,6 +39,7 @@ def count_adapter_loads() -> list:
     """Count vLLM's worker-side adapter loads from here on (each `WorkerLoRAManager._load_adapter` call
     reads a PEFT folder from disk and builds the LoRA tensors) -> [count, seconds spent in them].
     Call it in the process that runs the engine core (in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     count = [0, 0.0]
@@ -67,6 +69,7 @@ def mapped_libraries(paths, maps: str | None = None) -> dict[str, bool]:
 
 
 def case_engine(case: dict) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     from cycle_oracle.rollout import configure_cpu_environment
 
     threads = case["threads"]
@@ -186,6 +189,7 @@ def case_engine(case: dict) -> dict:
 
 
 def case_hf(case: dict) -> dict:
+    # imported here: cases run in their own subprocess (bench/case.py); the parent loads no model library
     import torch
 
     torch.set_num_threads(case["threads"])
