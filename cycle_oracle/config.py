@@ -355,6 +355,12 @@ class WarmupSettings(Strict):
     positions cost nothing."""
     description_items_per_document: int = Field(1, ge=1)
     """Description positions per corpus document (each a target-written sentence unless `description_sentence` is False)."""
+    description_quote_style: Literal["it_reads", "bare"] = "it_reads"
+    """How a description target writes its quote: `It reads: "<last N tokens>".` (it_reads), or the last N
+    tokens as they are (bare: the description is text of the kind the read token stood in, ending at it)."""
+    generation_engine: Literal["hf", "vllm"] = "hf"
+    """What writes the target-generated warmup data (completions, corpus, description targets):
+    HF `generate`, or a vLLM engine (about twice as fast on the CPU; cached separately, see DATA.md)."""
 
     @model_validator(mode="after")
     def _quote_without_sentence(self):
@@ -362,9 +368,6 @@ class WarmupSettings(Strict):
             raise ValueError("warmup.description_sentence=false makes the description target the quote alone: "
                              f"set warmup.description_quote_tokens >= 1 (got {self.description_quote_tokens})")
         return self
-    generation_engine: Literal["hf", "vllm"] = "hf"
-    """What writes the target-generated warmup data (completions, corpus, description targets):
-    HF `generate`, or a vLLM engine (about twice as fast on the CPU; cached separately, see DATA.md)."""
 
 
 class GrpoSettings(Strict):

@@ -66,3 +66,16 @@ def test_recipe_refuses_a_sentence_free_description_without_a_quote():
     assert cfg.warmup.description_sentence is False
     with pytest.raises(ConfigError, match="description_quote_tokens >= 1"):
         load_recipe("recipes/warmup_then_grpo.yaml", ["warmup.description_sentence=false", "warmup.description_quote_tokens=0"])
+
+
+def test_bare_quote_style_is_the_tail_itself(tiny_tokenizer):
+    from cycle_oracle.data.description import build_description_items, quote_text
+
+    items, _ = build_description_items(DOCS, tiny_tokenizer, NoGenerate(), "Describe this.", seed=0, items_per_document=3,
+                                       progress=False, quote_tokens=2, sentence=False, quote_style="bare")
+    for it in items:
+        p = it.read_positions[0]
+        assert it.answer == " ".join(tiny_tokenizer.decode(list(it.context_ids[p - 1 : p + 1])).split())
+    assert quote_text(" a  b ", "it_reads") == 'It reads: "a b".'
+    with pytest.raises(ValueError, match="quote style"):
+        quote_text("a", "italic")

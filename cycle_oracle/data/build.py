@@ -130,7 +130,7 @@ def build_warmup_data(
                 docs, tokenizer, generate_fn, description_instruction, seed, settings.description_items_per_document,
                 max_tokens=max_context_tokens, max_new_tokens=description_tokens, model_id=model_id,
                 cache_dir=cache_dir, progress=progress, quote_tokens=settings.description_quote_tokens,
-                sentence=settings.description_sentence,
+                sentence=settings.description_sentence, quote_style=settings.description_quote_style,
             )
             train["description"], heldout["description"] = split_by_source(items, heldout_fraction, seed, held)
             report["description"] = {**info, "seconds": round(time.time() - t0, 1)}

@@ -72,11 +72,23 @@ def clean_description(text: str, max_chars: int = 300, strip_lead_in: bool = Tru
     return first if any(c.isalpha() for c in first) else ""
 
 
-def quoted_tail(tokenizer, ids: Sequence[int], p: int, n: int, special: set[int]) -> str:
-    """`It reads: "<the last n content tokens up to and including p>".` (whitespace collapsed)."""
+QUOTE_STYLES = ("it_reads", "bare")
+
+
+def quote_text(tail: str, style: str = "it_reads") -> str:
+    """A quote of `tail` in a description's quote style: `It reads: "<tail>".` or the bare tail."""
+    tail = " ".join(tail.split())
+    if style == "it_reads":
+        return f'It reads: "{tail}".'
+    if style == "bare":
+        return tail
+    raise ValueError(f"quote style {style!r}; expected one of {QUOTE_STYLES}")
+
+
+def quoted_tail(tokenizer, ids: Sequence[int], p: int, n: int, special: set[int], style: str = "it_reads") -> str:
+    """The last n content tokens up to and including p, quoted in `style` (`quote_text`), whitespace collapsed."""
     lo = content_span(ids, special)[0]
-    tail = " ".join(tokenizer.decode(ids[max(lo, p - n + 1) : p + 1]).split())
-    return f'It reads: "{tail}".'
+    return quote_text(tokenizer.decode(ids[max(lo, p - n + 1) : p + 1]), style)
 
 
 _QUOTED = re.compile(r'^\s*It reads: "(.*?)"\.\s*(.*)$', re.S)
@@ -136,6 +148,7 @@ def build_description_items(
     strip_lead_in: bool = True,
     quote_tokens: int = 0,
     sentence: bool = True,
+    quote_style: str = "it_reads",
 ) -> tuple[list[WarmupItem], dict]:
     """`description` items: question = `instruction`, answer = the target's one-sentence description
     of the window [p - window, p] (with `quote_tokens` > 0, after `quoted_tail`);
@@ -148,7 +161,8 @@ def build_description_items(
     if not sentence:
         if quote_tokens < 1:
             raise ValueError(f"a description without its sentence is the quote alone: it needs quote_tokens >= 1, got {quote_tokens}")
-        items = [WarmupItem("description", doc.group, tuple(ids[: p + 1]), (p,), instruction, quoted_tail(tokenizer, ids, p, quote_tokens, special))
+        items = [WarmupItem("description", doc.group, tuple(ids[: p + 1]), (p,), instruction,
+                             quoted_tail(tokenizer, ids, p, quote_tokens, special, quote_style))
                  for doc, ids, p in chosen]
         return items, {"positions": len(chosen), "items": len(items), "generated": 0, "sentence": False, "seconds": 0.0}
     windows = []
@@ -195,7 +209,7 @@ def build_description_items(
             continue
         lead_ins += bool(_LEAD_IN.match(" ".join(row["raw"].split())))
         if quote_tokens:
-            answer = f"{quoted_tail(tokenizer, ids, p, quote_tokens, special)} {answer}"
+            answer = f"{quoted_tail(tokenizer, ids, p, quote_tokens, special, quote_style)} {answer}"
         items.append(WarmupItem("description", doc.group, tuple(ids[: p + 1]), (p,), instruction, answer))
     if empty:
         log.info("description: %d unusable description(s) skipped (empty or cut off)", empty)
