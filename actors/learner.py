@@ -33,9 +33,10 @@ class LearnerActor(DecoderLearner):
         cfg = RecipeConfig.model_validate(config)
         torch.set_num_threads(cfg.resources.learner.threads)
         torch.manual_seed(cfg.seed)
+        model_path = str(resolve_model_path(model_path))  # on this node; before the process group (transformers saves on rank 0 only)
         init_distributed(rank, world_size, master_addr, master_port)
         self.rank = rank
-        super().__init__(str(resolve_model_path(model_path)), cfg, layer, injection_norm, total_steps, stage, reference_adapter)  # on this node
+        super().__init__(model_path, cfg, layer, injection_norm, total_steps, stage, reference_adapter)
 
     def ready(self) -> int:
         return self.rank

@@ -64,6 +64,8 @@ def _atomic_folder(final: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         build(tmp)
+        if not (tmp / "config.json").is_file():  # e.g. transformers skips the save on a torch.distributed rank > 0
+            raise RuntimeError(f"building {final.name} wrote no config.json into {tmp} (is torch.distributed initialised on a rank > 0?)")
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race: keep theirs

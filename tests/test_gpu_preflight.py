@@ -143,6 +143,18 @@ def test_a_local_model_folder_missing_on_a_node_is_named_with_the_node(tmp_path)
     assert str(missing) in str(err.value) and f"node {socket.gethostname()}" in str(err.value)
 
 
+
+def test_a_model_build_that_writes_no_config_is_not_cached(tmp_path):
+    """A role that builds an embedded model after joining a process group as rank > 0 gets nothing
+    written (transformers saves on rank 0 only): the half-built folder must never become the cache
+    entry every later role on that node would load (the learner now resolves before it joins)."""
+    from cycle_oracle.models import _atomic_folder
+
+    final = tmp_path / "models" / "tiny-random-llama"
+    with pytest.raises(RuntimeError, match="wrote no config.json"):
+        _atomic_folder(final, lambda out: (out / "tokenizer.json").write_text("{}"))
+    assert not final.exists() and not list(final.parent.iterdir())
+
 def test_roles_are_given_the_recipes_model_spec(tmp_path, monkeypatch, tiny_path):
     """What the driver hands to the roles: an embedded name or a hub id as the recipe names it (each
     role resolves it on its own node); a local folder as an absolute path."""
