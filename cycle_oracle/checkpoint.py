@@ -229,7 +229,7 @@ class TrainedCheckpoint:
         cfg_path = self.run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise CheckpointError(f"cannot find the recipe of checkpoint {self.path}: {cfg_path} is missing")
-        cfg = validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path))
+        cfg = validate_recipe(yaml.safe_load(cfg_path.read_text()) or {}, str(cfg_path), stored=True)
         if cfg.model.dtype == "auto" and self.record.dtype:  # the dtype the run resolved `auto` to
             cfg.model.dtype = self.record.dtype
         return cfg

@@ -796,9 +796,27 @@ def moved_keys(raw: dict) -> list[str]:
             + [f"  key '{old}' is gone ({why}): delete it" for old, why in REMOVED_KEYS.items() if _has_key(raw, old)])
 
 
-def validate_recipe(raw: dict, source: str = "<dict>") -> RecipeConfig:
+def without_removed_keys(raw: dict) -> dict:
+    """A copy of `raw` without the keys REMOVED_KEYS names (they changed nothing when they existed)."""
+    out = copy.deepcopy(raw)
+    for dotted in REMOVED_KEYS:
+        if _has_key(out, dotted):
+            node = out
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            del node[leaf]
+    return out
+
+
+def validate_recipe(raw: dict, source: str = "<dict>", stored: bool = False) -> RecipeConfig:
+    """A recipe mapping -> RecipeConfig, or one ConfigError naming every bad key. `stored`: the
+    config.yaml a run wrote (an older version may have written keys that are gone since: they are
+    dropped, as they changed nothing; a user's recipe that has one fails, saying so)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {source} must be a mapping at the top level, got {type(raw).__name__}")
+    if stored:
+        raw = without_removed_keys(raw)
     if moved := moved_keys(raw):
         raise ConfigError("\n".join([f"invalid recipe {source} (written for an older cycle-oracle):", *moved]))
     try:

@@ -124,6 +124,24 @@ def test_old_recipe_keys_fail_naming_the_new_key(tmp_path):
         validate_recipe({"kind": "grpo", "logging": {"log_every": 5}})
 
 
+def test_a_run_written_before_a_key_was_removed_still_loads(tmp_path):
+    """A run's own config.yaml is not a user's recipe: one an older version wrote with a key that is
+    gone since (it changed nothing) still loads as its checkpoint's recipe; the other keys are kept."""
+    import yaml
+
+    from cycle_oracle.config import dump_recipe
+    from recipes.common import record
+
+    writer = _run(tmp_path / "g", seed=7)
+    raw = yaml.safe_load(dump_recipe(writer.cfg))
+    raw["logging"]["log_every"] = 5  # what runs before the removal wrote
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.yaml").write_text(yaml.safe_dump(raw))
+    save_checkpoint(tmp_path / "g", record(writer, "grpo", 2, 3.5, 3, 1), {"decoder_adapter": {"w": torch.ones(2)}})
+    cfg = load_trained(tmp_path / "g").config()
+    assert cfg.seed == 7 and cfg.model == writer.cfg.model
+
+
 def test_a_nucleus_the_learner_cannot_score_is_refused():
     """The learner's log-probs are of the whole distribution: top-p < 1 would bias the importance
     ratio silently, so the schema refuses it (1.0, the default, passes)."""
