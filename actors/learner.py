@@ -146,8 +146,10 @@ class LearnerGroup:
         self._all([a.load_state.remote(files) for a in self.actors], "learner resume")
 
     def shutdown(self) -> None:
+        """Stop every rank (again: nothing; GRPO's final evals stop them early to free their bundle)."""
+        actors, self.actors = self.actors, []
         try:
-            remote_get([a.shutdown.remote() for a in self.actors], 60, "learner shutdown")
+            remote_get([a.shutdown.remote() for a in actors], 60, "learner shutdown")
         finally:
-            for a in self.actors:
+            for a in actors:
                 ray.kill(a, no_restart=True)

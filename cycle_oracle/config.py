@@ -589,6 +589,13 @@ class EvalSettings(Strict):
     text_guess_quote_tokens: int | None = Field(None, ge=0)
     """text_guess: start its description with the quote of the window's last N tokens, the decoder's
     quote format; None = the checkpoint's `warmup.description_quote_tokens` (0 without a checkpoint)."""
+    final_baselines: list[Literal["patchscopes", "logit_lens", "text_guess"]] = ["patchscopes", "logit_lens", "text_guess"]
+    """GRPO's final evals also describe the pool with these training-free oracles (the untrained target
+    through Patchscopes' identity prompt, the logit lens, the target guessing from the source text
+    alone) and grade them beside the decoders: the verdict names the best of them under each grader."""
+    final_format_controls: bool = True
+    """GRPO's final evals also grade the true content (the read token; the decoder's quote window) written
+    bare and in the decoder's format: how much of a ranking is the text's format, not what it says."""
     truncation_tokens: list[int] = [4, 8, 16, 32]
     """Retrieval also scores each description cut to its first n tokens, for each n (a curve per
     oracle, ending at the whole description); [] = off."""

@@ -35,6 +35,8 @@ from cycle_oracle.data.build import build_warmup_data
 from cycle_oracle.data.generation import hf_generate_fn, vllm_generate_fn
 from cycle_oracle.data.read_positions import read_positions
 from cycle_oracle.devices import AUTO, check_dtype, choose_dtype, dtype_probe, role_device
+from cycle_oracle.evals.baselines import training_free_descriptions
+from cycle_oracle.evals.final import format_control_texts, pool_rows
 from cycle_oracle.files import atomic_write_text
 from cycle_oracle.injection import mean_embedding_norm, target_norm
 from cycle_oracle.metrics import MetricsLogger
@@ -175,6 +177,42 @@ def _extract(model: str, config: dict, layer: int, documents: list, threads: int
     e = cfg.extraction
     batches = list(extract(target, tok, documents, layer, e.positions, e.skip_first, e.skip_special, e.batch_size, cfg.model.max_context_tokens, progress=True))
     return batches, mean_embedding_norm(target.get_input_embeddings())
+
+
+@ray.remote(max_calls=1)  # the worker exits afterwards: the target model's (GPU) memory is not kept
+def baselines_task(model: str, config: dict, layer: int, norm: float, vectors: torch.Tensor, token_lists: list[list[int]],
+                   names: list[str], threads: int, log_file: str | None = None) -> dict[str, list[str]]:
+    """The training-free oracles' texts for GRPO's final pool (`evals.baselines.training_free_descriptions`:
+    the frozen target, resolved on this node, reading vectors [N, d] or the items' source tokens)
+    -> {name: N texts}. Runs on the first (learner) bundle once the learners are gone."""
+    with output_to(log_file):
+        cfg = RecipeConfig.model_validate(config)
+        model_path = resolve_model_path(model)  # on this task's node
+        torch.set_num_threads(threads)
+        device = role_device(cfg.resources.learner.num_gpus)
+        tok = load_tokenizer(model_path)
+        target = load_causal_lm(model_path, cfg.model.dtype).to(device).eval()
+        w = cfg.warmup
+        return training_free_descriptions(names, target, tok, vectors.to(device), token_lists, cfg.eval, norm, cfg.injection.mode,
+                                          cfg.description_instruction, cfg.sampling.max_new_tokens, w.description_quote_tokens,
+                                          w.description_quote_style)
+
+
+def written_oracles(ctx: RunContext, store, tokenizer, norm: float) -> dict[str, list[str]]:
+    """GRPO's final pool (`evals/final.pool_rows`) described by the training-free baselines
+    (`eval.final_baselines`: `baselines_task` on the first bundle, which the caller has freed) and
+    written as the format controls (`eval.final_format_controls`), in pool order."""
+    cfg = ctx.cfg
+    rows, written = pool_rows(store, cfg), {}
+    if cfg.eval.final_baselines:
+        options, threads = ctx.placement.task_options()
+        token_lists = [store.context_window(i, before=cfg.eval.text_guess_window_tokens) for i in rows]
+        written.update(remote_get(baselines_task.options(**options).remote(
+            ctx.model_spec, cfg.model_dump(mode="json"), ctx.layer, norm, store.activations[rows], token_lists, list(cfg.eval.final_baselines),
+            threads, ctx.log_file("baselines")), cfg.ray.setup_timeout_s, "the training-free baselines"))
+    if cfg.eval.final_format_controls:
+        written.update(format_control_texts(store, rows, tokenizer, cfg.warmup.description_quote_tokens, cfg.warmup.description_quote_style))
+    return written
 
 
 def extract_store(ctx: RunContext, documents, subdir: str = "activations"):

@@ -7,8 +7,9 @@
             co-train encoder -> advantages -> learn (GRPO) -> sync weights (+ verify) -> log ->
             checkpoint (`grpo.max_minutes` may end it early)
     end:    every decoder under every grader on held-out documents (cycle_oracle/evals/final.py:
-            the GRPO decoder and, with init_from, the starting one, under the final, text and frozen
-            starting encoders), results.json, report.md
+            the GRPO decoder and, with init_from, the starting one, beside the training-free
+            baselines and the format controls, under the final, text and frozen starting encoders,
+            with a verdict per encoder), results.json, report.md
 
 With `grpo.overlap_rollout`, step s+1's rollout runs while the learner trains on step s (one
 step off-policy; the learner's truncated importance weights correct for it).
@@ -43,7 +44,7 @@ from cycle_oracle.rollout import Sampling, request_seed
 from cycle_oracle.stats import text_diversity
 from cycle_oracle.weight_sync import SYNC_PROBE
 from recipes.common import (RunContext, centre_latentqa, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm,
-                            load_resume, load_start, record, start_run, warmup_training_items)
+                            load_resume, load_start, record, start_run, warmup_training_items, written_oracles)
 from recipes.report import write_closing_report
 
 ROLE_GONE = ACTOR_GONE
@@ -133,7 +134,7 @@ def run(cfg, out, resume: bool = False, on_step_end=None, on_stage=None) -> dict
 
     results = {"kind": "grpo", "layer": ctx.layer, "injection_norm": norm, "steps": last, "steps_planned": g.steps,
                "weight_version": roles.rollouts.version, "role_restarts": restarts}
-    results.update(end_evals(roles, start_ckpt, stage))
+    results.update(end_evals(roles, start_ckpt, norm, stage))
     results["summary"] = final_summary(results)
     ctx.write_results("results.json", results)
     write_closing_report(ctx.out, results)
@@ -259,10 +260,11 @@ def save_grpo_checkpoint(roles: Roles, step: int) -> None:
                     adapter_configs=checkpoint_adapter_configs(roles.ctx))
 
 
-def end_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None, stage) -> dict:
+def end_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None, norm: float, stage) -> dict:
     """The final evals (cycle_oracle/evals/final.py): the GRPO decoder and, from a checkpoint, the
     starting one, served by the rollout group, under the final encoder, with `eval.text_encoder_steps`
-    a text encoder trained here on source windows only, and the starting checkpoint's encoder, frozen."""
+    a text encoder trained here on source windows only, and the starting checkpoint's encoder, frozen;
+    beside them the training-free baselines and the format controls (`written_oracles`)."""
     cfg, ctx = roles.ctx.cfg, roles.ctx
     graders = EncoderGraders(roles.encoder, cfg.ray.get_timeout_s)
     graders.add("final_encoder")  # the co-trained encoder the actor holds now
@@ -279,5 +281,11 @@ def end_evals(roles: Roles, start_ckpt: TrainedCheckpoint | None, stage) -> dict
     oracles = {"grpo_decoder": roles.rollouts.describer()}
     if start_ckpt is not None:
         oracles["warmup_decoder"] = roles.rollouts.describer(start_ckpt.tensors["decoder_adapter"])
+    if cfg.eval.final_baselines:
+        roles.learners.shutdown()  # their work is done: the baselines' task takes the first bundle
+    written = written_oracles(ctx, roles.store, roles.tokenizer, norm)
+    stage("grpo/final_eval/baselines_written", oracles=len(written))
     return final_evals(oracles, graders.graders(), roles.store, cfg, roles.tokenizer.decode, notes,
-                       on_pair=lambda oracle, grader, result: stage(f"grpo/final_eval/{grader}_{oracle}", items=result["n"]))
+                       on_pair=lambda oracle, grader, result: stage(f"grpo/final_eval/{grader}_{oracle}", items=result["n"]),
+                       written=written, baselines=cfg.eval.final_baselines)
+

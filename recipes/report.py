@@ -19,6 +19,9 @@ checkpoint, no controls, no examples) is left out with a note. Sections:
 - the paired GRPO-minus-warmup difference per item with its 95% bootstrap interval: centred and
   raw cosine as `results.json` holds them (`grpo_minus_warmup`), and top-1 computed here from the
   per-item ranks (`cycle_oracle.stats.paired_difference`, the same bootstrap);
+- every oracle under every grader, top-1 and FVE with their intervals: the decoders beside the
+  training-free baselines (Patchscopes, the logit lens, the text-only guess) and the format
+  controls (the true read token and quote window written bare and in the decoder's format);
 - the warmup's held-out gaps (does the decoder read the activation?): per task the answer NLL with
   the real, another source's (shuffled) and a zero activation, the gap shuffled - real with its
   interval and item count, and LatentQA's ranking of the true answer (top-1 real vs shuffled);
@@ -27,7 +30,10 @@ checkpoint, no controls, no examples) is left out with a note. Sections:
   their source text, with the warmup decoder's description of the same activation;
 - the viewer page, when the job wrote one.
 
-The verdict's rules: top-1 is "above chance" only when its Wilson interval's lower end exceeds 1/N;
+The verdict leads with the trained decoder against the best training-free baseline under each grader
+that never saw GRPO output (frozen starting encoder, text encoder; `evals/verdict.py`: a win needs both
+paired intervals, top-1 and FVE, above 0, and a baseline that wins on either is named first). Then:
+top-1 is "above chance" only when its Wilson interval's lower end exceeds 1/N;
 the GRPO decoder is "better" ("worse") than the warmup decoder only when the interval of the paired
 centred-cosine difference (the measure training optimises; the top-1 difference is in the table)
 lies above (below) 0; everything else says it cannot tell.
@@ -136,7 +142,7 @@ class ClosingReport:
         return "\n".join(lines).rstrip() + "\n"
 
     def renderable(self, compact: bool = False) -> Group:
-        """Everything (as report.md has it), or `compact`: the verdict and the first (retrieval)
+        """Everything (as report.md has it), or `compact`: the verdict and the first table (every oracle)
         table only, for the end of a job's terminal output."""
         parts: list = [Text("Verdict: ", style="bold") + Text(self.verdict)]
         parts += [Text(h, style="dim") for h in self.header]
@@ -392,6 +398,39 @@ def examples_section(grpo: dict, k: int = 5) -> Section | None:
     return s
 
 
+ORACLE_LABELS = {"grpo_decoder": "GRPO decoder", "warmup_decoder": "warmup decoder", "patchscopes": "Patchscopes (untrained target)",
+                 "logit_lens": "logit lens (untrained)", "text_guess": "text-only guess (no activation)",
+                 "true_token_bare": "true read token, bare", "true_window_bare": "true quote window, bare",
+                 "true_token_decoder_format": "true read token, decoder's format", "true_window_decoder_format": "true quote window, decoder's format"}
+GRADER_ORDER = (("frozen_start_encoder", "frozen"), ("text_encoder", "text"), ("final_encoder", "final"))
+
+
+def oracles_section(grpo: dict) -> Section | None:
+    """Every oracle's top-1 and FVE under each grader (results.json's `headlines`)."""
+    headlines = grpo.get("headlines") or {}
+    if not headlines:
+        return None
+    s = Section("Trained decoders beside training-free oracles and format controls: top-1 and FVE on the same items",
+                ["oracle", "top-1 [95% CI]", "FVE [95% CI]"])
+    for grader, key in GRADER_ORDER:
+        if grader not in headlines:
+            continue
+        s.group(f"under {ENCODER_WORDS[key]}")
+        for name, h in headlines[grader].items():
+            s.rows.append([ORACLE_LABELS.get(name, name), f"{_f(h['top1'])} {_ci(*h['top1_ci'])}", f"{_f(h['fve'], signed=True)} {_ci(*h['fve_ci'], signed=True)}"])
+    s.notes.append("FVE = 1 - sum(1 - cos(v_hat, v)) / sum(1 - cos(mean, v)): 0 is predicting the corpus mean. Training-free: "
+                   "Patchscopes and the logit lens read v through the untrained target; the text-only guess reads the source text "
+                   "and no activation. Format controls hold the true content (the read token; the decoder's quote window) in each "
+                   "format: a gap between them is the grader's taste for a format, not content.")
+    return s
+
+
+def baseline_verdicts(grpo: dict) -> list[str]:
+    """The trained decoder against the best training-free baseline, one line per independent grader."""
+    verdicts = grpo.get("verdicts") or {}
+    return [verdicts[g]["line"] for g, _ in GRADER_ORDER[:2] if g in verdicts and verdicts[g].get("best_baseline")]
+
+
 # ---- the verdict --------------------------------------------------------------------------
 
 def verdict(grpo: dict | None) -> str:
@@ -427,7 +466,8 @@ def verdict(grpo: dict | None) -> str:
     if gain_only_under_own_encoder(grpo):
         head += ("; FLAG: GRPO's gain over the warmup decoder shows only under its own co-trained encoder, "
                  "under no independent one")
-    return head
+    against = baseline_verdicts(grpo)
+    return ". ".join([*(line[0].upper() + line[1:] for line in against), head[0].upper() + head[1:]]) if against else head
 
 
 # ---- the report ---------------------------------------------------------------------------
@@ -449,7 +489,7 @@ def closing_report(grpo: dict | None, warmup: dict | None = None, viewer: str | 
         header.append(line + ".")
     if warmup is None and (grpo.get("frozen_start_encoder") or grpo.get("retrieval_warmup_decoder")):
         header.append("Warmup held-out gaps: not in this report (the starting checkpoint's own results.json has them).")
-    sections = [retrieval_section(grpo), difference_section(grpo), warmup_section(warmup or {}), examples_section(grpo)]
+    sections = [oracles_section(grpo), retrieval_section(grpo), difference_section(grpo), warmup_section(warmup or {}), examples_section(grpo)]
     return ClosingReport(verdict(grpo), [s for s in sections if s is not None], header, viewer)
 
 

@@ -1,15 +1,17 @@
 """GRPO's final evals (`cycle_oracle/evals/final.py`) and the rules they share with `cycle-oracle eval`:
 one rule for an empty description whichever backend encodes it."""
 
+import pytest
 import torch
 
 from cycle_oracle.activations import write_store
 from cycle_oracle.config import validate_recipe
 from cycle_oracle.encoder import ActivationEncoder
 from cycle_oracle.encoder_trainer import EncoderTrainer
-from cycle_oracle.evals.final import decoder_comparison, final_evals, final_summary
+from cycle_oracle.evals.final import decoder_comparison, final_evals, final_summary, format_control_texts, pool_rows
 from cycle_oracle.evals.oracle import make_hf_oracle
 from cycle_oracle.models import load_causal_lm, load_tokenizer
+from recipes.report import closing_report
 
 
 def test_an_empty_description_is_encoded_the_same_way_by_both_oracle_backends(tiny_path):
@@ -70,7 +72,7 @@ def test_every_oracle_is_scored_under_every_grader_on_one_pool(tmp_path):
     out = final_evals(oracles, graders, store, cfg, lambda ids: " ".join(map(str, ids)), notes={"text_encoder": {"training": {"steps": 2}}},
                       on_pair=lambda oracle, grader, result: pairs.append((oracle, grader, result["n"])))
 
-    assert list(out) == ["retrieval", "text_encoder", "frozen_start_encoder", "retrieval_warmup_decoder", "grpo_minus_warmup"]
+    assert list(out) == ["retrieval", "text_encoder", "frozen_start_encoder", "retrieval_warmup_decoder", "grpo_minus_warmup", "headlines", "verdicts"]
     assert [p[:2] for p in pairs] == [(o, g) for o in oracles for g in graders] and {p[2] for p in pairs} == {out["retrieval"]["n"]}
     assert calls == {"grpo": 3 + 1, "warmup": 3}, "the pool once per grader, and the zero control once"
     assert {"shuffled", "zero", "context_only"} <= set(out["retrieval"]["conditions"])
@@ -81,3 +83,66 @@ def test_every_oracle_is_scored_under_every_grader_on_one_pool(tmp_path):
     assert out["grpo_minus_warmup"]["centred_cosine"]["mean"] > 0, "the exact oracle beats the rough one"
     summary = final_summary(out)
     assert {"frozen_encoder/grpo_minus_warmup/centred_cosine", "text_encoder/grpo_decoder/description", "pool_size"} <= set(summary)
+
+
+def _store_and_grader(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    docs = {f"d{k}": list(range(10 * k, 10 * k + 6)) for k in range(24)}
+    records = [{"doc_id": f"d{k}", "group": f"d{k}", "token_index": i, "token": f"t{i}"} for k in range(24) for i in (2, 4)]
+    store = write_store(tmp_path / "store", [(1.0 + torch.randn(len(records), 8, generator=g), records, docs)], "fake", 1)
+
+    def grader(seed: int):  # "row R" -> activation R (+ noise: more for "roughly"); anything else -> the mean
+        def encode(texts):
+            noise = torch.Generator().manual_seed(seed)
+            rows = [int(t.split()[1]) if t.startswith("row ") else -1 for t in texts]
+            return torch.stack([(store.activations[r] if r >= 0 else store.mean) + (0.8 if "roughly" in t else 0.05) * torch.randn(8, generator=noise)
+                                for r, t in zip(rows, texts)])
+        return encode
+
+    return store, grader
+
+
+def test_written_oracles_are_graded_beside_the_decoders_and_each_grader_gives_a_verdict(tmp_path):
+    """Training-free baselines written for the pool's rows (`written`, in `pool_rows` order) are graded
+    on the same items as the decoders under every grader; each grader's verdict compares the first
+    oracle with the best baseline (top-1, then FVE), and the closing report leads with those verdicts."""
+    store, grader = _store_and_grader(tmp_path)
+    cfg = validate_recipe({"kind": "grpo", "eval": {"pool_size": 40}, "split": {"heldout_fraction": 0.5}})
+    row_of = {tuple(v.tolist()): i for i, v in enumerate(store.activations)}
+    rows = pool_rows(store, cfg)
+    oracles = {"grpo_decoder": lambda vectors: [f"row {row_of.get(tuple(v.tolist()), -1)}" for v in vectors]}
+    written = {"patchscopes": [f"row {r} roughly" for r in rows], "logit_lens": ["nothing"] * len(rows)}
+    graders = {"frozen_start_encoder": grader(3), "text_encoder": grader(2)}
+    out = final_evals(oracles, graders, store, cfg, lambda ids: " ".join(map(str, ids)), written=written, baselines=["patchscopes", "logit_lens"])
+
+    assert out["retrieval"]["rows"] == rows and out["text_encoder"]["patchscopes"]["rows"] == rows, "one pool: the written texts' rows"
+    assert list(out["headlines"]["text_encoder"]) == ["grpo_decoder", "patchscopes", "logit_lens"]
+    for name in graders:
+        v = out["verdicts"][name]
+        assert v["grader"] == name and v["best_baseline"] == "patchscopes", "the rough copy beats the mean on top-1"
+        assert v["difference"]["fve"]["mean"] > 0 and v["difference"]["fve"]["ci_low"] > 0 and v["wins"] == (v["difference"]["top1"]["ci_low"] > 0)
+        assert out["headlines"][name]["logit_lens"]["fve"] == pytest.approx(0.0, abs=0.05), "(about) the mean explains nothing"
+    report = closing_report(out)
+    assert report.verdict.startswith(out["verdicts"]["frozen_start_encoder"]["line"][:1].upper() + out["verdicts"]["frozen_start_encoder"]["line"][1:])
+    assert report.sections[0].title.startswith("Trained decoders beside training-free oracles")
+    with pytest.raises(ValueError, match="patchscopes: 3 texts were written for the pool"):
+        final_evals(oracles, graders, store, cfg, lambda ids: "", written={"patchscopes": ["a", "b", "c"]}, baselines=["patchscopes"])
+
+
+class _Words:
+    """A tokenizer stand-in: token id k decodes to "w<k>" (id 0 is special)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_format_controls_hold_the_true_token_and_quote_window_in_each_format(tmp_path):
+    store, _ = _store_and_grader(tmp_path)
+    rows = [0, 5]
+    texts = format_control_texts(store, rows, _Words(), quote_tokens=3, quote_style="it_reads")
+    assert set(texts) == {"true_token_bare", "true_window_bare", "true_token_decoder_format", "true_window_decoder_format"}
+    for k, r in enumerate(rows):
+        ids = store.context_window(r, before=3)
+        assert texts["true_token_bare"][k] == f"w{ids[-1]}" and texts["true_window_bare"][k] == " ".join(f"w{i}" for i in ids if i)
+        assert texts["true_window_decoder_format"][k] == f'It reads: "{texts["true_window_bare"][k]}".'
+    assert set(format_control_texts(store, rows, _Words(), 3, "bare")) == {"true_token_bare", "true_window_bare"}, "a bare decoder format is the bare one"

@@ -228,6 +228,11 @@ def test_smoke_grpo_two_nodes_role_deaths_resume_and_eval(tmp_path, shared_data)
     frozen = results["frozen_start_encoder"]  # the unbiased comparison: the starting checkpoint's encoder
     assert frozen["grpo_decoder"]["n"] == frozen["warmup_decoder"]["n"] == results["retrieval"]["n"]
     assert frozen["grpo_decoder"]["rows"] == results["retrieval"]["rows"]
+    assert {"patchscopes", "logit_lens", "text_guess", "true_token_bare"} <= set(frozen), "baselines and format controls beside the decoders"
+    assert frozen["patchscopes"]["rows"] == results["retrieval"]["rows"] and len(frozen["text_guess"]["items"]) == results["retrieval"]["n"]
+    verdict = results["verdicts"]["frozen_start_encoder"]
+    assert verdict["trained"] == "grpo_decoder" and verdict["best_baseline"] in ("patchscopes", "logit_lens", "text_guess")
+    assert verdict["line"][1:] in (out / "report.md").read_text(), "the report's verdict leads with the baseline comparison"
     assert "frozen_encoder/grpo_minus_warmup/centred_cosine" in results["summary"]
     assert (stopped["steps"], stopped["steps_planned"]) == (3, 5), "grpo.max_minutes must stop the loop after the step that crosses it"
     again = _metrics(resumed, "grpo")

@@ -261,12 +261,13 @@ def latentlens_describe(bank: ContextBank, top_k: int, context_tokens: int, deto
 
 
 def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequence[int]], instruction: str, max_new_tokens: int,
-                      window_tokens: int = 32, quote_tokens: int = 0, batch_size: int = 16) -> list[str]:
+                      window_tokens: int = 32, quote_tokens: int = 0, batch_size: int = 16, quote_style: str = "it_reads") -> list[str]:
     """The text-only guess per item: `model` (adapter off: the target) reads the last `window_tokens`
     tokens of each token list (special tokens dropped) as text (`injection.text_guess_message`) and
     writes a greedy description under the decoder's instruction; with `quote_tokens` N > 0 it is
-    prefixed by `It reads: "<the last N tokens>".`, the quote format the decoder was warmed up on
-    (`data/description.quoted_tail`). An item without text gets the empty description."""
+    prefixed by `It reads: "<the last N tokens>".` (or the bare tokens: `quote_style`), the quote format
+    the decoder was warmed up on (`data/description.quoted_tail`). An item without text gets the empty
+    description."""
     special = set(tokenizer.all_special_ids)
     windows = [[t for t in ids if t not in special][-window_tokens:] for ids in token_lists]
     texts = [tokenizer.decode(w).strip() for w in windows]
@@ -276,7 +277,7 @@ def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequenc
         replies = generate([[{"role": "user", "content": text_guess_message(texts[i], instruction)}] for i in todo], max_new_tokens) if todo else []
     out = ["" for _ in texts]
     for i, reply in zip(todo, replies):
-        quote = quoted_tail(tokenizer, windows[i], len(windows[i]) - 1, quote_tokens, special) + " " if quote_tokens else ""
+        quote = quoted_tail(tokenizer, windows[i], len(windows[i]) - 1, quote_tokens, special, quote_style) + " " if quote_tokens else ""
         out[i] = (quote + " ".join(reply.split())).strip()
     return out
 
@@ -292,14 +293,27 @@ def text_guess_describe(model: nn.Module, tokenizer, instruction: str, max_new_t
     return describe_text
 
 
-def text_guess_descriptions(model: nn.Module, tokenizer, store, rows: Sequence[int], instruction: str, max_new_tokens: int,
-                            window_tokens: int = 32, quote_tokens: int = 0, batch_size: int = 16) -> list[str]:
-    """The text-only guess for ActivationStore rows (their source windows read from the store): the
-    same control `cycle-oracle eval --oracle text_guess` runs, for callers that hold store rows
-    (GRPO's final evals). Grade the result like the decoder's descriptions; the paired difference
-    decoder - guess is what the activation added to the text."""
-    return guess_from_tokens(model, tokenizer, [store.context_window(i, before=window_tokens) for i in rows], instruction,
-                             max_new_tokens, window_tokens, quote_tokens, batch_size)
+def training_free_descriptions(names: Sequence[str], target: nn.Module, tokenizer, vectors: torch.Tensor,
+                               token_lists: Sequence[Sequence[int]], eval_settings, injection_norm: float, injection_mode: str,
+                               instruction: str, max_new_tokens: int, quote_tokens: int = 0, quote_style: str = "it_reads") -> dict[str, list[str]]:
+    """{name: N texts} of the training-free oracles `names` (patchscopes, logit_lens, text_guess) for N
+    pool items: activations vectors [N, d] (read by the untrained target) and the items' source
+    token lists (the text-only guess reads their last `eval_settings.text_guess_window_tokens`).
+    GRPO's final evals grade these beside the decoders (`evals/final.py`, `written`)."""
+    e, out = eval_settings, {}
+    for name in names:
+        if name == "patchscopes":
+            describe = patchscopes_describe(target, tokenizer, e.patchscopes_prompt, injection_norm, injection_mode, e.patchscopes_max_new_tokens)
+            out[name] = describe(vectors)
+        elif name == "logit_lens":
+            out[name] = logit_lens_describe(target, tokenizer, e.logit_lens_top_k)(vectors)
+        elif name == "text_guess":
+            quote = e.text_guess_quote_tokens if e.text_guess_quote_tokens is not None else quote_tokens
+            out[name] = guess_from_tokens(target, tokenizer, token_lists, instruction, max_new_tokens, e.text_guess_window_tokens, quote,
+                                          quote_style=quote_style)
+        else:
+            raise OracleError(f"{name!r} is not a training-free oracle GRPO's final evals run; expected patchscopes, logit_lens or text_guess")
+    return out
 
 
 def _needs_source_text(vectors: torch.Tensor) -> list[str]:
