@@ -90,6 +90,13 @@ def smollm2_gguf_path() -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
+    # transformers' GGUF reader and save_pretrained draw their own tqdm bars (no switch turns the
+    # first off): a one-off conversion's output goes to a log file beside the model, not the terminal
+    with open(out.parent / "smollm2-conversion.log", "a") as log, contextlib.redirect_stderr(log):
+        _convert_smollm2_quietly(out)
+
+
+def _convert_smollm2_quietly(out: Path) -> None:
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tok.chat_template or "im_start" not in tok.chat_template:
