@@ -17,8 +17,9 @@ from bench.learner import case_learner
 from bench.load import QUIET, wait_quiet
 from bench.pyspy import PROFILE_FOCUS, summarise_profile
 from bench.rollout import case_engine, case_hf
+from bench.warmup import case_sft
 
-CASES = {"engine": case_engine, "hf": case_hf, "encoder": case_encoder, "learner": case_learner}
+CASES = {"engine": case_engine, "hf": case_hf, "encoder": case_encoder, "learner": case_learner, "sft": case_sft}
 
 
 def run_here(case: dict, result_path: Path) -> int:

@@ -4,11 +4,13 @@ the reference forward is also timed alone to split the step."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from bench import flops as bf
 from bench.inputs import case_model, corpus_token_rows, input_embedding, random_vectors
 from bench.load import measure, peak_rss_mb
+from bench.warmup import compile_blocks
 
 
 def piece_flops(f: dict, old_timed_alone: bool = False) -> dict:
@@ -40,9 +42,10 @@ def case_learner(case: dict) -> dict:
     init_distributed(0, 1, "127.0.0.1", port, "gloo")
     learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000, stage="grpo")
     start_s = time.perf_counter() - t0
+    compile_blocks(learner.model, case.get("compile"))
     lora = shape.lora_params(cfg.decoder_lora.r)
     T = case["completion_len"]
-    out = {"case": "learner", "threads": case["threads"], "start_s": start_s, "prompt_len": len(learner.description_prompt.input_ids),
+    out = {"case": "learner", "dtype": cfg.model.dtype, "threads": case["threads"], "start_s": start_s, "prompt_len": len(learner.description_prompt.input_ids),
            "reference_prompt_len": len(learner.reference_prompt.input_ids), "completion_len": T, "lora_params": lora,
            "kl_reference": cfg.grpo.kl_reference if cfg.grpo.kl_coef > 0 else None, "zero_stage": cfg.grpo_decoder_optim().zero_stage, "points": []}
     temp = cfg.sampling.temperature
@@ -60,7 +63,9 @@ def case_learner(case: dict) -> dict:
         f = bf.learner_flops(shape, n, out["prompt_len"], T, lora, out["kl_reference"], out["reference_prompt_len"],
                              g.epochs_per_rollout, old_pass=old_pass)
         out["old_policy_pass"] = old_pass
-        learner.update_shard(samples)  # warm-up
+        t_warm = time.perf_counter()
+        learner.update_shard(samples)  # warm-up (and, with case["compile"], the compilation)
+        out["warm_step_s"] = time.perf_counter() - t_warm
         def once():
             t0 = time.perf_counter()
             if out["kl_reference"]:
@@ -84,7 +89,9 @@ def case_learner(case: dict) -> dict:
         }
         for p in pieces.values():
             p["flops_per_s"] = p["flops"] / p["seconds"] if p["seconds"] > 0 and p["flops"] else None
+        median = statistics.median(rec["seconds_all"])  # the kept attempt's repeats
         out["points"].append({"n_samples": n, **rec, "flops": f["total"], "flops_per_s": f["total"] / timings["step"],
+                              "seconds_median": median, "flops_per_s_median": f["total"] / median, "step_seconds": rec["seconds_all"],
                               "trained_tokens": f["trained_tokens"], "processed_tokens": f["processed_tokens"],
                               "trained_tokens_per_s": f["trained_tokens"] / timings["step"], "pieces": pieces})
     out["peak_rss_mb"] = peak_rss_mb()

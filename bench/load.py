@@ -103,7 +103,8 @@ MAX_FOREIGN_CORES = 0.25  # a measurement during which others used more than thi
 
 
 def measure(run_once, reps: int, quiet_wait_s: float = 0.0, retries: int = 2) -> tuple[dict, object]:
-    """Best of `reps` calls of run_once() -> (seconds, payload), with the load seen meanwhile.
+    """Best of `reps` calls of run_once() -> (seconds, payload), with the load seen meanwhile (and
+    every call's seconds of the kept attempt, `seconds_all`).
 
     With quiet_wait_s > 0: wait for a quiet machine first, and if other processes still used more
     than MAX_FOREIGN_CORES during the measurement, wait and measure again (up to `retries` times),
@@ -113,13 +114,15 @@ def measure(run_once, reps: int, quiet_wait_s: float = 0.0, retries: int = 2) ->
     for attempt in range(1 + (retries if quiet_wait_s else 0)):
         waited = wait_quiet(quiet_wait_s) if quiet_wait_s else None
         best = None
+        seconds = []
         with LoadProbe() as probe:
             for _ in range(reps):
                 dt, payload = run_once()
+                seconds.append(dt)
                 if best is None or dt < best[0]:
                     best = (dt, payload)
         attempts += 1
-        rec = {"seconds": best[0], "reps": reps, **probe.record(), "quiet_wait_s": waited["waited_s"] if waited else None}
+        rec = {"seconds": best[0], "reps": reps, "seconds_all": seconds, **probe.record(), "quiet_wait_s": waited["waited_s"] if waited else None}
         if best_attempt is None or rec["foreign_cores"] < best_attempt[0]["foreign_cores"]:
             best_attempt = (rec, best[1])
         if probe.foreign_cores <= MAX_FOREIGN_CORES:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from bench.paper import paper_section
 from bench.report import CONVENTIONS, evaluate_targets, to_markdown
 from bench.rollout import rollout_flop_fields
 
-ALL_SECTIONS = ("machine", "rollout", "hf", "encoder", "learner", "e2e", "scaling", "paper")
+ALL_SECTIONS = ("machine", "rollout", "hf", "encoder", "warmup", "learner", "e2e", "scaling", "paper")
 ENGINE_CASES = ("bind01_nocache_nolora", "nobind", "prefix_caching_on", "lora_adapter_path", "lora_adapter_synced", "merged_after_sync", "eager_nolora",
                 "preload_iomp", "max_num_seqs_16", "separate_requests")
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.md).write_text(to_markdown(out))
 
     peak = None
-    if "machine" in sections or any(s in sections for s in ("rollout", "hf", "encoder", "learner")):
+    if "machine" in sections or any(s in sections for s in ("rollout", "hf", "encoder", "warmup", "learner")):
         print("[bench] machine: matmul", flush=True)
         results["machine"] = machine_section(args.threads, args.quick, shape.d_model, shape.d_ff, args.wait_quiet)
         peak = results["machine"]["fp32"]["flops_per_s"]
@@ -176,14 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     if "encoder" in sections:
         results["encoder"] = add_mfu(run_case(dict(base, kind="encoder", name="encoder", n_texts=enc_sizes, text_len=enc_len), profile_dir=args.profile), peak)
         save()
+    if "warmup" in sections:
+        sft = dict(base, kind="sft", name="sft", recipe=args.warmup_recipe, warm_steps=1 if args.quick else 2, reps=2 if args.quick else args.warmup_steps)
+        if args.quick:
+            sft["recipe"], sft["overrides"] = "recipes/smoke_warmup.yaml", overrides + [f"warmup.corpus.paths=[{REPO.parent / 'shared' / 'data' / 'corpus' / 'wiki.valid.raw'}]"]
+        results["warmup"] = add_step_mfu(run_case(sft, profile_dir=args.profile), results.get("machine"))
+        save()
+        for spec in args.warmup_variant:
+            vname, case = variant_case(sft, spec)
+            case["name"] = f"sft_{vname}"
+            results.setdefault("warmup_variants", {})[vname] = add_step_mfu(run_case(case, profile_dir=args.profile), results.get("machine")) \
+                | {"overrides": case["overrides"], **({"compile": case["compile"]} if case.get("compile") else {}), **({"env": case["env"]} if case.get("env") else {})}
+            save()
     if "learner" in sections:
-        results["learner"] = add_mfu(run_case(dict(base, kind="learner", name="learner", n_samples=learn_sizes, completion_len=T), profile_dir=args.profile), peak)
+        results["learner"] = add_step_mfu(run_case(dict(base, kind="learner", name="learner", n_samples=learn_sizes, completion_len=T),
+                                                   profile_dir=args.profile), results.get("machine"))
         save()
     for spec in args.learner_variant if "learner" in sections else []:
-        vname, _, sets = spec.partition(":")
-        case = dict(base, kind="learner", name=f"learner_{vname}", n_samples=learn_sizes, completion_len=T,
-                    overrides=overrides + [x for x in sets.split(";") if x])
-        results.setdefault("learner_variants", {})[vname] = add_mfu(run_case(case, profile_dir=args.profile), peak) | {"overrides": case["overrides"]}
+        vname, case = variant_case(dict(base, kind="learner", name="", n_samples=learn_sizes, completion_len=T), spec)
+        case["name"] = f"learner_{vname}"
+        results.setdefault("learner_variants", {})[vname] = add_step_mfu(run_case(case, profile_dir=args.profile), results.get("machine")) \
+            | {"overrides": case["overrides"], **({"compile": case["compile"]} if case.get("compile") else {}), **({"env": case["env"]} if case.get("env") else {})}
         save()
     if "e2e" in sections or "scaling" in sections:
         workdir = Path(args.keep_e2e) if args.keep_e2e else Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -259,14 +273,65 @@ def rerender(results: dict) -> dict:
             f = bf.learner_flops(shape, p["n_samples"], c["prompt_len"], c["completion_len"], c["lora_params"], c.get("kl_reference"),
                                  c.get("reference_prompt_len", 0), old_pass=old_pass)
             p.update(flops=f["total"], flops_per_s=f["total"] / p["seconds"])
+            if p.get("seconds_median"):
+                p["flops_per_s_median"] = f["total"] / p["seconds_median"]
             flops = piece_flops(f, old_timed_alone="old_forward" in pieces)
             for name, piece in pieces.items():
                 piece["flops"] = flops[name]
                 piece["flops_per_s"] = piece["flops"] / piece["seconds"] if piece["seconds"] > 0 and piece["flops"] else None
-        add_mfu(c, peak)
+        add_step_mfu(c, results.get("machine"))
+    sfts = ([results["warmup"]] if "warmup" in results else []) + list(results.get("warmup_variants", {}).values())
+    for c in (c for c in sfts if "steps" in c):
+        layer = c.get("layer") or shape.n_layers // 2
+        for step in c["steps"]:
+            f = bf.sft_flops(shape, layer, c["lora_params"], step["work"])
+            step.update(flops=f["total"], flops_read=f["read"], flops_per_s=f["total"] / step["seconds"])
+        c["flops_per_s"] = statistics.median(step["flops_per_s"] for step in c["steps"])
+        c["flops_per_s_best"] = max(step["flops_per_s"] for step in c["steps"])
+        add_step_mfu(c, results.get("machine"))
     results["conventions"] = CONVENTIONS
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def variant_case(case: dict, spec: str) -> tuple[str, dict]:
+    """`NAME:KEY=VAL[;KEY=VAL]` -> (NAME, the case with those recipe overrides added; `case.KEY=VAL`
+    sets a case key instead, e.g. `case.compile=blocks`, and `env.NAME=VAL` an environment variable of
+    the case's interpreter, e.g. `env.OMP_WAIT_POLICY=ACTIVE`)."""
+    vname, _, sets = spec.partition(":")
+    items = [x for x in sets.split(";") if x]
+    keys = {k.removeprefix("case."): v for k, _, v in (x.partition("=") for x in items if x.startswith("case."))}
+    env = {k.removeprefix("env."): v for k, _, v in (x.partition("=") for x in items if x.startswith("env."))}
+    out = dict(case, **keys, overrides=case["overrides"] + [x for x in items if not x.startswith(("case.", "env."))])
+    if env:
+        out["env"] = {**case.get("env", {}), **env}
+    return vname, out
+
+
+def matmul_reference(machine: dict | None, dtype: str, median: bool = False) -> float | None:
+    """The run's dense matmul FLOP/s in `dtype` (fp32, or bf16 measured at the same size): the best
+    of its repeats, or their median."""
+    rec = (machine or {}).get({"float32": "fp32", "bfloat16": "bf16"}.get(dtype, ""))
+    if not rec or (dtype == "bfloat16" and rec.get("n") != machine["fp32"].get("n")):
+        return None
+    return rec.get("flops_per_s_median" if median else "flops_per_s")
+
+
+def add_step_mfu(res: dict, machine: dict | None) -> dict:
+    """MFU of a learner or warmup SFT case against the matmul reference of the dtype it computed in:
+    `mfu` = its FLOP/s (the learner: best step; the SFT case: median step) / the reference's best,
+    `mfu_median` = its median step's FLOP/s / the reference's median (medians of repeats on both sides)."""
+    if not isinstance(res, dict) or "error" in res:
+        return res
+    dtype = res.get("dtype", "float32")
+    add_mfu(res, matmul_reference(machine, dtype))
+    ref_median = matmul_reference(machine, dtype, median=True)
+    for node in [res, *res.get("points", [])]:
+        if node.get("flops_per_s_median") and ref_median:
+            node["mfu_median"] = node["flops_per_s_median"] / ref_median
+        elif node is res and res.get("case") == "sft" and node.get("flops_per_s") and ref_median:
+            node["mfu_median"] = node["flops_per_s"] / ref_median  # its flops_per_s is the median step's
+    return res
 
 
 def add_mfu(res: dict, peak: float | None) -> dict:

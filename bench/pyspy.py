@@ -27,6 +27,7 @@ PROFILE_FOCUS = {
     "hf": ("GenerationMixin.generate (transformers/",),
     "encoder": ("EncoderTrainer.score (", "EncoderTrainer.train_step ("),
     "learner": ("DecoderLearner.update_shard (", "DecoderLearner.policy_logprobs (", "DecoderLearner.reference_logprobs ("),
+    "sft": ("DecoderLearner.sft_micro_step (",),
 }
 
 

@@ -347,3 +347,25 @@ def test_the_minutes_account_shares_and_mfu(tmp_path):
     (tmp_path / "minutes.json").write_text(json.dumps(m))
     assert main([str(tmp_path), "--md", str(tmp_path / "m.md")]) == 0 and (tmp_path / "m.md").read_text() == md
     assert main([str(tmp_path / "nothing")]) == 2
+
+
+def test_learner_and_warmup_mfu_against_the_reference_of_their_dtype():
+    """A bf16 case is divided by the run's bf16 matmul, an fp32 one by the fp32 matmul; `mfu_median`
+    puts the median step over the reference's median; the targets take the best variant and name it."""
+    from bench.main import add_step_mfu, variant_case
+
+    machine = {"fp32": {"n": 2048, "flops_per_s": 100e9, "flops_per_s_median": 90e9},
+               "bf16": {"n": 2048, "flops_per_s": 300e9, "flops_per_s_median": 250e9}}
+    point = {"n_samples": 16, "flops_per_s": 60e9, "flops_per_s_median": 50e9, "seconds": 1.0, "seconds_median": 1.2}
+    fp32 = add_step_mfu({"case": "learner", "dtype": "float32", "points": [dict(point)]}, machine)
+    bf16 = add_step_mfu({"case": "learner", "dtype": "bfloat16", "points": [dict(point)]}, machine)
+    assert fp32["points"][0]["mfu"] == pytest.approx(0.6) and fp32["points"][0]["mfu_median"] == pytest.approx(50 / 90)
+    assert bf16["points"][0]["mfu"] == pytest.approx(0.2) and bf16["points"][0]["mfu_median"] == pytest.approx(0.2)
+    sft = add_step_mfu({"case": "sft", "dtype": "bfloat16", "flops_per_s": 200e9, "steps": [{"flops_per_s": 200e9}]}, machine)
+    assert sft["mfu_median"] == pytest.approx(0.8) and sft["mfu"] == pytest.approx(200 / 300)
+    assert add_step_mfu({"case": "sft", "dtype": "bfloat16", "flops_per_s": 1.0}, {"fp32": {"n": 2048}, "bf16": {"n": 1024}}).get("mfu") is None
+    t = bench.report.evaluate_targets({"learner": fp32, "learner_variants": {"bf16": bf16}, "warmup": sft})
+    assert t["learner_mfu"]["best"] == pytest.approx(50 / 90) and "recipe (float32)" in t["learner_mfu"]["at"] and not t["learner_mfu"]["met"]
+    assert t["warmup_mfu"]["met"] and t["warmup_mfu"]["at"] == "recipe (bfloat16)"
+    name, case = variant_case({"overrides": ["model.name=m"]}, "c:model.dtype=bfloat16;case.compile=blocks;env.OMP_WAIT_POLICY=ACTIVE")
+    assert (name, case["overrides"], case["compile"], case["env"]) == ("c", ["model.name=m", "model.dtype=bfloat16"], "blocks", {"OMP_WAIT_POLICY": "ACTIVE"})
