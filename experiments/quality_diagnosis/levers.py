@@ -1,0 +1,57 @@
+"""The lever runs side by side: top-1 and FVE (with intervals) of every oracle each run's final evals
+graded, under the frozen warmup encoder and the text encoder, on the same 112-item pool (same seed,
+split and corpus in every run), from the runs' results.json (runs made before the final evals had
+baselines are read from their per-item lists; their baselines come from `diagnose.py`).
+
+    .venv/bin/python -m experiments.quality_diagnosis.levers before=/work/runs/before e2=/work/runs/e2_bare_quote ... \
+        --out experiments/quality_diagnosis/levers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cycle_oracle.activations import ActivationStore
+from cycle_oracle.encoder import cosine
+from cycle_oracle.evals.verdict import headline, oracle_scores
+
+GRADERS = ("frozen_start_encoder", "text_encoder")
+ORACLES = ("grpo_decoder", "warmup_decoder", "patchscopes", "logit_lens", "text_guess", "true_token_bare", "true_window_bare")
+
+
+def run_table(run: Path) -> dict:
+    results = json.loads((run / "grpo" / "results.json").read_text())
+    store = ActivationStore(run / "grpo" / "activations")
+    rows = results["retrieval"]["rows"]
+    v = store.activations[rows].float()
+    floor = cosine(store.mean.float()[None].expand_as(v), v)
+    out = {"pool": len(rows), "rows_hash": hash(tuple(rows)) & 0xFFFFFFFF}
+    for grader in GRADERS:
+        section = results.get(grader) or {}
+        out[grader] = {}
+        for oracle in ORACLES:
+            if oracle in section:
+                h = headline(oracle_scores(section[oracle]["per_item"]["description"]), floor)
+                out[grader][oracle] = {k: (round(x, 4) if isinstance(x, float) else [round(y, 4) for y in x] if isinstance(x, list) else x)
+                                       for k, x in h.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR (a warmup_then_grpo run folder)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    table = {name: run_table(Path(path)) for name, path in (r.split("=", 1) for r in args.runs)}
+    for name, t in table.items():
+        for grader in GRADERS:
+            cells = "  ".join(f"{o} {h['top1']:.3f}/{h['fve']:+.3f}" for o, h in t[grader].items())
+            print(f"{name:>10} {grader:>22}: {cells}")
+    if args.out:
+        args.out.write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
