@@ -48,6 +48,7 @@ def test_the_gpu_shaped_recipe_runs_with_learner_rank0_off_the_drivers_node(tmp_
         assert cfg.memory.gradient_checkpointing and cfg.memory.micro_batch_tokens and cfg.corpus.kind == "datasets"
         results = grpo.run(cfg, out)
         driver_node = ray.get_runtime_context().get_node_id()
+        head_node = cluster.head_node.node_id  # cluster.shutdown() forgets it
         learners = list_actors(filters=[("class_name", "=", "LearnerActor")], detail=True)
         role_nodes = {a.node_id for a in list_actors(detail=True) if a.class_name in ("LearnerActor", "RolloutActor", "EncoderActor")}
         rendezvous = list_tasks(filters=[("func_or_class_name", "=", "_node_address_and_port")], detail=True)
@@ -74,7 +75,7 @@ def test_the_gpu_shaped_recipe_runs_with_learner_rank0_off_the_drivers_node(tmp_
     assert first["sync_noise_floor_mean"] == first["sync_logprob_error_mean"] and first["sync_bound_mean"] == SYNC_TOLERANCE["bfloat16"]["mean"]
     assert later["sync_noise_floor_mean"] == first["sync_noise_floor_mean"]
     assert later["sync_bound_mean"] == min(SYNC_TOLERANCE["bfloat16"]["mean"], SYNC_NOISE_MULTIPLE * first["sync_noise_floor_mean"])
-    node_cache = {cluster.head_node.node_id: "head", **{w.node_id: f"worker{i}" for i, w in enumerate(workers)}}
+    node_cache = {head_node: "head", **{w.node_id: f"worker{i}" for i, w in enumerate(workers)}}
     assert role_nodes <= set(node_cache) and len(role_nodes) >= 2
     for name in ["driver", *(node_cache[n] for n in role_nodes)]:  # every role resolved the recipe's model where it ran
         assert (caches[name] / "models" / "tiny-random-llama" / "config.json").is_file(), f"nothing resolved the model on the {name}'s node"

@@ -149,7 +149,7 @@ def test_the_rollout_group_samples_in_order_describes_once_and_checks_its_syncs(
     from actors.placement import Placement
     from actors.rollout import RolloutGroup
 
-    cfg = RecipeConfig.model_validate({**_config("merged"), "kind": "grpo", "grpo": {"sync_check_every": 1}, "sampling": {"max_new_tokens": 6},
+    cfg = RecipeConfig.model_validate({**_config("merged"), "kind": "grpo", "grpo": {"sync_check_every": 1}, "sampling": {"max_new_tokens": 6, "temperature": TEMPERATURE},
                                        "resources": {"rollout": {"num_actors": 2, "num_cpus": 0.25, "threads": 1},
                                                      "learner": {"num_cpus": 0.25}, "encoder": {"num_cpus": 0.25}}})
     placement = Placement(cfg, 300)
