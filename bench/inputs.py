@@ -95,3 +95,38 @@ def corpus_token_rows(tok, n: int, length: int) -> list[list[int]]:
     while len(ids) < n * length:
         ids = ids + ids
     return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def single_rank_learner(case: dict, info: dict, cfg, layer: int, stage: str):
+    """One DecoderLearner rank (gloo on a free local port) as a case measures it, the model compiled
+    per `case["compile"]` (`compile_blocks`) -> (learner, seconds its start took)."""
+    import socket
+    import time
+
+    from cycle_oracle.injection import mean_embedding_norm, target_norm
+    from cycle_oracle.learner import DecoderLearner, init_distributed
+
+    norm = target_norm(cfg.injection, mean_embedding_norm(input_embedding(info["path"])), None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    init_distributed(0, 1, "127.0.0.1", port, "gloo")
+    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000, stage=stage)
+    start_s = time.perf_counter() - t0
+    compile_blocks(learner.model, case.get("compile"))
+    return learner, start_s
+
+
+def compile_blocks(model, mode: str | None) -> None:
+    """The torch.compile lever (`case["compile"]`, bench only): None leaves the model eager; "blocks"
+    compiles each transformer block in place (regional compilation: the blocks share one code object,
+    so one compilation serves them all; dynamic sequence lengths), "blocks_static" the same without
+    marking shapes dynamic up front. Compile time lands in the case's first (unmeasured) steps,
+    reported as `warm_step_s`."""
+    if not mode:
+        return
+    from cycle_oracle.models import decoder_blocks
+
+    for block in decoder_blocks(model):
+        block.compile(dynamic=None if mode == "blocks_static" else True)

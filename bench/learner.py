@@ -8,9 +8,8 @@ import statistics
 import time
 
 from bench import flops as bf
-from bench.inputs import case_model, corpus_token_rows, input_embedding, random_vectors
+from bench.inputs import case_model, corpus_token_rows, random_vectors, single_rank_learner
 from bench.load import measure, peak_rss_mb
-from bench.warmup import compile_blocks
 
 
 def piece_flops(f: dict, old_timed_alone: bool = False) -> dict:
@@ -26,23 +25,11 @@ def case_learner(case: dict) -> dict:
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
-    from cycle_oracle.injection import mean_embedding_norm, target_norm
     from cycle_oracle.batch import RolloutBatch
-    from cycle_oracle.learner import DecoderLearner, init_distributed
 
     info, cfg, layer = case_model(case)
     shape = info["shape"]
-    norm = target_norm(cfg.injection, mean_embedding_norm(input_embedding(info["path"])), None)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    init_distributed(0, 1, "127.0.0.1", port, "gloo")
-    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000, stage="grpo")
-    start_s = time.perf_counter() - t0
-    compile_blocks(learner.model, case.get("compile"))
+    learner, start_s = single_rank_learner(case, info, cfg, layer, "grpo")
     lora = shape.lora_params(cfg.decoder_lora.r)
     T = case["completion_len"]
     out = {"case": "learner", "dtype": cfg.model.dtype, "threads": case["threads"], "start_s": start_s, "prompt_len": len(learner.description_prompt.input_ids),

@@ -12,22 +12,8 @@ import statistics
 import time
 
 from bench import flops as bf
-from bench.inputs import case_model, input_embedding
+from bench.inputs import case_model, single_rank_learner
 from bench.load import LoadProbe, peak_rss_mb, wait_quiet
-
-
-def compile_blocks(model, mode: str | None) -> None:
-    """The torch.compile lever (`case["compile"]`, bench only): None leaves the model eager; "blocks"
-    compiles each transformer block in place (regional compilation: the blocks share one code object,
-    so one compilation serves them all; dynamic sequence lengths), "blocks_static" the same without
-    marking shapes dynamic up front. Compile time lands in the case's first (unmeasured) steps,
-    reported as `warm_step_s`."""
-    if not mode:
-        return
-    from cycle_oracle.models import decoder_blocks
-
-    for block in decoder_blocks(model):
-        block.compile(dynamic=None if mode == "blocks_static" else True)
 
 
 def padded_tokens(lengths: list[int], budget: int | None) -> int:
@@ -43,12 +29,8 @@ def case_sft(case: dict) -> dict:
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
-    import socket
-
     from cycle_oracle.data.mixture import WarmupMixture
     from cycle_oracle.data.read_positions import to_example
-    from cycle_oracle.injection import mean_embedding_norm, target_norm
-    from cycle_oracle.learner import DecoderLearner, init_distributed
     from recipes.common import warmup_data
 
     info, cfg, layer = case_model(case)
@@ -56,15 +38,7 @@ def case_sft(case: dict) -> dict:
     t0 = time.perf_counter()
     train, _heldout, report = warmup_data(cfg, info["path"], case["threads"])
     data_s = time.perf_counter() - t0
-    norm = target_norm(cfg.injection, mean_embedding_norm(input_embedding(info["path"])), None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    init_distributed(0, 1, "127.0.0.1", port, "gloo")
-    learner = DecoderLearner(info["path"], cfg, layer, norm, total_steps=1000, stage="warmup")
-    start_s = time.perf_counter() - t0
-    compile_blocks(learner.model, case.get("compile"))
+    learner, start_s = single_rank_learner(case, info, cfg, layer, "warmup")
     lora = shape.lora_params(cfg.decoder_lora.r)
     mixture = WarmupMixture({k: v for k, v in train.items() if v}, cfg.warmup.mixture, cfg.seed)
     rng = random.Random(cfg.seed)
