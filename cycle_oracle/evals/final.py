@@ -44,10 +44,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from cycle_oracle.data.description import quote_text
 from cycle_oracle.encoder import cosine
 from cycle_oracle.evals.oracle import Oracle
 from cycle_oracle.evals.retrieval import evaluate_retrieval, select_pool
-from cycle_oracle.data.description import quote_text
 from cycle_oracle.evals.verdict import FORMATS, format_controls, headline, oracle_scores, verdict
 from cycle_oracle.stats import paired_difference
 
