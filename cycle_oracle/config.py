@@ -299,6 +299,11 @@ class WarmupSettings(Strict):
 
     steps: int = Field(100, ge=1)
     """Optimizer steps of supervised warmup."""
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget of the warmup's SFT steps: the loop stops after the step that passes it (the
+    held-out eval and the encoder warm start still run), so a slower machine trains fewer steps
+    instead of overrunning the job. None: always `steps`. The learning-rate schedule still spans
+    `steps`, as with `grpo.max_minutes`."""
     mixture: dict[str, float] = {"latentqa": 0.4, "token_prediction": 0.4, "description": 0.2}
     """Sampling weights of the warmup tasks (latentqa, token_prediction, description)."""
     latentqa: DataSource = DataSource(kind="embedded")

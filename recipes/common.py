@@ -280,6 +280,13 @@ def record(ctx: RunContext, stage: str, step: int, norm: float, weight_version: 
                             weight_version=weight_version, world_size=world_size, extra=extra, dtype=ctx.cfg.model.dtype)
 
 
+def out_of_time(max_minutes: float | None, since: float) -> bool:
+    """A stage's wall-clock budget (`warmup.max_minutes`, `grpo.max_minutes`) is spent: more than
+    `max_minutes` since `since` (time.time()); never with no budget. The loops stop after the step
+    that passes it."""
+    return max_minutes is not None and time.time() - since > 60 * max_minutes
+
+
 def check_finite(metrics: dict, step: int) -> None:
     """Stop the run on NaN/inf (before anything is checkpointed, so the last good one stays)."""
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}

@@ -64,12 +64,13 @@ class JobPlan:
     text_encoder_steps: int
     pool_size: int
     grpo_max_minutes: float | None = None
+    warmup_max_minutes: float | None = None
 
     @classmethod
     def from_config(cls, cfg) -> JobPlan:
         return cls(warmup_steps=cfg.warmup.steps, eval_items=cfg.warmup.eval_items, encoder_steps=cfg.warmup.encoder_steps,
                    grpo_steps=cfg.grpo.steps, text_encoder_steps=cfg.eval.text_encoder_steps, pool_size=cfg.eval.pool_size,
-                   grpo_max_minutes=cfg.grpo.max_minutes)
+                   grpo_max_minutes=cfg.grpo.max_minutes, warmup_max_minutes=cfg.warmup.max_minutes)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,9 @@ class JobEstimate:
         """Seconds of the stages that run after stage `after`."""
         return sum(self.seconds[s] for s in STAGES[STAGES.index(after) + 1:])
 
-    def seconds_left_in_warmup(self, steps_done: int, warmup_steps: int) -> float:
-        """Seconds left when `steps_done` of the `warmup_steps` warmup steps are done."""
-        return max(0, warmup_steps - steps_done) * self.step_s + self.seconds_left("warmup_steps")
+    def seconds_left_in_warmup(self, steps_done: int) -> float:
+        """Seconds left when `steps_done` warmup steps are done (the warmup's budget, if any, included)."""
+        return max(0.0, self.seconds["warmup_steps"] - steps_done * self.step_s) + self.seconds_left("warmup_steps")
 
 
 def estimate(plan: JobPlan, step_s: float, data_cached: bool) -> JobEstimate:
@@ -107,6 +108,8 @@ def estimate(plan: JobPlan, step_s: float, data_cached: bool) -> JobEstimate:
         "report": REPORT_STEPS,
     }
     seconds = {s: grpo_s if s == "grpo" else steps[s] * step_s for s in STAGES}
+    if plan.warmup_max_minutes is not None:  # likewise the warmup loop
+        seconds["warmup_steps"] = min(seconds["warmup_steps"], 60 * plan.warmup_max_minutes + step_s)
     return JobEstimate(seconds, step_s)
 
 
@@ -160,7 +163,7 @@ class JobClock:
         if len(self.warmup_times) == self.first_steps:
             now = time.time()
             est = estimate(self.plan, self.step_s(), data_cached=True)  # the data build is behind us
-            left = est.seconds_left_in_warmup(step, self.plan.warmup_steps)
+            left = est.seconds_left_in_warmup(step)
             print(eta_line(now - self.start + left, left, self.first_steps, est.step_s, now))
 
     def grpo_step_end(self, _roles, _step: int) -> None:

@@ -44,7 +44,8 @@ from cycle_oracle.rollout import Sampling, request_seed
 from cycle_oracle.stats import text_diversity
 from cycle_oracle.weight_sync import SYNC_PROBE
 from recipes.common import (RunContext, centre_latentqa, check_finite, checkpoint_adapter_configs, extract_store, finish_run, injection_norm,
-                            load_resume, load_start, record, start_run, warmup_training_items, written_oracles)
+                            load_resume, load_start, out_of_time, record, start_run, warmup_training_items,
+                            written_oracles)
 from recipes.report import write_closing_report
 
 ROLE_GONE = ACTOR_GONE
@@ -195,13 +196,13 @@ def train(roles: Roles, train_rows: list[int], first: int, on_step_end=None) -> 
             metrics.update(timer.metrics())
             ctx.metrics.log("grpo", step + 1, metrics)
             progress.update(bar, advance=1, description=f"grpo reward {metrics['reward_mean']:.3f}")
-            out_of_time = g.max_minutes is not None and time.time() - t_loop > 60 * g.max_minutes
+            stop = out_of_time(g.max_minutes, t_loop)
             every = cfg.logging.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == g.steps or out_of_time:
+            if (every and (step + 1) % every == 0) or step + 1 == g.steps or stop:
                 save_grpo_checkpoint(roles, step + 1)
             if on_step_end is not None:
                 on_step_end(roles, step + 1)
-            if out_of_time and step + 1 < g.steps:
+            if stop and step + 1 < g.steps:
                 last = step + 1
                 print(f"[grpo] grpo.max_minutes={g.max_minutes} reached after step {last} of {g.steps}: stopping for the final eval")
                 break  # a rollout already submitted for the next step just finishes first (actor calls run in order)

@@ -487,6 +487,8 @@ def closing_report(grpo: dict | None, warmup: dict | None = None, viewer: str | 
         if grpo.get("role_restarts"):
             line += f", {grpo['role_restarts']} role restart(s)"
         header.append(line + ".")
+    if warmup and warmup.get("steps") is not None and warmup["steps"] < warmup.get("steps_planned", warmup["steps"]):
+        header.append(f"Warmup: {warmup['steps']} of {warmup['steps_planned']} steps (stopped early by warmup.max_minutes).")
     if warmup is None and (grpo.get("frozen_start_encoder") or grpo.get("retrieval_warmup_decoder")):
         header.append("Warmup held-out gaps: not in this report (the starting checkpoint's own results.json has them).")
     sections = [oracles_section(grpo), retrieval_section(grpo), difference_section(grpo), warmup_section(warmup or {}), examples_section(grpo)]

@@ -31,7 +31,7 @@ from cycle_oracle.evals.warmup import heldout_eval
 from cycle_oracle.models import load_tokenizer
 from cycle_oracle.rollout import Sampling, request_seed
 from recipes.common import (RunContext, build_data_task, centre_latentqa, check_finite, checkpoint_adapter_configs, extract_store, finish_run,
-                            injection_norm, load_resume, record, start_run, warmup_corpus)
+                            injection_norm, load_resume, out_of_time, record, start_run, warmup_corpus)
 
 
 ENCODER_WARM_START_BATCH = 16
@@ -133,6 +133,7 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     ga, mbs = cfg.decoder_optim.grad_accum, cfg.decoder_optim.micro_batch_size
     seen = start * ga * mbs * group.world_size
     work: dict[str, float] = {}  # what the steps computed on (`DecoderLearner.sft_micro_step`'s work/* counts)
+    done, t_loop = start, time.time()
     with Progress() as progress:
         bar = progress.add_task("warmup", total=cfg.warmup.steps, completed=start)
         for step in range(start, cfg.warmup.steps):
@@ -161,9 +162,15 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
                 _save(ctx, group, step + 1, mixture, rng, None)
             if on_step_time is not None:
                 on_step_time(step + 1, time.time() - t0)
+            done = step + 1
+            if out_of_time(cfg.warmup.max_minutes, t_loop) and done < cfg.warmup.steps:
+                print(f"[warmup] warmup.max_minutes={cfg.warmup.max_minutes:g} reached after step {done} of {cfg.warmup.steps}: "
+                      "stopping for the held-out eval")
+                break
 
-    stage("warmup/sft_steps", steps=cfg.warmup.steps - start, examples=seen - start * ga * mbs * group.world_size, work=work)
-    results: dict = {"kind": "warmup", "data": data_report, "injection_norm": norm, "layer": ctx.layer, "latentqa_centring": centring}
+    stage("warmup/sft_steps", steps=done - start, examples=seen - start * ga * mbs * group.world_size, work=work)
+    results: dict = {"kind": "warmup", "steps": done, "steps_planned": cfg.warmup.steps, "data": data_report, "injection_norm": norm,
+                     "layer": ctx.layer, "latentqa_centring": centring}
     results["heldout"] = heldout_eval(group.answer_scores, heldout, cfg, cfg.seed + 1)
     if cfg.warmup.train_fit_eval:  # the same measures on training sources: not reading vs not generalising
         results["train_fit"] = heldout_eval(group.answer_scores, train, cfg, cfg.seed + 2, "training-source")
@@ -177,10 +184,10 @@ def run(cfg, out, resume: bool = False, on_step_time=None, on_stage=None) -> dic
     stage("warmup/encoder_warm_start", pairs=results["encoder_warm_start"]["train_pairs"], encoder_steps=cfg.warmup.encoder_steps,
           examples=cfg.warmup.encoder_steps * min(ENCODER_WARM_START_BATCH, results["encoder_warm_start"]["train_pairs"]))
     enc_tensors, _enc_opt = remote_get(encoder.state.remote(), t, "encoder state")
-    _save(ctx, group, cfg.warmup.steps, mixture, rng, enc_tensors, adapter)
+    _save(ctx, group, done, mixture, rng, enc_tensors, adapter)
     results["summary"] = warmup_summary(results)
     ctx.write_results("results.json", results)
-    ctx.metrics.log("warmup_eval", cfg.warmup.steps, _flatten(results["heldout"]))
+    ctx.metrics.log("warmup_eval", done, _flatten(results["heldout"]))
     group.shutdown()
     rollouts.shutdown()
     ray.kill(encoder)

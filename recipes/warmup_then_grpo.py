@@ -33,8 +33,9 @@ most this size (the embedded SmolLM2-135M: 0.5 GiB in fp32). Larger ones print t
 def run(cfg, out, resume: bool = False) -> dict:
     out = Path(out)
     t0 = time.time()
+    warm_budget = f", at most {cfg.warmup.max_minutes:g} min" if cfg.warmup.max_minutes else ""
     budget = f", at most {cfg.grpo.max_minutes:g} min" if cfg.grpo.max_minutes else ""
-    print(f"[job] warmup ({cfg.warmup.steps} steps, held-out eval, encoder warm start) -> GRPO ({cfg.grpo.steps} steps{budget}) "
+    print(f"[job] warmup ({cfg.warmup.steps} steps{warm_budget}, held-out eval, encoder warm start) -> GRPO ({cfg.grpo.steps} steps{budget}) "
           f"-> final evals -> report.md")
     clock = JobClock(JobPlan.from_config(cfg), t0)
     warm_cfg = cfg.model_copy(update={"kind": "warmup"})

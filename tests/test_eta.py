@@ -19,15 +19,17 @@ REFERENCE_STEP_S = 4.3
 
 @pytest.fixture(scope="module")
 def plan() -> JobPlan:
-    return JobPlan.from_config(load_recipe(REPO / "recipes" / "warmup_then_grpo.yaml"))
+    """The main recipe's plan without its warmup budget (tests of the budget set their own)."""
+    return dataclasses.replace(JobPlan.from_config(load_recipe(REPO / "recipes" / "warmup_then_grpo.yaml")), warmup_max_minutes=None)
 
 
 def test_the_plan_reads_the_recipe():
     """Each number of the plan is the recipe's (another recipe, another plan)."""
     cfg = load_recipe(REPO / "recipes" / "warmup_then_grpo.yaml", ["warmup.steps=7", "warmup.eval_items=5", "warmup.encoder_steps=3",
-                                                                  "grpo.steps=2", "eval.text_encoder_steps=4", "eval.pool_size=9", "grpo.max_minutes=1.5"])
+                                                                  "grpo.steps=2", "eval.text_encoder_steps=4", "eval.pool_size=9", "grpo.max_minutes=1.5",
+                                                                  "warmup.max_minutes=2.5"])
     assert JobPlan.from_config(cfg) == JobPlan(warmup_steps=7, eval_items=5, encoder_steps=3, grpo_steps=2, text_encoder_steps=4,
-                                               pool_size=9, grpo_max_minutes=1.5)
+                                               pool_size=9, grpo_max_minutes=1.5, warmup_max_minutes=2.5)
 
 
 def test_the_estimate_covers_every_stage_in_order(plan):
@@ -72,9 +74,19 @@ def test_seconds_left(plan):
     assert est.seconds_left("report") == 0
     assert est.seconds_left("final_evals") == pytest.approx(REPORT_STEPS * REFERENCE_STEP_S)
     assert est.seconds_left("data_build") == pytest.approx(est.total_s - est.seconds["data_build"])
-    after_five = est.seconds_left_in_warmup(5, plan.warmup_steps)
+    after_five = est.seconds_left_in_warmup(5)
     assert after_five == pytest.approx(est.seconds_left("warmup_steps") + (plan.warmup_steps - 5) * REFERENCE_STEP_S)
-    assert est.seconds_left_in_warmup(plan.warmup_steps, plan.warmup_steps) == est.seconds_left("warmup_steps")
+    assert est.seconds_left_in_warmup(plan.warmup_steps) == est.seconds_left("warmup_steps")
+
+
+def test_warmup_max_minutes_caps_the_warmup_steps(plan):
+    """A warmup budget shorter than its steps bounds the stage (and the time left in it) at the budget
+    plus the step that passes it; a budget the steps fit in changes nothing."""
+    capped = estimate(dataclasses.replace(plan, warmup_steps=1000, warmup_max_minutes=10), REFERENCE_STEP_S, True)
+    assert capped.seconds["warmup_steps"] == pytest.approx(600 + REFERENCE_STEP_S)
+    assert capped.seconds_left_in_warmup(5) == pytest.approx(capped.seconds_left("warmup_steps") + 600 + REFERENCE_STEP_S - 5 * REFERENCE_STEP_S)
+    roomy = dataclasses.replace(plan, warmup_max_minutes=10 + plan.warmup_steps * REFERENCE_STEP_S / 60)
+    assert estimate(roomy, REFERENCE_STEP_S, True).seconds == estimate(plan, REFERENCE_STEP_S, True).seconds
 
 
 def test_the_printed_phrases():
@@ -93,7 +105,7 @@ def test_the_clock_prints_one_eta_line_after_the_first_steps(plan, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1, lines
     expected = estimate(plan, 4.3, data_cached=True)  # 400 s behind us, then the model's time left after 5 steps
-    total = minutes(400 + expected.seconds_left_in_warmup(5, plan.warmup_steps))
+    total = minutes(400 + expected.seconds_left_in_warmup(5))
     assert re.fullmatch(rf"\[job\] ETA: about {re.escape(total)} min for the whole job \(finish near \d\d:\d\d\), "
                         r"from the first 5 warmup steps at 4\.3 s each", lines[0]), lines[0]
     assert clock.left_note("final_evals") == " (about 0.5 min left)"

@@ -108,6 +108,25 @@ def test_smoke_warmup_and_resume(tmp_path, shared_data, capsys):
     assert abs(first[3]["loss"] - again[3]["loss"]) < 1e-4, (first[3]["loss"], again[3]["loss"])
 
 
+def test_warmup_max_minutes_stops_after_the_step_that_passes_it(tmp_path, shared_data, capsys):
+    """`warmup.max_minutes`: the SFT loop stops after the step that passes the budget, and the rest of
+    the warmup (held-out eval, encoder warm start, the final checkpoint) runs on what it trained."""
+    from recipes import warmup
+    from cycle_oracle.checkpoint import load_trained
+
+    cfg = load_recipe(REPO / "recipes" / "smoke_warmup.yaml", [
+        f"warmup.corpus.paths=[{shared_data / 'corpus' / 'wiki.valid.raw'}]", "warmup.max_minutes=0.0001"])
+    out = tmp_path / "capped"
+    try:
+        results = warmup.run(cfg, out)
+    finally:
+        ray.shutdown()
+    assert (results["steps"], results["steps_planned"]) == (1, cfg.warmup.steps) and cfg.warmup.steps > 1
+    assert sorted(_metrics(out, "warmup")) == [1]
+    assert load_trained(out).record.step == 1 and results["heldout"] and results["encoder_warm_start"]["heldout_after"]
+    assert f"warmup.max_minutes=0.0001 reached after step 1 of {cfg.warmup.steps}" in capsys.readouterr().out
+
+
 def _kill_process_of(class_name: str, which: int = 0) -> int:
     """SIGKILL the process of a live actor of `class_name` (as a crash would): -> its pid."""
     import os

@@ -171,6 +171,13 @@ def test_the_report_of_a_good_warmup_then_grpo_job(store):
     assert rendered(report, width=80)  # a narrow terminal (or a log file) wraps, never fails
 
 
+def test_a_warmup_stopped_by_its_budget_says_so(store):
+    grpo, warm = grpo_results(store, grpo_noise=0.3, warm_noise=3.0), warmup_results(reads=True)
+    assert not any("Warmup:" in line for line in closing_report(grpo, {**warm, "steps": 5, "steps_planned": 5}).header)
+    stopped = closing_report(grpo, {**warm, "steps": 3, "steps_planned": 5})
+    assert "Warmup: 3 of 5 steps (stopped early by warmup.max_minutes)." in stopped.header and "stopped early by warmup" in stopped.markdown
+
+
 def test_chance_level_results_say_so(store):
     grpo, warm = grpo_results(store, grpo_noise="template", warm_noise="template"), warmup_results(reads=False)
     report = closing_report(grpo, warm)
