@@ -79,6 +79,19 @@ def test_text_guess_is_the_target_answering_the_instruction_from_the_source_text
     assert guess_from_tokens(tiny_model, tiny_tokenizer, [[tiny_tokenizer.bos_token_id or 0]], instruction, 5, window) == [""]
 
 
+def test_the_evals_text_guess_writes_in_the_checkpoints_quote_style(tiny_model, tiny_tokenizer):
+    """`cycle-oracle eval`'s guess (text_guess_describe) takes the decoder's quote style as GRPO's final
+    evals do: a checkpoint warmed up on bare quotes is compared with a guess that quotes bare."""
+    from cycle_oracle.evals.baselines import guess_from_tokens, text_guess_describe
+
+    text, instruction = "one two three four five six seven eight nine ten", "Describe the text."
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    for style, start in (("bare", "nine ten "), ("it_reads", 'It reads: "nine ten". ')):
+        got = text_guess_describe(tiny_model, tiny_tokenizer, instruction, 5, 4, quote_tokens=2, quote_style=style)([text])
+        assert got == guess_from_tokens(tiny_model, tiny_tokenizer, [ids], instruction, 5, 4, quote_tokens=2, quote_style=style)
+        assert got[0].startswith(start), (style, got)
+
+
 def test_decoder_minus_guess_is_paired_over_the_same_items():
     from cycle_oracle.evals.run import versus_text_guess
 

@@ -283,12 +283,12 @@ def guess_from_tokens(model: nn.Module, tokenizer, token_lists: Sequence[Sequenc
 
 
 def text_guess_describe(model: nn.Module, tokenizer, instruction: str, max_new_tokens: int, window_tokens: int = 32,
-                        quote_tokens: int = 0, batch_size: int = 16) -> Callable[[Sequence[str]], list[str]]:
+                        quote_tokens: int = 0, batch_size: int = 16, quote_style: str = "it_reads") -> Callable[[Sequence[str]], list[str]]:
     """describe_text(source texts) -> the text-only guess of each (`guess_from_tokens`)."""
 
     def describe_text(texts: Sequence[str]) -> list[str]:
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        return guess_from_tokens(model, tokenizer, ids, instruction, max_new_tokens, window_tokens, quote_tokens, batch_size)
+        return guess_from_tokens(model, tokenizer, ids, instruction, max_new_tokens, window_tokens, quote_tokens, batch_size, quote_style)
 
     return describe_text
 
@@ -323,7 +323,7 @@ def _needs_source_text(vectors: torch.Tensor) -> list[str]:
 # ---- building every oracle of an eval -------------------------------------------------------------
 
 def _baseline(name: str, base: Oracle, target, tokenizer, cfg, store, injection_norm: float, injection_mode: str, split_seed: int,
-              quote_tokens: int = 0) -> Oracle:
+              quote_tokens: int = 0, quote_style: str = "it_reads") -> Oracle:
     e = cfg.eval
     info = dict(base.info, name=name, reference=REFERENCES[name], decoder=f"none: {name} (training-free)")
     if name == "selfie":
@@ -345,8 +345,8 @@ def _baseline(name: str, base: Oracle, target, tokenizer, cfg, store, injection_
     elif name == "text_guess":
         quote = e.text_guess_quote_tokens if e.text_guess_quote_tokens is not None else quote_tokens
         guess = text_guess_describe(target, tokenizer, base.info["description_instruction"], base.info["max_new_tokens"],
-                                    e.text_guess_window_tokens, quote)
-        info.update(window_tokens=e.text_guess_window_tokens, quote_tokens=quote, decoder="none: the target reads the source text (no activation)")
+                                    e.text_guess_window_tokens, quote, quote_style=quote_style)
+        info.update(window_tokens=e.text_guess_window_tokens, quote_tokens=quote, quote_style=quote_style, decoder="none: the target reads the source text (no activation)")
         return dataclasses.replace(base, describe=_needs_source_text, describe_text=guess, ask_yes_no=None, answer=None, info=info)
     else:
         raise OracleError(f"{name!r} is not a baseline; expected one of {BASELINES}")
@@ -390,7 +390,7 @@ def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_see
         run_cfg = cfg
     base = make_hf_oracle(target, encoder, target, tok, L, norm, mode, instruction, max_new, prefix, **options)
     base.info.update({"model": run_cfg.model.name, "checkpoint": None if cfg.init_from is None else str(cfg.init_from), "encoder": encoder_note})
-    quote_tokens = run_cfg.warmup.description_quote_tokens
+    quote_tokens, quote_style = run_cfg.warmup.description_quote_tokens, run_cfg.warmup.description_quote_style  # the decoder's format
     for name in names:
         if name == "decoder":
             continue
@@ -398,9 +398,9 @@ def build_oracles(cfg, store=None, names: Sequence[str] | None = None, split_see
             floor = make_hf_oracle(target, fresh_for_selfie, target, tok, L, norm, mode, instruction, max_new, prefix, **options)
             floor.info.update({k: base.info[k] for k in ("model", "checkpoint")},
                               encoder=f"fresh, identity init (v_hat = mean of the description tokens' layer-{L} states)")
-            oracles[name] = _baseline(name, floor, target, tok, cfg, store, norm, mode, split_seed, quote_tokens)
+            oracles[name] = _baseline(name, floor, target, tok, cfg, store, norm, mode, split_seed, quote_tokens, quote_style)
         else:
-            oracles[name] = _baseline(name, base, target, tok, cfg, store, norm, mode, split_seed, quote_tokens)
+            oracles[name] = _baseline(name, base, target, tok, cfg, store, norm, mode, split_seed, quote_tokens, quote_style)
     return {name: oracles[name] for name in names}
 
 
