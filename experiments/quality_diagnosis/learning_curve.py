@@ -3,8 +3,9 @@
 For each checkpoint of `RUN/warmup` and `RUN/grpo` (a run made with `logging.checkpoint_every` and
 enough `logging.keep_checkpoints`), on the GRPO final eval's pool of held-out activations:
 
-  nll_real / nll_shuffled   teacher-forced NLL per token of the true quote `It reads: "<last 8 tokens>".`
-                            with the item's own activation and with another document's (the held-out gap)
+  nll_real / nll_shuffled   teacher-forced NLL per token of the true quote of the last 8 tokens, in the run's
+                            `warmup.description_quote_style` (`It reads: "..."` or bare), with the item's own
+                            activation and with another document's (the held-out gap)
   has_token                 the greedy description's quote holds the read token (diagnose.item_features)
   recall_8, wrong_share     how much of the true window the quote recovers, how much of it is wrong
   top1 / fve                retrieval under one fixed grader: the text encoder (source windows only),
@@ -24,12 +25,13 @@ import torch
 
 from cycle_oracle.activations import ActivationStore
 from cycle_oracle.checkpoint import load_trained
+from cycle_oracle.data.description import quote_text
 from cycle_oracle.decoder import build_batch, completion_mask, completion_token_stats, unflatten
 from cycle_oracle.encoder_trainer import EncoderTrainer
 from cycle_oracle.evals.oracle import checkpoint_oracle, load_checkpoint_models
 from cycle_oracle.injection import answer_ids, description_prompt
 from cycle_oracle.models import load_tokenizer, resolve_model_path
-from experiments.quality_diagnosis.diagnose import grade, item_features, quote_format, text_encoder, words
+from experiments.quality_diagnosis.diagnose import grade, item_features, text_encoder, words
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -42,7 +44,8 @@ def quote_nll(models, store, rows: list[int], shuffled: list[int], tokenizer) ->
     """Mean per-token NLL of the true 8-token quote with the real and with a shuffled activation."""
     cfg = models.config
     prompt = description_prompt(tokenizer, models.layer, cfg.injection, cfg.description_instruction)
-    answers = [answer_ids(tokenizer, quote_format(tokenizer.decode(store.context_window(r, before=8)))) for r in rows]
+    style = cfg.warmup.description_quote_style
+    answers = [answer_ids(tokenizer, quote_text(tokenizer.decode(store.context_window(r, before=8)), style)) for r in rows]
     batch = build_batch([prompt] * len(rows), answers, tokenizer.pad_token_id)
     out = []
     for source in (rows, shuffled):
@@ -98,7 +101,7 @@ def main() -> None:
             models = load_checkpoint_models(ckpt)
             oracle = checkpoint_oracle(models)
             texts = oracle.describe(v)
-            feats = [item_features(t, tr, True) for t, tr in zip(texts, truth)]
+            feats = [item_features(t, tr, cfg.warmup.description_quote_style == "it_reads") for t, tr in zip(texts, truth)]
             real, shuf = quote_nll(models, store, rows, shuffled, tokenizer)
             summary, _, _ = grade(grader, texts, v, mean)
             rec = models.record
