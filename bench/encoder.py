@@ -22,7 +22,8 @@ def case_encoder(case: dict) -> dict:
     shape = info["shape"]
     trainer = EncoderTrainer(info["path"], cfg, layer, torch.zeros(shape.d_model))
     lora = shape.lora_params(cfg.encoder.lora.r, layers=layer)
-    out = {"case": "encoder", "layer": layer, "threads": case["threads"], "lora_rank": cfg.encoder.lora.r, "lora_params": lora, "points": []}
+    out = {"case": "encoder", "dtype": cfg.model.dtype, "layer": layer, "threads": case["threads"], "lora_rank": cfg.encoder.lora.r, "lora_params": lora,
+           "points": []}
     for n in case["n_texts"]:
         rows = corpus_token_rows(trainer.tokenizer, n, case["text_len"])
         texts = [trainer.tokenizer.decode(r) for r in rows]

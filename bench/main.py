@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         results["hf"] = add_mfu(run_case(dict(base, kind="hf", name="hf_generate", points=hf_points), profile_dir=args.profile), peak)
         save()
     if "encoder" in sections:
-        results["encoder"] = add_mfu(run_case(dict(base, kind="encoder", name="encoder", n_texts=enc_sizes, text_len=enc_len), profile_dir=args.profile), peak)
+        results["encoder"] = add_step_mfu(run_case(dict(base, kind="encoder", name="encoder", n_texts=enc_sizes, text_len=enc_len), profile_dir=args.profile),
+                                          results.get("machine"))
         save()
     if "warmup" in sections:
         sft = dict(base, kind="sft", name="sft", recipe=args.warmup_recipe, warm_steps=1 if args.quick else 2, reps=2 if args.quick else args.warmup_steps)
@@ -280,6 +281,8 @@ def rerender(results: dict) -> dict:
                 piece["flops"] = flops[name]
                 piece["flops_per_s"] = piece["flops"] / piece["seconds"] if piece["seconds"] > 0 and piece["flops"] else None
         add_step_mfu(c, results.get("machine"))
+    if "points" in results.get("encoder", {}):
+        add_step_mfu(results["encoder"], results.get("machine"))  # against the matmul reference of its dtype (fp32 where a file predates it)
     sfts = ([results["warmup"]] if "warmup" in results else []) + list(results.get("warmup_variants", {}).values())
     for c in (c for c in sfts if "steps" in c):
         layer = c.get("layer") or shape.n_layers // 2

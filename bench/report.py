@@ -242,7 +242,7 @@ def to_markdown(r: dict) -> str:
         L.append("")
     enc = r.get("encoder")
     if enc and "points" in enc:
-        L += [f"## Encoder (first {enc['layer']} blocks + LoRA r{enc['lora_rank']})", "",
+        L += [f"## Encoder (first {enc['layer']} blocks + LoRA r{enc['lora_rank']}, {enc.get('dtype', 'float32')}; MFU against the matmul reference of that dtype)", "",
               "| texts | tokens/text | op | seconds | texts/s | tokens/s | MFU | load |", "|---|---|---|---|---|---|---|---|"]
         for p in enc["points"]:
             for op in ("score", "update"):

@@ -284,6 +284,21 @@ def test_rerender_recounts_learner_flops_with_the_current_convention():
     assert point["pieces"]["policy_update"]["mfu"] == f["policy"] / 4.0 / 1e11
 
 
+def test_the_encoder_mfu_is_against_the_matmul_reference_of_its_dtype():
+    """The encoder computes in the recipe's dtype (bf16 where `model.dtype: auto` chose it): its MFU is
+    its FLOP/s over the bf16 matmul then, not the fp32 one (which put a bf16 encoder at 108%)."""
+    s = bf.SMOLLM2_135M
+    machine = {"fp32": {"n": 2048, "flops_per_s": 100e9, "flops_per_s_median": 100e9},
+               "bf16": {"n": 2048, "flops_per_s": 400e9, "flops_per_s_median": 400e9}}
+    point = {"n_texts": 16, "score": {"seconds": 1.0, "flops": 200e9, "flops_per_s": 200e9, "mfu": 2.0}}
+    results = {"meta": {"model": {"name": "smollm2", "shape": {k: getattr(s, k) for k in s.__dataclass_fields__}}}, "machine": machine,
+               "encoder": {"case": "encoder", "dtype": "bfloat16", "layer": 15, "lora_rank": 8, "points": [point]}}
+    out = bench.main.rerender(results)
+    assert out["encoder"]["points"][0]["score"]["mfu"] == pytest.approx(200 / 400)
+    fp32 = bench.main.add_step_mfu({"case": "encoder", "points": [{"score": {"flops_per_s": 50e9}}]}, machine)
+    assert fp32["points"][0]["score"]["mfu"] == pytest.approx(0.5)  # a file from before the dtype was recorded: fp32
+
+
 def test_summed_flops_equal_the_per_sequence_counts():
     """The sum forms (what the main job's minutes account counts from) give the per-sequence
     functions' totals: the warmup's SFT steps and the GRPO learner at equal lengths."""
