@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from cycle_oracle.activations import ActivationStore
 from cycle_oracle.encoder import cosine
 from cycle_oracle.evals.verdict import compare, headline, oracle_scores
@@ -25,12 +27,17 @@ GRADERS = ("frozen_start_encoder", "text_encoder")
 ORACLES = ("grpo_decoder", "warmup_decoder", "patchscopes", "logit_lens", "text_guess", "true_token_bare", "true_window_bare")
 
 
-def run_table(run: Path) -> dict:
+def load_run(run: Path) -> tuple[dict, list[int], torch.Tensor]:
+    """(GRPO results.json, the final evals' pool rows, cos(mean, v) per row: the FVE floor)."""
     results = json.loads((run / "grpo" / "results.json").read_text())
     store = ActivationStore(run / "grpo" / "activations")
     rows = results["retrieval"]["rows"]
     v = store.activations[rows].float()
-    floor = cosine(store.mean.float()[None].expand_as(v), v)
+    return results, rows, cosine(store.mean.float()[None].expand_as(v), v)
+
+
+def run_table(run: Path) -> dict:
+    results, rows, floor = load_run(run)
     out = {"pool": len(rows), "rows_hash": hash(tuple(rows)) & 0xFFFFFFFF}
     for grader in GRADERS:
         section = results.get(grader) or {}
@@ -45,13 +52,10 @@ def run_table(run: Path) -> dict:
 
 def paired_runs(new: Path, old: Path, oracle: str = "grpo_decoder") -> dict:
     """NEW minus OLD for `oracle`, paired over the items of their common pool, under each grader."""
-    res = {name: json.loads((run / "grpo" / "results.json").read_text()) for name, run in (("new", new), ("old", old))}
-    rows = res["new"]["retrieval"]["rows"]
-    if rows != res["old"]["retrieval"]["rows"]:
+    (res_new, rows, floor), (res_old, rows_old, _) = load_run(new), load_run(old)
+    if rows != rows_old:
         raise SystemExit(f"{new} and {old} graded different pools: a paired difference needs the same rows")
-    store = ActivationStore(new / "grpo" / "activations")
-    v = store.activations[rows].float()
-    floor = cosine(store.mean.float()[None].expand_as(v), v)
+    res = {"new": res_new, "old": res_old}
     out = {}
     for grader in GRADERS:
         a, b = (oracle_scores(res[k][grader][oracle]["per_item"]["description"]) for k in ("new", "old"))
